@@ -1,0 +1,29 @@
+"""adacache_fx: training-free caching for diffusion transformers, as a graph pass.
+
+    import adacache_fx as ax
+    pipe.transformer = ax.transform(pipe.transformer, ax.Static(interval=2))
+    image = pipe(...).images[0]
+    print(ax.report(pipe.transformer))
+"""
+
+from .api import generation, get_runtime, is_transformed, report, reset, restore, transform
+from .errors import (
+    AdaCacheError,
+    AlreadyTransformedError,
+    CaptureError,
+    NoBlocksFoundError,
+    NotTransformedError,
+    PolicyError,
+)
+from .policies.base import KINDS, BranchInfo, Plan, Policy, StepContext
+from .policies.static import NoCache, Static
+from .runtime.report import Report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "transform", "restore", "report", "reset", "generation", "get_runtime", "is_transformed",
+    "Policy", "Plan", "StepContext", "BranchInfo", "KINDS", "NoCache", "Static", "Report",
+    "AdaCacheError", "AlreadyTransformedError", "CaptureError", "NoBlocksFoundError",
+    "NotTransformedError", "PolicyError",
+]

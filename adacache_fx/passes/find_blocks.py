@@ -1,0 +1,102 @@
+"""Find the repeated transformer blocks of a model.
+
+A DiT keeps its blocks in one or more ``nn.ModuleList`` s of same-class modules (Flux: double and
+single blocks; Latte: spatial and temporal blocks). Lists of that shape also occur inside blocks and
+embedders (a text refiner, an attention's output projection), so only the shallowest candidate lists
+are taken; deeper ones are reported as left alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from ..errors import NoBlocksFoundError
+
+
+@dataclass(frozen=True)
+class BlockList:
+    """One ModuleList of transformer blocks: its path in the model and its blocks."""
+
+    name: str
+    blocks: tuple[nn.Module, ...]
+
+    @property
+    def block_class(self) -> str:
+        return type(self.blocks[0]).__name__
+
+
+@dataclass(frozen=True)
+class BlockSearch:
+    chosen: tuple[BlockList, ...]
+    left_alone: tuple[tuple[str, str], ...]  # (path, reason)
+
+
+def _has_attention(module: nn.Module) -> bool:
+    for sub in module.modules():
+        name = type(sub).__name__
+        if "Attention" in name or "Attn" in name or isinstance(sub, nn.MultiheadAttention):
+            return True
+    return False
+
+
+def _is_block_list(module: nn.Module) -> bool:
+    if not isinstance(module, nn.ModuleList) or len(module) == 0:
+        return False
+    first = type(module[0])
+    if not all(type(m) is first for m in module):
+        return False
+    return any(True for _ in module[0].children()) and _has_attention(module[0])
+
+
+def find_block_lists(model: nn.Module, names: list[str] | None = None) -> BlockSearch:
+    """Return the ModuleLists holding the model's transformer blocks.
+
+    ``names`` overrides the search with explicit paths (``"transformer_blocks"``, ``"dit.blocks"``).
+    """
+    if names is not None:
+        chosen = []
+        for name in names:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError as exc:
+                raise NoBlocksFoundError(
+                    f"blocks={names!r}: the model has no submodule {name!r}"
+                ) from exc
+            if not isinstance(module, nn.ModuleList) or len(module) == 0:
+                raise NoBlocksFoundError(
+                    f"blocks={names!r}: {name!r} is a {type(module).__name__}, "
+                    "expected a non-empty nn.ModuleList of transformer blocks"
+                )
+            chosen.append(BlockList(name, tuple(module)))
+        return BlockSearch(tuple(chosen), ())
+
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and _is_block_list(module)
+    ]
+    if not candidates:
+        raise NoBlocksFoundError(
+            f"{type(model).__name__} has no nn.ModuleList of repeated transformer blocks "
+            "(same-class modules containing attention). Pass blocks=['path.to.blocks'] to "
+            "adacache_fx.transform to name them."
+        )
+    # A candidate nested inside another candidate's block is a sub-structure of a block.
+    top = [
+        (name, module)
+        for name, module in candidates
+        if not any(name.startswith(other + ".") for other, _ in candidates if other != name)
+    ]
+    min_depth = min(name.count(".") for name, _ in top)
+    chosen = tuple(
+        BlockList(name, tuple(module)) for name, module in top if name.count(".") == min_depth
+    )
+    left_alone = tuple(
+        (name, "nested inside another block list" if (name, module) not in top
+         else "deeper in the model than the main block lists")
+        for name, module in candidates
+        if all(name != c.name for c in chosen)
+    )
+    return BlockSearch(chosen, left_alone)

@@ -1,0 +1,132 @@
+"""The policy interface: what a policy sees each step, and the plan it returns.
+
+A policy never touches graphs. It is told which residual branches exist (:class:`BranchInfo`), is
+asked at the start of every denoising step for a :class:`Plan` (which branches reuse their cached
+residual this step), and may watch chosen branches: after such a branch computes, the runtime hands
+the policy its new and previous residuals (:meth:`Policy.observe`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Iterable
+
+import torch
+
+from ..errors import PolicyError
+
+KINDS = ("self_attention", "cross_attention", "temporal_attention", "joint_attention", "mlp")
+
+
+@dataclass(frozen=True)
+class BranchInfo:
+    """One cacheable residual branch of one block."""
+
+    id: str  # "transformer_blocks.3.attn1": block path + region name
+    block: str  # "transformer_blocks.3"
+    block_list: str  # "transformer_blocks"
+    block_index: int  # index inside its list
+    depth: int  # order in which the block first ran in a model call (0 = first block)
+    name: str  # region name inside the block ("attn1", "ff", "attn+proj_mlp"...)
+    kind: str  # one of KINDS
+    tags: frozenset[str]  # every kind the region contains (a Flux single block: joint_attention + mlp)
+    flops: int | None  # FLOPs of one call of the branch at the captured shape
+    num_residuals: int  # residual tensors the branch adds (2 for a joint branch updating two streams)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a policy knows when planning one denoising step."""
+
+    step: int  # 0-based step index inside the current generation
+    num_steps: int | None  # total steps when known (ax.generation(num_steps=...)), else None
+    timestep: float | None  # the model's timestep argument for this step
+    generation: int  # 0-based count of generations since transform / reset
+    branches: tuple[BranchInfo, ...]  # empty before the first call has captured the blocks
+
+    def is_last(self, count: int) -> bool:
+        """True inside the last ``count`` steps (False when the step count is unknown)."""
+        return self.num_steps is not None and self.step >= self.num_steps - count
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which branches reuse their cached residual this step; every other branch computes.
+
+    A branch listed here that has no cache yet (first step, new input shape) computes instead;
+    the report counts what actually ran.
+    """
+
+    reuse: frozenset[str] = frozenset()
+
+    @classmethod
+    def compute_all(cls) -> "Plan":
+        return _COMPUTE_ALL
+
+    @classmethod
+    def reuse_only(cls, branch_ids: Iterable[str]) -> "Plan":
+        return cls(frozenset(branch_ids))
+
+
+_COMPUTE_ALL = Plan()
+
+
+class Policy:
+    """Base class of caching policies. Subclasses are dataclasses of their settings."""
+
+    #: True for policies that decide inside a step from data of the same step (First-Block-Cache).
+    decides_in_step: ClassVar[bool] = False
+
+    def caches(self, branch: BranchInfo) -> bool:
+        """Whether this branch's residual should be stored when it computes."""
+        return True
+
+    def watches(self, branch: BranchInfo) -> bool:
+        """Whether :meth:`observe` should be called when this branch computes."""
+        return False
+
+    def setup(self, branches: tuple[BranchInfo, ...]) -> None:
+        """Called once the model's branches are known; validate settings against them here."""
+
+    def reset(self) -> None:
+        """Called when a new generation starts: drop per-generation state."""
+
+    def plan(self, ctx: StepContext) -> Plan:
+        raise NotImplementedError
+
+    def observe(
+        self,
+        ctx: StepContext,
+        branch: BranchInfo,
+        new: tuple[torch.Tensor, ...],
+        previous: tuple[torch.Tensor, ...] | None,
+    ) -> None:
+        """A watched branch computed: ``new`` residuals, and the ones it replaces (None at first)."""
+
+
+def validate_kinds(kinds: Iterable[str] | None, owner: str) -> tuple[str, ...] | None:
+    """Check kind names at construction, so typos fail before any model runs."""
+    if kinds is None:
+        return None
+    kinds = tuple(kinds) if not isinstance(kinds, str) else (kinds,)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise PolicyError(
+            f"{owner}: unknown branch kind(s) {unknown}; valid kinds are {', '.join(KINDS)}"
+        )
+    return kinds
+
+
+def require_kinds_present(
+    kinds: tuple[str, ...] | None, branches: tuple[BranchInfo, ...], owner: str
+) -> None:
+    """Raise when a policy names kinds the model does not have (it would silently cache nothing)."""
+    if kinds is None or not branches:
+        return
+    present = {tag for b in branches for tag in b.tags} | {b.kind for b in branches}
+    missing = [k for k in kinds if k not in present]
+    if missing:
+        raise PolicyError(
+            f"{owner} names branch kind(s) {missing} that this model does not have; "
+            f"its branches are of kinds: {', '.join(sorted(present))}"
+        )

@@ -1,0 +1,162 @@
+"""The module that stands in for one transformer block of a transformed model.
+
+It shares the original block's parameter, buffer and submodule dictionaries, so the model's
+``state_dict`` keys, ``.to()``, ``.half()`` and weight loading are exactly as before. On each call it
+looks up (or captures) the graph specialised to the call's input signature, asks the runtime which
+of its regions compute, store or reuse, and runs the matching plan-variant graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from ..errors import CaptureError
+from ..passes.capture import BoundInputs, CapturedGraph, _leaf_key, capture_block, structural_key
+from ..passes.flops import count_node_flops
+from ..passes.residuals import BlockAnalysis, analyse_block
+from ..passes.rewrite import RegionState, build_variant
+from ..policies.base import BranchInfo
+from .engine import CacheRuntime
+
+logger = logging.getLogger("adacache_fx")
+
+
+@dataclass
+class SharedCapture:
+    """A captured and analysed graph, shared by structurally identical blocks at one signature."""
+
+    captured: CapturedGraph
+    analysis: BlockAnalysis
+    node_flops: dict[str, int] | None
+    variants: dict[tuple[RegionState, ...], fx.GraphModule] = field(default_factory=dict)
+
+    def variant(self, states: tuple[RegionState, ...]) -> fx.GraphModule:
+        graph = self.variants.get(states)
+        if graph is None:
+            graph = build_variant(self.captured.graph_module, self.analysis.regions, states)
+            self.variants[states] = graph
+        return graph
+
+    @property
+    def total_flops(self) -> int | None:
+        return sum(self.node_flops.values()) if self.node_flops is not None else None
+
+
+@dataclass
+class Specialisation:
+    shared: SharedCapture
+    bound: BoundInputs
+    branches: list[BranchInfo]
+
+
+class Uncached:
+    """Marker for a block left uncached (capture failed with on_capture_error='skip')."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _is_temporal(list_name: str) -> bool:
+    lowered = list_name.lower()
+    return "temporal" in lowered or "temp_" in lowered
+
+
+class CachedBlock(nn.Module):
+    def __init__(
+        self,
+        block: nn.Module,
+        list_name: str,
+        index: int,
+        runtime: CacheRuntime,
+        on_capture_error: str = "raise",
+    ) -> None:
+        super().__init__()
+        # Share state with the original block: one set of weights, unchanged state_dict keys.
+        self.__dict__["_modules"] = block._modules
+        self.__dict__["_parameters"] = block._parameters
+        self.__dict__["_buffers"] = block._buffers
+        self.__dict__["_non_persistent_buffers_set"] = block._non_persistent_buffers_set
+        self.__dict__["original"] = block  # not a submodule: its children are ours already
+        self.__dict__["runtime"] = runtime
+        self.training = block.training
+        self.list_name = list_name
+        self.index = index
+        self.path = f"{list_name}.{index}"
+        self.on_capture_error = on_capture_error
+        self._specialisations: dict[Any, Specialisation | Uncached] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Plain attributes of the block (flags models read, e.g. ``block.context_pre_only``).
+            return getattr(self.__dict__["original"], name)
+
+    def extra_repr(self) -> str:
+        return f"wraps={type(self.original).__name__}, captured_shapes={len(self._specialisations)}"
+
+    # -- capture ---------------------------------------------------------------------------------
+    def _specialise(self, args: tuple, kwargs: dict, signature: Any) -> Specialisation | Uncached:
+        runtime = self.runtime
+        block = self.original
+        block.training = self.training
+        key = (structural_key(block), signature)
+        shared = runtime.shared_captures.get(key)
+        if shared is None:
+            try:
+                captured = capture_block(block, args, kwargs, self.path)
+            except CaptureError as exc:
+                if self.on_capture_error != "skip":
+                    raise
+                logger.warning("adacache_fx: %s runs uncached: %s", self.path, exc)
+                runtime.uncached_blocks[self.path] = str(exc)
+                marker = Uncached(str(exc))
+                self._specialisations[signature] = marker
+                return marker
+            leaves = pytree.tree_leaves((args, kwargs))
+            node_flops = count_node_flops(captured.graph_module, BoundInputs(captured, block)(leaves))
+            analysis = analyse_block(captured, node_flops, temporal=_is_temporal(self.list_name))
+            shared = SharedCapture(captured, analysis, node_flops)
+            runtime.shared_captures[key] = shared
+            for note in analysis.notes:
+                logger.info("adacache_fx: %s: %s", self.path, note)
+            if not analysis.regions:
+                logger.warning(
+                    "adacache_fx: %s (%s): no residual branch found; it runs uncached",
+                    self.path, type(block).__name__,
+                )
+        infos = runtime.register_block(self.path, self.list_name, self.index, shared.analysis.regions)
+        runtime.block_flops[self.path] = shared.total_flops
+        spec = Specialisation(shared, BoundInputs(shared.captured, block), infos)
+        self._specialisations[signature] = spec
+        return spec
+
+    # -- call ------------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        leaves, tree = pytree.tree_flatten((args, kwargs))
+        signature = (tree, tuple(_leaf_key(leaf) for leaf in leaves))
+        spec = self._specialisations.get(signature)
+        if spec is None:
+            spec = self._specialise(args, kwargs, signature)
+        if isinstance(spec, Uncached) or not spec.branches:
+            return self.original(*args, **kwargs)
+
+        runtime = self.runtime
+        cache = runtime.block_cache(self.path, signature)
+        states = runtime.region_states(spec.branches, cache)
+        graph = spec.shared.variant(states)
+        inputs = spec.bound(leaves)
+        for info, state in zip(spec.branches, states):
+            if state == RegionState.REUSE:
+                inputs.extend(cache.values[info.id])
+        outputs = graph(*inputs)
+        num_user = spec.shared.captured.num_user_outputs
+        runtime.after_block(spec.branches, states, cache, list(outputs[num_user:]))
+        return pytree.tree_unflatten(list(outputs[:num_user]), spec.shared.captured.out_spec)

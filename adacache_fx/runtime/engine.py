@@ -1,0 +1,238 @@
+"""The per-model runtime: step tracking, policy plans, cache state and statistics.
+
+Cache state is held here, outside the executed graphs: each block call passes the reused residuals
+in and gets the stored ones out (``(inputs, cache) -> (outputs, new cache)``), so the graphs stay
+pure functions that compile and export.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..passes.rewrite import RegionState
+from ..policies.base import BranchInfo, Plan, Policy, StepContext
+from .steps import StepTracker
+
+logger = logging.getLogger("adacache_fx")
+
+TIMESTEP_ARG_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas")
+
+
+@dataclass
+class StepRecord:
+    """What happened in one step (all calls of it together)."""
+
+    generation: int
+    step: int
+    timestep: float | None
+    planned_reuse: int  # branches the plan asked to reuse
+    computed: int = 0  # branch executions that computed
+    reused: int = 0  # branch executions that reused their cache
+    flops_computed: int = 0
+    flops_total: int = 0
+    calls: int = 0
+
+
+@dataclass
+class BlockCache:
+    signature: Any
+    values: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+
+
+def _timestep_reader(model: nn.Module):
+    """Return ``f(args, kwargs) -> float | None`` reading the model's timestep argument."""
+    forward = inspect.unwrap(type(model).forward)
+    try:
+        params = list(inspect.signature(forward).parameters)[1:]  # drop self
+    except (TypeError, ValueError):
+        params = []
+    name = next((n for n in TIMESTEP_ARG_NAMES if n in params), None)
+    if name is None:
+        return None, None
+    position = params.index(name)
+
+    def read(args: tuple, kwargs: dict) -> float | None:
+        value = kwargs.get(name) if name in kwargs else (args[position] if position < len(args) else None)
+        if value is None:
+            return None
+        if isinstance(value, torch.Tensor):
+            if value.numel() == 0:
+                return None
+            return float(value.detach().reshape(-1)[0].item())
+        return float(value)
+
+    return read, name
+
+
+class CacheRuntime:
+    """State of one transformed model."""
+
+    def __init__(self, model: nn.Module, policy: Policy) -> None:
+        self.policy = policy
+        self.tracker = StepTracker()
+        self.read_timestep, self.timestep_arg = _timestep_reader(model)
+        self.branches: dict[str, BranchInfo] = {}
+        self.block_order: list[str] = []
+        self.caches: dict[tuple[int, str], BlockCache] = {}
+        self.records: list[StepRecord] = []
+        self.plan: Plan = Plan.compute_all()
+        self.context: StepContext | None = None
+        self._policy_ready = False
+        self._warned_respecialise: set[str] = set()
+        self.shared_captures: dict[Any, Any] = {}  # (structure, signature) -> SharedCapture
+        self.uncached_blocks: dict[str, str] = {}  # block path -> why it runs uncached
+        self.block_flops: dict[str, int | None] = {}  # block path -> FLOPs of one call
+        self.model_flops: int | None = None  # whole-model FLOPs of one call, when measured (inspect)
+        self.blocks: list[nn.Module] = []  # the CachedBlock wrappers, set by transform()
+        self.left_alone: list[tuple[str, str]] = []
+        self.hooks: list[Any] = []
+
+    # -- model call boundaries -------------------------------------------------------------
+    def on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        timestep = self.read_timestep(args, kwargs) if self.read_timestep else None
+        event = self.tracker.on_call(timestep)
+        if event.new_generation:
+            self.caches.clear()
+            self.policy.reset()
+        if event.new_step:
+            self.context = StepContext(
+                step=self.tracker.step,
+                num_steps=self.tracker.num_steps,
+                timestep=timestep,
+                generation=self.tracker.generation,
+                branches=tuple(self.branches.values()),
+            )
+            self.plan = self.policy.plan(self.context)
+            self.records.append(
+                StepRecord(self.tracker.generation, self.tracker.step, timestep, len(self.plan.reuse))
+            )
+        self.records[-1].calls += 1
+
+    def after_model_call(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self._policy_ready and self.branches:
+            self._policy_ready = True
+            self.policy.setup(tuple(self.branches.values()))
+
+    def begin_generation(self, num_steps: int | None) -> None:
+        self.tracker.start_generation(num_steps, explicit=True)
+        self.caches.clear()
+        self.policy.reset()
+
+    def end_generation(self) -> None:
+        self.tracker.explicit = False
+        self.tracker.num_steps = None
+        self.caches.clear()
+
+    def reset(self) -> None:
+        """Forget caches, step position and statistics (branches and captures are kept)."""
+        self.tracker = StepTracker()
+        self.caches.clear()
+        self.records.clear()
+        self.policy.reset()
+
+    # -- branches ----------------------------------------------------------------------------
+    def register_block(self, block_path: str, list_name: str, index: int, regions: list) -> list[BranchInfo]:
+        if block_path not in self.block_order:
+            self.block_order.append(block_path)
+        depth = self.block_order.index(block_path)
+        infos = []
+        for region in regions:
+            branch_id = f"{block_path}.{region.name}"
+            info = self.branches.get(branch_id)
+            if info is None:
+                info = BranchInfo(
+                    id=branch_id,
+                    block=block_path,
+                    block_list=list_name,
+                    block_index=index,
+                    depth=depth,
+                    name=region.name,
+                    kind=region.kind,
+                    tags=region.tags,
+                    flops=region.flops,
+                    num_residuals=len(region.residuals),
+                )
+                self.branches[branch_id] = info
+            infos.append(info)
+        return infos
+
+    # -- per block call ------------------------------------------------------------------------
+    def block_cache(self, block_path: str, signature: Any) -> BlockCache:
+        key = (self.tracker.slot, block_path)
+        cache = self.caches.get(key)
+        if cache is None or cache.signature != signature:
+            if cache is not None and block_path not in self._warned_respecialise:
+                self._warned_respecialise.add(block_path)
+                logger.warning(
+                    "adacache_fx: %s was called with new input shapes at step %d of a generation; "
+                    "it was re-captured for them and its cache starts empty (it computes until "
+                    "its next compute step has stored a residual of the new shape).",
+                    block_path, self.tracker.step,
+                )
+            cache = BlockCache(signature)
+            self.caches[key] = cache
+        return cache
+
+    def region_states(self, infos: list[BranchInfo], cache: BlockCache) -> tuple[RegionState, ...]:
+        reuse = self.plan.reuse
+        states = []
+        for info in infos:
+            if info.id in reuse and info.id in cache.values:
+                states.append(RegionState.REUSE)
+            elif self.policy.caches(info) or self.policy.watches(info):
+                states.append(RegionState.STORE)
+            else:
+                states.append(RegionState.COMPUTE)
+        return tuple(states)
+
+    def after_block(
+        self,
+        infos: list[BranchInfo],
+        states: tuple[RegionState, ...],
+        cache: BlockCache,
+        stored: list[torch.Tensor],
+    ) -> None:
+        record = self.records[-1] if self.records else None
+        offset = 0
+        for info, state in zip(infos, states):
+            flops = info.flops or 0
+            if record is not None:
+                record.flops_total += flops
+            if state == RegionState.REUSE:
+                if record is not None:
+                    record.reused += 1
+                continue
+            if record is not None:
+                record.computed += 1
+                record.flops_computed += flops
+            if state == RegionState.STORE:
+                new = tuple(t.detach() for t in stored[offset:offset + info.num_residuals])
+                offset += info.num_residuals
+                previous = cache.values.get(info.id)
+                if self.policy.watches(info) and self.context is not None:
+                    self.policy.observe(self.context, info, new, previous)
+                if self.policy.caches(info):
+                    cache.values[info.id] = new
+
+    # -- inspection ----------------------------------------------------------------------------
+    def cached_residuals(self, slot: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:
+        """The residuals currently cached for call slot ``slot``, by branch id."""
+        out: dict[str, tuple[torch.Tensor, ...]] = {}
+        for (cache_slot, _block), cache in self.caches.items():
+            if cache_slot == slot:
+                out.update(cache.values)
+        return out
+
+    def cache_bytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for cache in self.caches.values()
+            for values in cache.values.values()
+            for t in values
+        )

@@ -1,0 +1,132 @@
+"""What a transformed model found and did, as data and as a readable table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..policies.base import BranchInfo
+from .engine import CacheRuntime, StepRecord
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(out)
+
+
+def _fmt_flops(flops: int | None) -> str:
+    if flops is None:
+        return "n/a"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if flops >= scale:
+            return f"{flops / scale:.2f}{unit}"
+    return str(flops)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+@dataclass
+class Report:
+    policy: str
+    decides_in_step: bool
+    branches: tuple[BranchInfo, ...]
+    block_flops: dict[str, int | None]
+    model_flops: int | None
+    steps: list[StepRecord]
+    left_alone: list[tuple[str, str]]
+    uncached: dict[str, str]
+    cache_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def compute_fraction(self) -> float | None:
+        """Fraction of branch executions that computed (since transform or the last reset)."""
+        computed = sum(s.computed for s in self.steps)
+        total = computed + sum(s.reused for s in self.steps)
+        return computed / total if total else None
+
+    @property
+    def flops_fraction(self) -> float | None:
+        """Fraction of branch FLOPs that ran (since transform or the last reset)."""
+        total = sum(s.flops_total for s in self.steps)
+        return sum(s.flops_computed for s in self.steps) / total if total else None
+
+    def branch_share(self, branch: BranchInfo) -> float | None:
+        """The branch's share of the model's FLOPs per call (of all blocks' if the model total is unknown)."""
+        denominator = self.model_flops or sum(f for f in self.block_flops.values() if f) or None
+        if branch.flops is None or denominator is None:
+            return None
+        return branch.flops / denominator
+
+    def plans(self) -> list[tuple[int, int, str]]:
+        """(generation, step, 'C'/'R' string per step: computed vs reused branch executions)."""
+        return [(s.generation, s.step, f"{s.computed}C/{s.reused}R") for s in self.steps]
+
+    def __str__(self) -> str:
+        share_of = "model" if self.model_flops else "blocks"
+        lines = [f"adacache_fx report — policy {self.policy}"]
+        lines.append(
+            "decisions: " + ("inside each step (data-dependent)" if self.decides_in_step
+                             else "schedule-driven (known before each step)")
+        )
+        if not self.branches:
+            lines.append("no branches captured yet: run the model once")
+        else:
+            rows = []
+            for b in self.branches:
+                share = self.branch_share(b)
+                rows.append([
+                    b.id, b.kind, ",".join(sorted(b.tags - {b.kind})) or "-", str(b.num_residuals),
+                    _fmt_flops(b.flops), f"{100 * share:.1f}%" if share is not None else "n/a",
+                ])
+            lines.append(_table(["branch", "kind", "also", "residuals", "FLOPs/call", f"share of {share_of}"], rows))
+            shares = [self.branch_share(b) for b in self.branches]
+            if all(s is not None for s in shares):
+                lines.append(f"branches cover {100 * sum(shares):.1f}% of the {share_of}' FLOPs")
+        for path, reason in self.left_alone:
+            lines.append(f"left alone: {path} ({reason})")
+        for path, reason in self.uncached.items():
+            lines.append(f"UNCACHED: {path}: {reason}")
+        if self.steps:
+            rows = [
+                [str(s.generation), str(s.step), "-" if s.timestep is None else f"{s.timestep:g}",
+                 str(s.calls), str(s.computed), str(s.reused),
+                 f"{s.flops_computed / s.flops_total:.2f}" if s.flops_total else "-"]
+                for s in self.steps[-40:]
+            ]
+            if len(self.steps) > 40:
+                lines.append(f"(last 40 of {len(self.steps)} steps)")
+            lines.append(_table(["gen", "step", "timestep", "calls", "computed", "reused", "FLOP frac"], rows))
+        cf, ff = self.compute_fraction, self.flops_fraction
+        lines.append(
+            f"compute_fraction {cf:.3f}, branch FLOP fraction {ff:.3f}" if cf is not None and ff is not None
+            else "compute_fraction n/a (no branch executed yet)"
+        )
+        lines.append(f"cache held: {_fmt_bytes(self.cache_bytes)}")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+
+def build_report(runtime: CacheRuntime) -> Report:
+    notes = []
+    for shared in runtime.shared_captures.values():
+        notes.extend(n for n in shared.analysis.notes if n not in notes)
+    return Report(
+        policy=repr(runtime.policy),
+        decides_in_step=type(runtime.policy).decides_in_step,
+        branches=tuple(runtime.branches.values()),
+        block_flops=dict(runtime.block_flops),
+        model_flops=runtime.model_flops,
+        steps=list(runtime.records),
+        left_alone=list(runtime.left_alone),
+        uncached=dict(runtime.uncached_blocks),
+        cache_bytes=runtime.cache_bytes(),
+        notes=[f"note: {n}" for n in notes],
+    )
