@@ -1,13 +1,9 @@
-"""Smoke tests for the tiny diffusers model zoo in tests/zoo.py."""
-
-import pathlib
-import sys
+"""Smoke tests for the tiny diffusers model zoo in adacache_fx/zoo.py."""
 
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from zoo import ZOO  # noqa: E402
+from adacache_fx.zoo import ZOO
 
 
 def _same(a, b) -> bool:

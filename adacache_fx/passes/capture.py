@@ -13,6 +13,7 @@ one graph can serve every structurally identical block of a ModuleList.
 from __future__ import annotations
 
 import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,7 +134,9 @@ def capture_block(block: nn.Module, args: tuple, kwargs: dict, name: str) -> Cap
     mutates its own state (which a cached region could not replay).
     """
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch's own pytree internals warn about a deprecated LeafSpec check here.
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             program = torch.export.export(block, args, kwargs, strict=False)
             # Functionalise (in-place writes such as RoPE's ``out[..., 0::2] = ...`` become pure
             # ops that dead-code elimination can drop) without decomposing linear/attention/norms.

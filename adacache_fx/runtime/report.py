@@ -89,7 +89,7 @@ class Report:
             lines.append(_table(["branch", "kind", "also", "residuals", "FLOPs/call", f"share of {share_of}"], rows))
             shares = [self.branch_share(b) for b in self.branches]
             if all(s is not None for s in shares):
-                lines.append(f"branches cover {100 * sum(shares):.1f}% of the {share_of}' FLOPs")
+                lines.append(f"branches cover {100 * sum(shares):.1f}% of the {'model' if self.model_flops else 'blocks'} FLOPs")
         for path, reason in self.left_alone:
             lines.append(f"left alone: {path} ({reason})")
         for path, reason in self.uncached.items():

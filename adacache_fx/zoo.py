@@ -1,4 +1,6 @@
-"""A zoo of tiny diffusers transformer (DiT-style) models for tests.
+"""A zoo of diffusers transformer (DiT) models built from configs, with matching inputs.
+
+Used by the tests, ``adacache-fx inspect`` and the benchmarks; no weights are downloaded.
 
 Every entry builds a randomly initialised, float32, eval-mode model on CPU
 (seeded with ``torch.manual_seed(0)``) and can produce a matching dict of
@@ -26,7 +28,7 @@ Block lists (``block_lists(model)``): hunyuanvideo also has the 2-block
 ``noise_refiner``/``context_refiner``/``layers``; latte has spatial
 ``transformer_blocks`` + ``temporal_transformer_blocks``.
 
-Run ``python tests/zoo.py`` for a smoke test printing output shapes, forward
+Run ``python -m adacache_fx.zoo`` for a smoke test printing output shapes, forward
 times and the block ``nn.ModuleList`` s of every model.
 """
 
@@ -781,6 +783,54 @@ ZOO: dict[str, ZooEntry] = {
         _entry("chroma", _build_chroma, _inputs_chroma, False),
     ]
 }
+
+
+def latte(
+    num_layers: int = 8,
+    heads: int = 6,
+    head_dim: int = 64,
+    frames: int = 16,
+    sample_size: int = 32,
+    patch_size: int = 2,
+    text_len: int = 16,
+    text_dim: int = 64,
+) -> tuple[torch.nn.Module, Callable[..., dict]]:
+    """A Latte video DiT of any size (random weights) and its input builder.
+
+    The defaults are the mid-size benchmark config: 8 spatial + 8 temporal blocks, hidden 384,
+    16 frames of 16x16 patches = 4096 tokens.
+    """
+    from diffusers import LatteTransformer3DModel
+
+    torch.manual_seed(0)
+    model = LatteTransformer3DModel(
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=4,
+        out_channels=8,
+        num_layers=num_layers,
+        cross_attention_dim=heads * head_dim,
+        sample_size=sample_size,
+        patch_size=patch_size,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        caption_channels=text_dim,
+        video_length=frames,
+    ).eval()
+
+    def inputs(timestep: float = 500.0, batch: int = 1, seed: int = 0) -> dict:
+        g = _gen(seed)
+        return {
+            "hidden_states": _randn(g, batch, 4, frames, sample_size, sample_size),
+            "encoder_hidden_states": _randn(g, batch, text_len, text_dim),
+            "timestep": _ts(timestep, batch),
+            "enable_temporal_attentions": True,
+        }
+
+    return model, inputs
 
 
 def block_lists(model: torch.nn.Module) -> list[tuple[str, int]]:
