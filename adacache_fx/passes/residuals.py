@@ -43,7 +43,6 @@ _COMPUTE = {
 _SDPA = {n for n in _COMPUTE if "attention" in n}
 _LINEAR = {"linear", "addmm", "mm", "matmul", "conv1d", "conv2d", "conv3d", "convolution"}
 
-KINDS = ("self_attention", "cross_attention", "temporal_attention", "joint_attention", "mlp")
 
 
 def op_name(node: fx.Node) -> str:

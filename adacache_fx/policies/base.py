@@ -14,8 +14,7 @@ from typing import ClassVar, Iterable
 import torch
 
 from ..errors import PolicyError
-
-KINDS = ("self_attention", "cross_attention", "temporal_attention", "joint_attention", "mlp")
+from ..kinds import KINDS
 
 
 @dataclass(frozen=True)
