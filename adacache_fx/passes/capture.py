@@ -12,6 +12,7 @@ one graph can serve every structurally identical block of a ModuleList.
 
 from __future__ import annotations
 
+import enum
 import operator
 import warnings
 from dataclasses import dataclass, field
@@ -56,7 +57,8 @@ def _drop_inference_noops(graph: fx.Graph) -> None:
 
 def _leaf_key(leaf: Any) -> Any:
     if isinstance(leaf, torch.Tensor):
-        return (leaf.shape, leaf.dtype, leaf.device)
+        # Strides too: export may specialise reshape to view for a contiguous input.
+        return (leaf.shape, leaf.stride(), leaf.dtype, leaf.device)
     if leaf is None or isinstance(leaf, (bool, int, float, str)):
         return leaf
     return (type(leaf), repr(leaf))
@@ -194,27 +196,46 @@ def capture_block(block: nn.Module, args: tuple, kwargs: dict, name: str) -> Cap
     )
 
 
+def _plain(value: Any, depth: int = 0) -> Any:
+    """A hashable, comparable form of an attribute value that may steer forward's control flow."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device, enum.Enum)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_plain(v, depth + 1) for v in value))
+    if isinstance(value, (set, frozenset)):
+        return ("set", tuple(sorted(repr(_plain(v, depth + 1)) for v in value)))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((repr(k), repr(_plain(v, depth + 1))) for k, v in value.items())))
+    if isinstance(value, torch.Tensor):  # plain tensor attributes (not buffers): compare by identity
+        return ("tensor", id(value))
+    if callable(value) and not hasattr(value, "__dict__"):
+        return ("callable", getattr(value, "__qualname__", repr(value)))
+    state = getattr(value, "__dict__", None)
+    if state is not None and depth < 3:
+        return (type(value).__qualname__, _plain(dict(state), depth + 1))
+    return (type(value).__qualname__, repr(value))
+
+
 def structural_key(block: nn.Module) -> tuple:
     """Blocks with equal keys compute the same function of (parameters, inputs).
 
-    Compares classes, parameter/buffer shapes and every plain attribute (flags such as
-    ``context_pre_only`` steer Python control flow inside forward).
+    Compares classes, parameter/buffer shapes and every non-module attribute (flags such as
+    ``context_pre_only`` or a window offset tuple steer Python control flow inside forward).
+    Anything not plain data is compared by type and contents, so doubt means "capture separately".
     """
     parts = []
     for path, module in block.named_modules():
         attrs = tuple(
             sorted(
-                (k, v)
+                (k, repr(_plain(v)))
                 for k, v in vars(module).items()
-                if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))
+                if not k.startswith("_") and k != "training"
             )
         )
-        processor = getattr(module, "processor", None)
         parts.append(
             (
                 path,
                 type(module).__qualname__,
-                type(processor).__qualname__ if processor is not None else None,
                 attrs,
                 tuple((n, tuple(p.shape), p.dtype) for n, p in module._parameters.items() if p is not None),
                 tuple((n, tuple(b.shape), b.dtype) for n, b in module._buffers.items() if b is not None),
