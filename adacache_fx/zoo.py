@@ -37,6 +37,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import functools
+
 import torch
 
 # ---------------------------------------------------------------------------
@@ -161,38 +163,12 @@ _LATTE_FRAMES = 3
 
 
 def _build_latte():
-    from diffusers import LatteTransformer3DModel
-
-    torch.manual_seed(0)
-    m = LatteTransformer3DModel(
-        num_attention_heads=HEADS,
-        attention_head_dim=HEAD_DIM,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        cross_attention_dim=INNER,
-        sample_size=8,
-        patch_size=2,
-        activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-        caption_channels=TXT_DIM,
-        video_length=_LATTE_FRAMES,
-    )
-    return _finish(m)
+    return _finish(latte(num_layers=2, heads=HEADS, head_dim=HEAD_DIM, frames=_LATTE_FRAMES,
+                         sample_size=8, text_len=TXT_LEN, text_dim=TXT_DIM)[0])
 
 
 def _inputs_latte(timestep: float = 500.0, batch: int = 1, seed: int = 0) -> dict:
-    g = _gen(seed)
-    return {
-        "hidden_states": _randn(g, batch, 4, _LATTE_FRAMES, 8, 8),
-        "encoder_hidden_states": _randn(g, batch, TXT_LEN, TXT_DIM),
-        # LattePipeline passes no encoder_attention_mask (it is not repeated per frame).
-        "timestep": _ts(timestep, batch),
-        "enable_temporal_attentions": True,
-    }
+    return _latte_inputs(timestep, batch, seed, frames=_LATTE_FRAMES, sample_size=8, text_len=TXT_LEN, text_dim=TXT_DIM)
 
 
 # ---------------------------------------------------------------------------
@@ -821,16 +797,23 @@ def latte(
         video_length=frames,
     ).eval()
 
-    def inputs(timestep: float = 500.0, batch: int = 1, seed: int = 0) -> dict:
-        g = _gen(seed)
-        return {
-            "hidden_states": _randn(g, batch, 4, frames, sample_size, sample_size),
-            "encoder_hidden_states": _randn(g, batch, text_len, text_dim),
-            "timestep": _ts(timestep, batch),
-            "enable_temporal_attentions": True,
-        }
+    return model, functools.partial(
+        _latte_inputs, frames=frames, sample_size=sample_size, text_len=text_len, text_dim=text_dim
+    )
 
-    return model, inputs
+
+def _latte_inputs(
+    timestep: float = 500.0, batch: int = 1, seed: int = 0, *,
+    frames: int, sample_size: int, text_len: int, text_dim: int,
+) -> dict:
+    g = _gen(seed)
+    return {
+        "hidden_states": _randn(g, batch, 4, frames, sample_size, sample_size),
+        "encoder_hidden_states": _randn(g, batch, text_len, text_dim),
+        # LattePipeline passes no encoder_attention_mask (it is not repeated per frame).
+        "timestep": _ts(timestep, batch),
+        "enable_temporal_attentions": True,
+    }
 
 
 def block_lists(model: torch.nn.Module) -> list[tuple[str, int]]:

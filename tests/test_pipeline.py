@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import adacache_fx as ax
+from adacache_fx.zoo import latte as zoo_latte
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402
@@ -32,7 +33,6 @@ from diffusers import (  # noqa: E402
     DiTPipeline,
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
-    LatteTransformer3DModel,
     PixArtTransformer2DModel,
 )
 
@@ -172,24 +172,7 @@ LATTE_FRAMES = 3
 
 def latte_pipeline():
     pipeline_class = import_stock_pipeline("diffusers.pipelines.latte.pipeline_latte", "LattePipeline")
-    torch.manual_seed(0)
-    transformer = LatteTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        cross_attention_dim=32,
-        sample_size=8,
-        patch_size=2,
-        activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-        caption_channels=TXT_DIM,
-        video_length=LATTE_FRAMES,
-    ).eval()
+    transformer, _ = zoo_latte(num_layers=2, heads=2, head_dim=16, frames=LATTE_FRAMES, sample_size=8, text_dim=TXT_DIM)
     pipe = pipeline_class(
         tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=transformer, scheduler=DDIMScheduler()
     )

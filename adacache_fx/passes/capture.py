@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import operator
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -87,7 +87,6 @@ class CapturedGraph:
     in_spec: pytree.TreeSpec
     out_spec: pytree.TreeSpec
     num_user_outputs: int
-    example_leaves: list[Any] = field(repr=False, default_factory=list)
 
     def placeholders(self) -> list[fx.Node]:
         return [n for n in self.graph_module.graph.nodes if n.op == "placeholder"]
@@ -192,7 +191,6 @@ def capture_block(block: nn.Module, args: tuple, kwargs: dict, name: str) -> Cap
         in_spec=in_spec,
         out_spec=program.call_spec.out_spec,
         num_user_outputs=num_outputs,
-        example_leaves=[_leaf_key(leaf) for leaf in leaves],
     )
 
 
@@ -242,11 +240,3 @@ def structural_key(block: nn.Module) -> tuple:
             )
         )
     return tuple(parts)
-
-
-def getitem_source(node: fx.Node) -> fx.Node | None:
-    """For ``getitem(split(x), i)``-style nodes, the node producing the tuple."""
-    if node.op == "call_function" and node.target is operator.getitem:
-        src = node.args[0]
-        return src if isinstance(src, fx.Node) else None
-    return None
