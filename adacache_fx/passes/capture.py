@@ -55,6 +55,48 @@ def _drop_inference_noops(graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
+def _returns_alias(node: fx.Node) -> bool:
+    """True when the node's result may share memory with an input (a view op, or getitem of one)."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return _returns_alias(node.args[0])
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
+
+
+def _drop_redundant_clones(graph: fx.Graph) -> None:
+    """Remove ``clone`` of an already contiguous value inside the (functional) graph.
+
+    Export turns eval-mode dropout and ``.contiguous()`` on a contiguous tensor, both free in eager,
+    into full copies. In a functional graph an inner copy is a pure identity; a clone is kept only
+    where an output could otherwise alias another value (reached from an output through views).
+    """
+    output = next(n for n in graph.nodes if n.op == "output")
+    may_alias_output: set[fx.Node] = set()
+    stack = [n for n in pytree.tree_leaves(output.args) if isinstance(n, fx.Node)]
+    while stack:
+        node = stack.pop()
+        if node in may_alias_output:
+            continue
+        may_alias_output.add(node)
+        if _returns_alias(node):
+            stack.extend(a for a in node.args[:1] if isinstance(a, fx.Node))
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.aten.clone.default or node in may_alias_output:
+            continue
+        source = node.args[0]
+        value = source.meta.get("val") if isinstance(source, fx.Node) else None
+        memory_format = node.kwargs.get("memory_format")
+        if (
+            isinstance(value, torch.Tensor)
+            and memory_format in (None, torch.preserve_format, torch.contiguous_format)
+            and value.is_contiguous()
+        ):
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+
+
 def _leaf_key(leaf: Any) -> Any:
     if isinstance(leaf, torch.Tensor):
         # Strides too: export may specialise reshape to view for a contiguous input.
@@ -181,6 +223,7 @@ def capture_block(block: nn.Module, args: tuple, kwargs: dict, name: str) -> Cap
     graph_module = program.graph_module
     graph = graph_module.graph
     _drop_inference_noops(graph)
+    _drop_redundant_clones(graph)
     eliminate_dead_code(graph)
     graph.lint()
     graph_module.recompile()
