@@ -42,6 +42,9 @@ class StepContext:
     timestep: float | None  # the model's timestep argument for this step
     generation: int  # 0-based count of generations since transform / reset
     branches: tuple[BranchInfo, ...]  # empty before the first call has captured the blocks
+    # Latent frames per sample after patching, for video models (derived from the model's input
+    # shape and config; None for image models or when it cannot be derived). MoReg needs it.
+    frames: int | None = None
 
     def is_last(self, count: int) -> bool:
         """True inside the last ``count`` steps (False when the step count is unknown)."""
@@ -70,10 +73,37 @@ class Plan:
 _COMPUTE_ALL = Plan()
 
 
+#: Signals a policy can read inside a step (see :class:`InStepSignal`).
+SIGNAL_KINDS = ("modulated_input", "first_blocks_residual")
+
+
+@dataclass(frozen=True)
+class InStepSignal:
+    """A value read inside each model call, after which :meth:`Policy.decide` plans the rest of it.
+
+    * ``"modulated_input"``: the first block's normalised, timestep-modulated input to its first
+      branch (TeaCache's indicator), computed before that block runs; the decision covers every
+      block, the first included.
+    * ``"first_blocks_residual"``: the main stream's change over the first ``blocks`` blocks
+      (output of block ``blocks - 1`` minus input of block 0; First-Block-Cache). Those blocks
+      compute; the decision covers the blocks after them.
+    """
+
+    kind: str
+    blocks: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in SIGNAL_KINDS:
+            raise PolicyError(f"unknown in-step signal {self.kind!r}; valid: {', '.join(SIGNAL_KINDS)}")
+        if self.blocks < 1:
+            raise PolicyError(f"InStepSignal(blocks={self.blocks}): must be >= 1")
+
+
 class Policy:
     """Base class of caching policies. Subclasses are dataclasses of their settings."""
 
     #: True for policies that decide inside a step from data of the same step (First-Block-Cache).
+    #: They return an :class:`InStepSignal` from :meth:`in_step_signal` and implement :meth:`decide`.
     decides_in_step: ClassVar[bool] = False
 
     def caches(self, branch: BranchInfo) -> bool:
@@ -101,6 +131,18 @@ class Policy:
         previous: tuple[torch.Tensor, ...] | None,
     ) -> None:
         """A watched branch computed: ``new`` residuals, and the ones it replaces (None at first)."""
+
+    def in_step_signal(self) -> InStepSignal | None:
+        """The signal :meth:`decide` needs, for policies that decide inside a step."""
+        return None
+
+    def decide(self, ctx: StepContext, slot: int, signal: torch.Tensor) -> Plan:
+        """Plan the rest of one model call from this call's signal.
+
+        ``slot`` numbers the calls of one step (0 for a batched cond+uncond call; 0 and 1 when a
+        pipeline calls the model separately for cond and uncond), so per-call state stays apart.
+        """
+        raise NotImplementedError(f"{type(self).__name__} asks for an in-step signal but has no decide()")
 
 
 def validate_kinds(kinds: Iterable[str] | None, owner: str) -> tuple[str, ...] | None:

@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 from ..errors import CaptureError
 from ..passes.capture import BoundInputs, CapturedGraph, _leaf_key, capture_block, structural_key
 from ..passes.flops import count_node_flops
+from ..passes.probe import extract_value, modulated_input
 from ..passes.residuals import BlockAnalysis, analyse_block
 from ..passes.rewrite import RegionState, build_variant
 from ..policies.base import BranchInfo
@@ -36,6 +37,33 @@ class SharedCapture:
     analysis: BlockAnalysis
     node_flops: dict[str, int] | None
     variants: dict[tuple[RegionState, ...], fx.GraphModule] = field(default_factory=dict)
+    _probe: fx.GraphModule | None = None
+
+    def probe(self) -> fx.GraphModule | None:
+        """Graph computing the block's modulated input only (TeaCache's signal); None if none."""
+        if self._probe is None:
+            name = modulated_input(self.captured, self.analysis)
+            if name is None:
+                return None
+            self._probe = extract_value(self.captured.graph_module, name)
+        return self._probe
+
+    def main_stream(self) -> tuple[int, int]:
+        """(placeholder index, user-output index) of the largest stream: the image/video tokens."""
+        graph = self.captured.graph_module.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        streams = [p for p in placeholders if p.name in self.analysis.stream_inputs]
+        source = max(streams, key=lambda p: p.meta["val"].numel())
+        output = next(n for n in graph.nodes if n.op == "output")
+        outputs = list(output.args[0])[: self.captured.num_user_outputs]
+        shape = source.meta["val"].shape
+        index = next(
+            (i for i, o in enumerate(outputs) if isinstance(o, fx.Node) and o.meta["val"].shape == shape),
+            None,
+        )
+        if index is None:
+            raise CaptureError(f"no block output has the stream's shape {tuple(shape)}")
+        return placeholders.index(source), index
 
     def variant(self, states: tuple[RegionState, ...]) -> fx.GraphModule:
         graph = self.variants.get(states)
@@ -91,6 +119,7 @@ class CachedBlock(nn.Module):
         self.path = f"{list_name}.{index}"
         self.on_capture_error = on_capture_error
         self._specialisations: dict[Any, Specialisation | Uncached] = {}
+        self.depth: int | None = None  # order in which the block runs in a model call
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -134,6 +163,7 @@ class CachedBlock(nn.Module):
                 )
         infos = runtime.register_block(self.path, self.list_name, self.index, shared.analysis.regions)
         runtime.block_flops[self.path] = shared.total_flops
+        self.depth = runtime.block_order.index(self.path)
         spec = Specialisation(shared, BoundInputs(shared.captured, block), infos)
         self._specialisations[signature] = spec
         return spec
@@ -149,14 +179,35 @@ class CachedBlock(nn.Module):
             return self.original(*args, **kwargs)
 
         runtime = self.runtime
+        inputs = spec.bound(leaves)
+        signal = runtime.signal
+        if signal is not None:
+            self._signal_before(spec, inputs, signal)
         cache = runtime.block_cache(self.path, signature)
         states = runtime.region_states(spec.branches, cache)
         graph = spec.shared.variant(states)
-        inputs = spec.bound(leaves)
         for info, state in zip(spec.branches, states):
             if state == RegionState.REUSE:
                 inputs.extend(cache.values[info.id])
         outputs = graph(*inputs)
         num_user = spec.shared.captured.num_user_outputs
         runtime.after_block(spec.branches, states, cache, list(outputs[num_user:]))
+        if signal is not None and signal.kind == "first_blocks_residual" and self.depth == signal.blocks - 1:
+            if runtime.stream_start is not None:
+                _, out_index = spec.shared.main_stream()
+                runtime.decide(outputs[out_index] - runtime.stream_start)
         return pytree.tree_unflatten(list(outputs[:num_user]), spec.shared.captured.out_spec)
+
+    def _signal_before(self, spec: Specialisation, inputs: list[Any], signal: Any) -> None:
+        """Read the in-step signal that must exist before this block runs."""
+        if self.depth != 0:
+            return
+        runtime = self.runtime
+        if signal.kind == "modulated_input":
+            probe = spec.shared.probe()
+            if probe is None:
+                runtime.missing_signal(self.path)
+            runtime.decide(probe(*inputs)[0])
+        elif signal.kind == "first_blocks_residual":
+            in_index, _ = spec.shared.main_stream()
+            runtime.stream_start = inputs[in_index]

@@ -7,6 +7,7 @@ pure functions that compile and export.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from ..passes.rewrite import RegionState
-from ..policies.base import BranchInfo, Plan, Policy, StepContext
+from ..errors import PolicyError
+from ..policies.base import BranchInfo, InStepSignal, Plan, Policy, StepContext
 from .steps import StepTracker
 
 logger = logging.getLogger("adacache_fx")
@@ -32,6 +34,7 @@ class StepRecord:
     step: int
     timestep: float | None
     planned_reuse: int  # branches the plan asked to reuse
+    in_step_reuse: int = 0  # calls whose in-step decision reused at least one branch
     computed: int = 0  # branch executions that computed
     reused: int = 0  # branch executions that reused their cache
     flops_computed: int = 0
@@ -70,6 +73,33 @@ def _timestep_reader(model: nn.Module):
     return read, name
 
 
+def _frames_reader(model: nn.Module):
+    """Return ``f(args, kwargs) -> int | None``: latent frames per sample after temporal patching.
+
+    Video DiTs take 5-D latents, (B, C, T, H, W) or CogVideoX's (B, T, C, H, W): the channel axis is
+    the one equal to ``config.in_channels``. LTX-Video takes tokens plus a ``num_frames`` argument.
+    """
+    config = getattr(model, "config", None)
+    in_channels = getattr(config, "in_channels", None)
+    patch_t = getattr(config, "patch_size_t", None)
+    patch = getattr(config, "patch_size", None)
+    if patch_t is None and isinstance(patch, (tuple, list)) and len(patch) == 3:
+        patch_t = patch[0]
+    patch_t = int(patch_t or 1)
+
+    def read(args: tuple, kwargs: dict) -> int | None:
+        frames = kwargs.get("num_frames")
+        if isinstance(frames, int):
+            return frames
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if not isinstance(hidden, torch.Tensor) or hidden.ndim != 5:
+            return None
+        axis = 1 if hidden.shape[2] == in_channels and hidden.shape[1] != in_channels else 2
+        return max(1, int(hidden.shape[axis]) // patch_t)
+
+    return read
+
+
 class CacheRuntime:
     """State of one transformed model."""
 
@@ -77,6 +107,10 @@ class CacheRuntime:
         self.policy = policy
         self.tracker = StepTracker()
         self.read_timestep, self.timestep_arg = _timestep_reader(model)
+        self.read_frames = _frames_reader(model)
+        self.signal: InStepSignal | None = policy.in_step_signal()
+        self.step_plan: Plan = Plan.compute_all()
+        self.stream_start: torch.Tensor | None = None  # main stream entering block 0, this call
         self.branches: dict[str, BranchInfo] = {}
         self.block_order: list[str] = []
         self.caches: dict[tuple[int, str], BlockCache] = {}
@@ -107,11 +141,15 @@ class CacheRuntime:
                 timestep=timestep,
                 generation=self.tracker.generation,
                 branches=tuple(self.branches.values()),
+                frames=self.read_frames(args, kwargs),
             )
-            self.plan = self.policy.plan(self.context)
+            self.step_plan = self.policy.plan(self.context)
             self.records.append(
-                StepRecord(self.tracker.generation, self.tracker.step, timestep, len(self.plan.reuse))
+                StepRecord(self.tracker.generation, self.tracker.step, timestep, len(self.step_plan.reuse))
             )
+        # Every call starts from the step's plan; an in-step decision may replace it for this call.
+        self.plan = self.step_plan
+        self.stream_start = None
         self.records[-1].calls += 1
 
     def after_model_call(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -161,6 +199,27 @@ class CacheRuntime:
                 self.branches[branch_id] = info
             infos.append(info)
         return infos
+
+    # -- in-step decisions ----------------------------------------------------------------------
+    def decide(self, signal: torch.Tensor) -> None:
+        """Let an in-step policy plan the rest of this call from its signal."""
+        if self.context is None:
+            return
+        if not self._policy_ready and self.branches:
+            self._policy_ready = True
+            self.policy.setup(tuple(self.branches.values()))
+        # The context of the first call of a generation was built before any branch existed.
+        if not self.context.branches and self.branches:
+            self.context = dataclasses.replace(self.context, branches=tuple(self.branches.values()))
+        self.plan = self.policy.decide(self.context, self.tracker.slot, signal)
+        if self.plan.reuse and self.records:
+            self.records[-1].in_step_reuse += 1
+
+    def missing_signal(self, block_path: str) -> None:
+        raise PolicyError(
+            f"{type(self.policy).__name__} needs the {self.signal.kind!r} signal, but the first block "
+            f"{block_path} has no branch with a projection to read it from"
+        )
 
     # -- per block call ------------------------------------------------------------------------
     def block_cache(self, block_path: str, signature: Any) -> BlockCache:
