@@ -16,7 +16,12 @@ from .errors import (
     PolicyError,
 )
 from .policies.base import KINDS, BranchInfo, Plan, Policy, StepContext
+from .policies.adacache import AdaCache, MoReg
+from .policies.first_block import FirstBlockCache
+from .policies.pab import PAB
 from .policies.static import NoCache, Static
+from .policies.teacache import TeaCache
+from .calibrate import Calibration, calibrate
 from .runtime.report import Report
 
 __version__ = "0.1.0"
@@ -24,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "transform", "restore", "report", "reset", "generation", "get_runtime", "is_transformed",
     "Policy", "Plan", "StepContext", "BranchInfo", "KINDS", "NoCache", "Static", "Report",
+    "AdaCache", "MoReg", "PAB", "TeaCache", "FirstBlockCache", "calibrate", "Calibration",
     "AdaCacheError", "AlreadyTransformedError", "CaptureError", "NoBlocksFoundError",
     "NotTransformedError", "PolicyError",
 ]

@@ -1,0 +1,304 @@
+"""Fit a policy's thresholds to a requested compute fraction on the user's own model and inputs.
+
+Every peer tool leaves AdaCache codebooks, TeaCache coefficients and First-Block-Cache thresholds to
+hand tuning. :func:`calibrate` runs a few uncached generations of *your* model, records the signal the
+policy decides from (the metric branch's residuals, the modulated input, the first blocks' residual)
+and fits the policy's one threshold knob so that its decisions, replayed on those recordings, reach the
+requested fraction of branch executions computed. TeaCache's rescaling polynomial is fitted too, from
+the recorded pairs (modulated-input change, model-output change), as the TeaCache authors do offline.
+
+The replay assumes the trajectory does not change when steps are reused; it does a little, which is why
+the fitted knob sits in the middle of the range of values that give the closest fraction.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+from tqdm.auto import tqdm
+
+from .api import generation, get_runtime, is_transformed, restore, transform
+from .errors import PolicyError
+from .policies.adacache import AdaCache
+from .policies.base import BranchInfo, InStepSignal, Plan, Policy, StepContext
+from .policies.first_block import FirstBlockCache
+from .policies.teacache import TeaCache
+
+logger = logging.getLogger("adacache_fx")
+
+CALIBRATABLE = (AdaCache, TeaCache, FirstBlockCache)
+
+
+@dataclass
+class Calibration:
+    """The fitted policy and how it was fitted."""
+
+    policy: Policy
+    target: float
+    predicted_compute_fraction: float  # on the recorded runs, by replay
+    knob: str
+    value: float
+    runs: int
+    steps_per_run: list[int]
+    coefficients: tuple[float, ...] | None = None  # TeaCache's fitted rescaling polynomial
+    curve: list[tuple[float, float]] = field(default_factory=list, repr=False)  # (knob, fraction)
+
+    def __str__(self) -> str:
+        lines = [
+            f"calibrated {type(self.policy).__name__}: {self.knob} = {self.value:.6g}",
+            f"  target compute fraction {self.target:.3f}, predicted {self.predicted_compute_fraction:.3f}"
+            f" (replay of {self.runs} recorded run(s), steps {self.steps_per_run})",
+        ]
+        if self.coefficients is not None:
+            lines.append("  fitted rescale coefficients: [" + ", ".join(f"{c:.6g}" for c in self.coefficients) + "]")
+        return "\n".join(lines)
+
+
+class _Recorder(Policy):
+    """Computes everything and records the signals that ``target`` would decide from."""
+
+    def __init__(self, target: Policy) -> None:
+        self.target = target
+        self.signal: InStepSignal | None = target.in_step_signal()
+        self.decides_in_step = self.signal is not None
+        self.ready = False
+        self.frames: int | None = None  # the model's latent frames, for MoReg in the replay
+        # generation -> step -> recorded value (first call of each step only: slot 0)
+        self.residuals: dict[int, dict[int, tuple[torch.Tensor, ...]]] = {}
+        self.signals: dict[int, dict[int, torch.Tensor]] = {}
+
+    def caches(self, branch: BranchInfo) -> bool:
+        # Keep residuals so that step 1 sees step 0's as ``previous`` (the target can say which
+        # branches it watches only once set up, after the first call). Nothing is ever reused.
+        return not self.ready or self.target.watches(branch)
+
+    def watches(self, branch: BranchInfo) -> bool:
+        return self.ready and self.target.watches(branch)
+
+    def setup(self, branches: tuple[BranchInfo, ...]) -> None:
+        self.target.setup(branches)
+        self.ready = True
+
+    def in_step_signal(self) -> InStepSignal | None:
+        return self.signal
+
+    def plan(self, ctx: StepContext) -> Plan:
+        return Plan.compute_all()
+
+    def observe(self, ctx, branch, new, previous) -> None:
+        # Per-layer AdaCache watches more branches; the replay models the global schedule only.
+        if branch.id not in getattr(self.target, "metric_branches", frozenset((branch.id,))):
+            return
+        self.frames = ctx.frames
+        steps = self.residuals.setdefault(ctx.generation, {})
+        if previous is not None and ctx.step - 1 not in steps:
+            steps[ctx.step - 1] = tuple(t.float().cpu() for t in previous)
+        steps.setdefault(ctx.step, tuple(t.float().cpu() for t in new))
+
+    def decide(self, ctx: StepContext, slot: int, signal: torch.Tensor) -> Plan:
+        if slot == 0:
+            self.signals.setdefault(ctx.generation, {})[ctx.step] = signal.detach().float().cpu()
+        return Plan.compute_all()
+
+
+def _relative_l1(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12))
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    return next((t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)), None)
+
+
+def _fraction_curve(
+    flags_for: Callable[[float], list[list[bool]]],
+    reuse_share: float,
+    lo: float,
+    hi: float,
+    points: int,
+) -> list[tuple[float, float]]:
+    """(knob, compute fraction) on a log grid; a reuse step skips ``reuse_share`` of executions."""
+    curve = []
+    for value in np.geomspace(lo, hi, points):
+        runs = flags_for(float(value))
+        steps = sum(len(f) for f in runs)
+        reused = sum(1 for f in runs for computed in f if not computed)
+        curve.append((float(value), 1.0 - reuse_share * reused / steps))
+    return curve
+
+
+def _pick(curve: list[tuple[float, float]], target: float) -> tuple[float, float]:
+    """The knob in the middle (log scale) of the values whose fraction is closest to the target."""
+    best = min(abs(f - target) for _, f in curve)
+    close = [(v, f) for v, f in curve if abs(f - target) <= best + 1e-9]
+    middle = math.exp((math.log(close[0][0]) + math.log(close[-1][0])) / 2)
+    nearest = min(close, key=lambda vf: abs(math.log(vf[0]) - math.log(middle)))
+    return middle, nearest[1]
+
+
+def calibrate(
+    model: nn.Module,
+    policy: AdaCache | TeaCache | FirstBlockCache,
+    run: Callable[[nn.Module, int], Any],
+    *,
+    target: float,
+    runs: int = 2,
+    fit_coefficients: bool | None = None,
+    points: int = 160,
+    progress: bool = True,
+) -> Calibration:
+    """Fit ``policy``'s threshold so that it computes ``target`` of its branch executions.
+
+    Args:
+        model: the untransformed model (e.g. ``pipe.transformer``); it is transformed with a recording
+            policy for the runs and restored afterwards.
+        policy: the policy to fit, with every other setting as you want it (``AdaCache.fast(30)``,
+            ``TeaCache()``, ``FirstBlockCache(blocks=1)``); its thresholds are the starting point.
+        run: ``run(model, i)`` performs one whole generation with your inputs number ``i`` (e.g. calls
+            your pipeline with seed ``i``). Use the step count you will use in production.
+        target: requested fraction of branch executions computed, in (0, 1].
+        runs: how many generations to record.
+        fit_coefficients: TeaCache only: fit the rescaling polynomial (default: when the policy has no
+            coefficients).
+        points: grid size of the knob search.
+
+    Returns:
+        :class:`Calibration` with the fitted ``policy`` (a copy) and the predicted compute fraction.
+    """
+    if not isinstance(policy, CALIBRATABLE):
+        raise PolicyError(
+            f"calibrate() fits AdaCache, TeaCache and FirstBlockCache; got {type(policy).__name__}"
+        )
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target compute fraction must be in (0, 1], got {target}")
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    if is_transformed(model):
+        raise PolicyError("calibrate() needs the untransformed model: call adacache_fx.restore(model) first")
+
+    recorder = _Recorder(policy)
+    outputs: dict[int, dict[int, torch.Tensor]] = {}
+    transform(model, recorder)
+    runtime = get_runtime(model)
+
+    def keep_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        record = runtime.records[-1] if runtime.records else None
+        tensor = _first_tensor(output)
+        if record is not None and tensor is not None and record.calls == 1:
+            outputs.setdefault(record.generation, {})[record.step] = tensor.detach().float().cpu()
+
+    hook = model.register_forward_hook(keep_output, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for i in tqdm(range(runs), desc="calibration runs", disable=not progress):
+                with generation(model):
+                    run(model, i)
+        branches = tuple(runtime.branches.values())
+    finally:
+        hook.remove()
+        restore(model)
+
+    if isinstance(policy, AdaCache):
+        return _fit_adacache(policy, recorder, branches, target, points)
+    if isinstance(policy, TeaCache):
+        return _fit_teacache(policy, recorder, outputs, target, points, fit_coefficients)
+    return _fit_first_block(policy, recorder, branches, target, points)
+
+
+def _steps(record: dict[int, Any]) -> list[Any]:
+    return [record[s] for s in sorted(record)]
+
+
+def _fit_adacache(policy: AdaCache, recorder: _Recorder, branches, target: float, points: int) -> Calibration:
+    sequences = [_steps(r) for r in recorder.residuals.values() if r]
+    if not sequences:
+        raise PolicyError("calibrate(): the AdaCache metric branch never computed during the runs")
+    frames = getattr(getattr(policy, "moreg", None), "frames", None) or recorder.frames
+
+    def flags_for(scale: float) -> list[list[bool]]:
+        candidate = policy.with_threshold_scale(scale)
+        return [candidate.simulate(seq, num_steps=len(seq), frames=frames) for seq in sequences]
+
+    curve = _fraction_curve(flags_for, 1.0, 1e-4, 1e4, points)
+    scale, predicted = _pick(curve, target)
+    return Calibration(
+        policy.with_threshold_scale(scale), target, predicted, "codebook threshold scale", scale,
+        len(sequences), [len(s) for s in sequences], curve=curve,
+    )
+
+
+def _indicators(signals: Sequence[torch.Tensor]) -> list[float]:
+    return [0.0] + [_relative_l1(signals[i], signals[i - 1]) for i in range(1, len(signals))]
+
+
+def _fit_teacache(
+    policy: TeaCache,
+    recorder: _Recorder,
+    outputs: dict[int, dict[int, torch.Tensor]],
+    target: float,
+    points: int,
+    fit_coefficients: bool | None,
+) -> Calibration:
+    runs = [(g, _steps(s)) for g, s in recorder.signals.items() if len(s) > 1]
+    if not runs:
+        raise PolicyError("calibrate(): TeaCache needs runs of at least 2 steps")
+    indicators = [_indicators(signals) for _, signals in runs]
+    if fit_coefficients is None:
+        fit_coefficients = policy.coefficients is None
+    coefficients = None
+    if fit_coefficients:
+        xs, ys = [], []
+        for (gen, _), ind in zip(runs, indicators):
+            outs = _steps(outputs.get(gen, {}))
+            for i in range(1, min(len(outs), len(ind))):
+                xs.append(ind[i])
+                ys.append(_relative_l1(outs[i], outs[i - 1]))
+        if len(xs) < 5:
+            raise PolicyError(f"calibrate(): {len(xs)} step pairs are too few to fit TeaCache's 4th-order polynomial")
+        coefficients = tuple(float(c) for c in np.polyfit(xs, ys, 4))
+        policy = policy.with_coefficients(coefficients)
+
+    def flags_for(delta: float) -> list[list[bool]]:
+        candidate = policy.with_delta(delta)
+        return [candidate.simulate(ind, num_steps=len(ind)) for ind in indicators]
+
+    curve = _fraction_curve(flags_for, 1.0, 1e-6, 1e3, points)
+    delta, predicted = _pick(curve, target)
+    return Calibration(
+        policy.with_delta(delta), target, predicted, "delta", delta, len(runs),
+        [len(i) for i in indicators], coefficients=coefficients, curve=curve,
+    )
+
+
+def _fit_first_block(
+    policy: FirstBlockCache, recorder: _Recorder, branches, target: float, points: int
+) -> Calibration:
+    runs = [_steps(s) for s in recorder.signals.values() if s]
+    if not runs:
+        raise PolicyError("calibrate(): no first-block residual was recorded")
+    depths = sorted({b.depth for b in branches})
+    last = len(depths) - policy.tail_blocks
+    reusable = sum(1 for b in branches if policy.blocks <= b.depth < last)
+    share = reusable / len(branches) if branches else 0.0
+
+    def flags_for(threshold: float) -> list[list[bool]]:
+        candidate = policy.with_threshold(threshold)
+        return [candidate.simulate(seq, num_steps=len(seq)) for seq in runs]
+
+    curve = _fraction_curve(flags_for, share, 1e-6, 1e2, points)
+    threshold, predicted = _pick(curve, target)
+    if target < 1.0 - share - 1e-9:
+        logger.warning(
+            "adacache_fx: FirstBlockCache computes its first %d block(s) every step: it cannot go "
+            "below a compute fraction of %.3f", policy.blocks, 1.0 - share,
+        )
+    return Calibration(
+        policy.with_threshold(threshold), target, predicted, "threshold", threshold, len(runs),
+        [len(r) for r in runs], curve=curve,
+    )

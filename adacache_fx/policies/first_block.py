@@ -1,0 +1,148 @@
+"""First-Block-Cache / DBCache: run the first blocks, and skip the rest while their residual is stable.
+
+Each model call runs blocks at depth ``< blocks`` (``Fn``), then compares the stream's change over
+them with the same call slot's change at the last call that computed everything (as ParaAttention
+and diffusers do: the reference moves only on computing calls, so slow drift cannot hide behind
+small per-step changes). Below ``threshold`` every later block reuses its cached residuals, except
+the last ``tail_blocks`` (DBCache's ``Bn``), which always compute to correct the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..errors import PolicyError
+from .base import BranchInfo, InStepSignal, Plan, Policy, StepContext
+from .teacache import relative_l1
+
+
+@dataclass
+class FirstBlockCache(Policy):
+    """Reuse blocks ``blocks .. depths - tail_blocks - 1`` while the first blocks' residual changes
+    by less than ``threshold`` (relative L1) since the last computing call.
+
+    The first ``warmup`` steps and the last ``cooldown`` steps (when the step count is known) always
+    compute.
+    """
+
+    decides_in_step = True
+
+    threshold: float = 0.08
+    blocks: int = 1
+    tail_blocks: int = 0
+    warmup: int = 0
+    cooldown: int = 0
+    _previous: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _generation: int | None = field(default=None, init=False, repr=False, compare=False)
+    _num_depths: int | None = field(default=None, init=False, repr=False, compare=False)
+    _reuse_for: tuple[tuple[BranchInfo, ...], Plan] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise ValueError(f"FirstBlockCache(threshold={self.threshold!r}): must be a number >= 0")
+        if not math.isfinite(self.threshold) or self.threshold < 0:
+            raise ValueError(f"FirstBlockCache(threshold={self.threshold!r}): must be a finite number >= 0")
+        for name, low in (("blocks", 1), ("tail_blocks", 0), ("warmup", 0), ("cooldown", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"FirstBlockCache({name}={value!r}): must be an int >= {low}")
+
+    def with_threshold(self, threshold: float) -> "FirstBlockCache":
+        """A fresh copy with another threshold (for threshold sweeps during calibration)."""
+        return dataclasses.replace(self, threshold=threshold)
+
+    # -- model structure -------------------------------------------------------------------------
+    def setup(self, branches: tuple[BranchInfo, ...]) -> None:
+        """Check that some block is left to skip once the first and tail blocks always compute."""
+        if not branches:
+            return
+        depths = max(b.depth for b in branches) + 1
+        self._num_depths = depths
+        if self.blocks + self.tail_blocks >= depths:
+            raise PolicyError(
+                f"FirstBlockCache(blocks={self.blocks}, tail_blocks={self.tail_blocks}): the model has "
+                f"{depths} blocks, so no block is left to reuse; lower blocks or tail_blocks"
+            )
+
+    def caches(self, branch: BranchInfo) -> bool:
+        # The first blocks always compute; the tail too, once the model's depth is known.
+        if branch.depth < self.blocks:
+            return False
+        return self._num_depths is None or branch.depth < self._num_depths - self.tail_blocks
+
+    def _reuse_plan(self, branches: tuple[BranchInfo, ...]) -> Plan:
+        memo = self._reuse_for
+        if memo is not None and memo[0] is branches:
+            return memo[1]
+        depths = max((b.depth for b in branches), default=-1) + 1
+        end = depths - self.tail_blocks
+        plan = Plan.reuse_only(b.id for b in branches if self.blocks <= b.depth < end)
+        self._reuse_for = (branches, plan)
+        return plan
+
+    # -- pure decision logic, shared by the live path and simulate() ------------------------
+    def forced(self, step: int, num_steps: int | None) -> bool:
+        """Warmup and cooldown steps always compute."""
+        return step < self.warmup or (num_steps is not None and step >= num_steps - self.cooldown)
+
+    def advance(
+        self, previous: torch.Tensor | None, residual: torch.Tensor, step: int, num_steps: int | None
+    ) -> tuple[bool, torch.Tensor | None]:
+        """One call of the rule: ``(compute, new reference residual)``.
+
+        No reference (or one of another shape) computes; the reference moves only when computing.
+        """
+        compute = (
+            previous is None
+            or previous.shape != residual.shape
+            or self.forced(step, num_steps)
+            or not relative_l1(residual, previous) < self.threshold
+        )
+        if compute:
+            return True, residual.detach().clone()
+        return False, previous
+
+    def simulate(self, residuals: Sequence[torch.Tensor], num_steps: int) -> list[bool]:
+        """Compute flags per step for one call slot's first-blocks residuals (``residuals[i]``: step i).
+
+        Runs the same :meth:`advance` as a live generation, so on the same residuals it gives the
+        live flags. Residuals recorded from a run that computed every step only approximate those
+        of a cached run (reusing shifts the latent the first blocks see).
+        """
+        if len(residuals) != num_steps:
+            raise ValueError(f"FirstBlockCache.simulate: {len(residuals)} residuals for {num_steps} steps")
+        previous, flags = None, []
+        for step, residual in enumerate(residuals):
+            compute, previous = self.advance(previous, residual, step, num_steps)
+            flags.append(compute)
+        return flags
+
+    # -- live path ------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self._previous.clear()
+        self._generation = None
+
+    def in_step_signal(self) -> InStepSignal:
+        return InStepSignal("first_blocks_residual", blocks=self.blocks)
+
+    def plan(self, ctx: StepContext) -> Plan:
+        # Every call's decide() replaces this; compute when no signal could be read.
+        return Plan.compute_all()
+
+    def decide(self, ctx: StepContext, slot: int, signal: torch.Tensor) -> Plan:
+        if ctx.generation != self._generation:
+            self.reset()
+            self._generation = ctx.generation
+        compute, reference = self.advance(self._previous.get(slot), signal, ctx.step, ctx.num_steps)
+        if reference is not None:
+            self._previous[slot] = reference
+        if compute:
+            return Plan.compute_all()
+        return self._reuse_plan(ctx.branches)
