@@ -296,3 +296,32 @@ def test_pipeline_inside_generation_context_computes_the_last_step():
     computes = [s.reused == 0 for s in report.steps]
     assert computes == [s == 0 or s == STEPS - 1 or s % 3 == 0 for s in range(STEPS)], str(report)
     assert all(s.computed + s.reused == n for s in report.steps)
+
+
+PIPELINE_POLICIES = {
+    "adacache": lambda: ax.AdaCache(codebook=((1e9, 2),), num_steps=STEPS),
+    "pab": lambda: ax.PAB(spatial=2, temporal=2, cross=2, window_steps=(1, STEPS)),
+    "teacache": lambda: ax.TeaCache(delta=1e9),
+    "first_block_cache": lambda: ax.FirstBlockCache(threshold=1e9),
+}
+
+
+@pytest.mark.parametrize("policy_name", sorted(PIPELINE_POLICIES))
+@pytest.mark.parametrize("name", ["pixart", "latte"])
+def test_pipeline_runs_with_every_policy(name, policy_name):
+    build, run, _ = PIPELINES[name]
+    pipe = build()
+    with torch.no_grad():
+        reference = run(pipe)
+    policy = PIPELINE_POLICIES[policy_name]()
+    pipe.transformer = ax.transform(pipe.transformer, policy)
+    with ax.generation(pipe.transformer, num_steps=STEPS):
+        out = run(pipe)
+    assert out.shape == reference.shape and torch.isfinite(out).all()
+    report = ax.report(pipe.transformer)
+    text = str(report)
+    assert len(report.steps) == STEPS and all(s.calls == 1 for s in report.steps), text
+    assert sum(s.reused for s in report.steps) > 0, text
+    assert report.decides_in_step == policy.decides_in_step
+    assert ("inside each step" in text) == policy.decides_in_step
+    assert not torch.equal(out, reference)

@@ -380,7 +380,12 @@ def _label_region(
             kinds.append("self_attention")
 
     tags = set(kinds)
-    if any(op_name(n) in _COMPUTE and _top_child(_module_path(n)) not in attention_children for n in nodes):
+    # An MLP is a projection of the stream outside the attention modules (the modulation's
+    # projection of the time embedding, absorbed as an exclusive input, is not one).
+    if any(
+        op_name(n) in _COMPUTE and sources.get(n) and _top_child(_module_path(n)) not in attention_children
+        for n in nodes
+    ):
         tags.add("mlp")
     if kinds:
         kind, name = kinds[0], "+".join(sorted(attention_children))

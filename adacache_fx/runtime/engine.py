@@ -7,7 +7,6 @@ pure functions that compile and export.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -202,15 +201,13 @@ class CacheRuntime:
 
     # -- in-step decisions ----------------------------------------------------------------------
     def decide(self, signal: torch.Tensor) -> None:
-        """Let an in-step policy plan the rest of this call from its signal."""
+        """Let an in-step policy plan the rest of this call from its signal.
+
+        On the first call the policy is not set up yet (the blocks are still being captured) and
+        ``context.branches`` is empty: policies compute then, and record their first signal.
+        """
         if self.context is None:
             return
-        if not self._policy_ready and self.branches:
-            self._policy_ready = True
-            self.policy.setup(tuple(self.branches.values()))
-        # The context of the first call of a generation was built before any branch existed.
-        if not self.context.branches and self.branches:
-            self.context = dataclasses.replace(self.context, branches=tuple(self.branches.values()))
         self.plan = self.policy.decide(self.context, self.tracker.slot, signal)
         if self.plan.reuse and self.records:
             self.records[-1].in_step_reuse += 1
