@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from tqdm.auto import tqdm
 
-from .api import generation, get_runtime, is_transformed, restore, transform
+from .api import generation, get_runtime, is_transformed, report, restore, transform
 from .errors import PolicyError
 from .policies.adacache import AdaCache
 from .policies.base import BranchInfo, InStepSignal, Plan, Policy, StepContext
@@ -48,7 +48,14 @@ class Calibration:
     runs: int
     steps_per_run: list[int]
     coefficients: tuple[float, ...] | None = None  # TeaCache's fitted rescaling polynomial
-    curve: list[tuple[float, float]] = field(default_factory=list, repr=False)  # (knob, fraction)
+    curve: list[tuple[float, float]] = field(default_factory=list, repr=False)  # (knob, replayed fraction)
+    # (knob, compute fraction measured by running the model with it) for each refinement round
+    measured: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def measured_compute_fraction(self) -> float | None:
+        """Measured on the calibration inputs with the returned policy (None without refinement)."""
+        return next((f for v, f in self.measured if v == self.value), None)
 
     def __str__(self) -> str:
         lines = [
@@ -56,6 +63,9 @@ class Calibration:
             f"  target compute fraction {self.target:.3f}, predicted {self.predicted_compute_fraction:.3f}"
             f" (replay of {self.runs} recorded run(s), steps {self.steps_per_run})",
         ]
+        if self.measured:
+            rounds = ", ".join(f"{v:.4g} -> {f:.3f}" for v, f in self.measured)
+            lines.append(f"  measured by running the model ({self.knob} -> compute fraction): {rounds}")
         if self.coefficients is not None:
             lines.append("  fitted rescale coefficients: [" + ", ".join(f"{c:.6g}" for c in self.coefficients) + "]")
         return "\n".join(lines)
@@ -134,11 +144,25 @@ def _fraction_curve(
 
 
 def _pick(curve: list[tuple[float, float]], target: float) -> tuple[float, float]:
-    """The knob in the middle (log scale) of the values whose fraction is closest to the target."""
+    """The knob in the middle (log scale) of the values whose fraction is closest to the target.
+
+    A range that runs to the end of the searched grid is open-ended (e.g. the fraction floor set by
+    the largest rate of a codebook): then stay within a factor 4 of its inner end.
+    """
     best = min(abs(f - target) for _, f in curve)
     close = [(v, f) for v, f in curve if abs(f - target) <= best + 1e-9]
-    middle = math.exp((math.log(close[0][0]) + math.log(close[-1][0])) / 2)
+    low, high = close[0][0], close[-1][0]
+    middle = math.exp((math.log(low) + math.log(high)) / 2)
+    if high >= curve[-1][0] and low > curve[0][0]:
+        middle = min(middle, low * 4)
+    elif low <= curve[0][0] and high < curve[-1][0]:
+        middle = max(middle, high / 4)
     nearest = min(close, key=lambda vf: abs(math.log(vf[0]) - math.log(middle)))
+    if best > 0.05:
+        logger.warning(
+            "adacache_fx: calibrate: the closest compute fraction this policy reaches is %.3f "
+            "(target %.3f); its fixed settings (codebook rates, first blocks) limit it", nearest[1], target,
+        )
     return middle, nearest[1]
 
 
@@ -150,6 +174,7 @@ def calibrate(
     target: float,
     runs: int = 2,
     fit_coefficients: bool | None = None,
+    refine: int = 2,
     points: int = 160,
     progress: bool = True,
 ) -> Calibration:
@@ -166,6 +191,9 @@ def calibrate(
         runs: how many generations to record.
         fit_coefficients: TeaCache only: fit the rescaling polynomial (default: when the policy has no
             coefficients).
+        refine: rounds of checking the fit by running the model with it (``runs`` generations each)
+            and correcting the knob by the gap between measured and replayed fraction (reusing
+            moves the trajectory, which the replay cannot see). 0: replay only.
         points: grid size of the knob search.
 
     Returns:
@@ -179,6 +207,8 @@ def calibrate(
         raise ValueError(f"target compute fraction must be in (0, 1], got {target}")
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
+    if refine < 0:
+        raise ValueError(f"refine must be >= 0, got {refine}")
     if is_transformed(model):
         raise PolicyError("calibrate() needs the untransformed model: call adacache_fx.restore(model) first")
 
@@ -205,10 +235,53 @@ def calibrate(
         restore(model)
 
     if isinstance(policy, AdaCache):
-        return _fit_adacache(policy, recorder, branches, target, points)
-    if isinstance(policy, TeaCache):
-        return _fit_teacache(policy, recorder, outputs, target, points, fit_coefficients)
-    return _fit_first_block(policy, recorder, branches, target, points)
+        fitted = _fit_adacache(policy, recorder, branches, target, points)
+        with_knob = policy.with_threshold_scale  # scales the thresholds the user gave
+    elif isinstance(policy, TeaCache):
+        fitted = _fit_teacache(policy, recorder, outputs, target, points, fit_coefficients)
+        with_knob = fitted.policy.with_delta  # keeps the fitted coefficients
+    else:
+        fitted = _fit_first_block(policy, recorder, branches, target, points)
+        with_knob = fitted.policy.with_threshold
+    if refine:
+        _refine(fitted, with_knob, model, run, refine, progress)
+    return fitted
+
+
+def _measure(model: nn.Module, policy: Policy, run, steps_per_run: list[int], progress: bool) -> float:
+    """Compute fraction of ``policy`` over the calibration runs, by running the model with it."""
+    transform(model, policy)
+    try:
+        with torch.no_grad():
+            for i in tqdm(range(len(steps_per_run)), desc="calibration check", disable=not progress):
+                with generation(model, num_steps=steps_per_run[i]):
+                    run(model, i)
+        fraction = report(model).compute_fraction
+    finally:
+        restore(model)
+    return 1.0 if fraction is None else fraction
+
+
+def _refine(fitted: Calibration, with_knob, model, run, rounds: int, progress: bool) -> None:
+    """Correct the knob by the measured-minus-replayed gap; keep the best measured value."""
+    replayed = dict(fitted.curve)
+    value = fitted.value
+    for _ in range(rounds):
+        measured = _measure(model, with_knob(value), run, fitted.steps_per_run, progress)
+        fitted.measured.append((value, measured))
+        if abs(measured - fitted.target) <= 0.02 * fitted.target:
+            break
+        predicted = replayed.get(value)
+        if predicted is None:
+            predicted = min(fitted.curve, key=lambda vf: abs(math.log(vf[0]) - math.log(value)))[1]
+        corrected_target = min(1.0, max(0.0, fitted.target - (measured - predicted)))
+        new_value, _ = _pick(fitted.curve, corrected_target)
+        if any(abs(math.log(new_value) - math.log(v)) < 1e-9 for v, _ in fitted.measured):
+            break
+        value = new_value
+    best_value, _ = min(fitted.measured, key=lambda vf: abs(vf[1] - fitted.target))
+    fitted.value = best_value
+    fitted.policy = with_knob(best_value)
 
 
 def _steps(record: dict[int, Any]) -> list[Any]:

@@ -1,4 +1,4 @@
-"""Command line: ``adacache-fx inspect MODEL`` and ``adacache-fx demo``."""
+"""Command line: ``adacache-fx inspect MODEL``, ``adacache-fx calibrate`` and ``adacache-fx demo``."""
 
 from __future__ import annotations
 
@@ -17,14 +17,113 @@ from .policies.base import Policy
 from .policies.static import NoCache, Static
 
 
-def parse_policy(text: str) -> Policy:
-    """``nocache`` | ``static`` | ``static:INTERVAL``."""
+POLICY_HELP = (
+    "nocache | static[:INTERVAL] | adacache[:fast|slow] | teacache[:DELTA] | fbcache[:THRESHOLD] | pab"
+)
+
+
+def parse_policy(text: str, num_steps: int = 20) -> Policy:
+    """A policy from its command-line spelling (see ``POLICY_HELP``)."""
+    from .policies.adacache import AdaCache
+    from .policies.first_block import FirstBlockCache
+    from .policies.pab import PAB
+    from .policies.teacache import TeaCache
+
     name, _, arg = text.partition(":")
-    if name == "nocache":
-        return NoCache()
-    if name == "static":
-        return Static(interval=int(arg)) if arg else Static()
-    raise SystemExit(f"unknown policy {text!r}: use nocache or static[:INTERVAL]")
+    try:
+        if name == "nocache":
+            return NoCache()
+        if name == "static":
+            return Static(interval=int(arg)) if arg else Static()
+        if name == "adacache":
+            return AdaCache.slow(num_steps) if arg == "slow" else AdaCache.fast(num_steps)
+        if name == "teacache":
+            return TeaCache(delta=float(arg)) if arg else TeaCache()
+        if name == "fbcache":
+            return FirstBlockCache(threshold=float(arg)) if arg else FirstBlockCache()
+        if name == "pab":
+            return PAB()
+    except ValueError as exc:
+        raise SystemExit(f"bad policy {text!r}: {exc}") from exc
+    raise SystemExit(f"unknown policy {text!r}: use {POLICY_HELP}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate
+    from .sampling import sample
+    from .zoo import latte
+
+    if args.model != "latte":
+        print("calibrate runs the built-in sampler, which drives the Latte model; for your own model "
+              "call adacache_fx.calibrate(model, policy, run, target=...) from Python", file=sys.stderr)
+        return 2
+    model, inputs = latte(num_layers=4, heads=4, head_dim=64, frames=8, sample_size=16)
+    policy = parse_policy(args.policy, args.steps)
+
+    def run(m: torch.nn.Module, i: int) -> None:
+        sample(m, inputs, num_steps=args.steps, seed=i, progress=False)
+
+    calibration = calibrate(model, policy, run, target=args.target, runs=args.runs)
+    print(calibration)
+    held_out = []
+    api.transform(model, calibration.policy)
+    for seed in range(1000, 1000 + args.held_out):
+        api.reset(model)
+        with api.generation(model, num_steps=args.steps):
+            run(model, seed)
+        held_out.append(api.report(model).compute_fraction)
+    api.restore(model)
+    if held_out:
+        print(f"  held-out inputs ({len(held_out)} seeds): compute fraction "
+              + ", ".join(f"{f:.3f}" for f in held_out))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "date": date.today().isoformat(),
+        "command": "adacache-fx calibrate " + " ".join(sys.argv[2:]),
+        "policy": repr(calibration.policy),
+        "target": args.target,
+        "knob": calibration.knob,
+        "value": calibration.value,
+        "predicted": calibration.predicted_compute_fraction,
+        "measured": calibration.measured,
+        "held_out": held_out,
+        "coefficients": calibration.coefficients,
+    }
+    (out_dir / "calibration.json").write_text(json.dumps(record, indent=2))
+    _plot_calibration(calibration, held_out, out_dir / "calibration.png")
+    print(f"wrote {out_dir / 'calibration.json'}")
+    return 0
+
+
+def _plot_calibration(calibration, held_out: list[float], path: Path) -> None:
+    """Knob against replayed compute fraction, with the target and what running the model gave."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the demo extra is not installed: JSON only
+        return
+    values, fractions = zip(*calibration.curve)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.semilogx(values, fractions, label="replayed on recorded runs")
+    ax.axhline(calibration.target, color="grey", linestyle="--", label="target")
+    if calibration.measured:
+        mv, mf = zip(*calibration.measured)
+        ax.scatter(mv, mf, color="C1", zorder=3, label="measured (calibration inputs)")
+    for f in held_out:
+        ax.scatter([calibration.value], [f], color="C2", marker="x", zorder=3)
+    if held_out:
+        ax.scatter([], [], color="C2", marker="x", label="held-out inputs")
+    ax.set_xlabel(calibration.knob)
+    ax.set_ylabel("compute fraction")
+    ax.set_title(f"calibrating {type(calibration.policy).__name__}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -101,8 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="show a model's blocks, branches, kinds and FLOP shares")
     p.add_argument("model", help="a model of the built-in zoo (dit, pixart, latte, flux, wan, ...)")
-    p.add_argument("--policy", default="nocache", help="nocache | static[:INTERVAL]")
+    p.add_argument("--policy", default="nocache", help=POLICY_HELP)
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("calibrate", help="fit a policy's threshold to a target compute fraction")
+    p.add_argument("model", nargs="?", default="latte", help="latte (the built-in sampler's model)")
+    p.add_argument("--policy", default="teacache", help="adacache[:fast|slow] | teacache | fbcache")
+    p.add_argument("--target", type=float, default=0.5, help="fraction of branch executions computed")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--runs", type=int, default=2, help="generations to record")
+    p.add_argument("--held-out", type=int, default=2, help="generations on other seeds to check the fit")
+    p.add_argument("--out", default="outputs")
+    p.set_defaults(func=cmd_calibrate)
     p = sub.add_parser("demo", help="the main job: cached vs uncached generation on a bundled model")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", default="outputs")
