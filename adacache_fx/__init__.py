@@ -6,7 +6,7 @@
     print(ax.report(pipe.transformer))
 """
 
-from .api import generation, get_runtime, is_transformed, report, reset, restore, transform
+from .api import compile, generation, get_runtime, is_transformed, report, reset, restore, transform
 from .errors import (
     AdaCacheError,
     AlreadyTransformedError,
@@ -27,7 +27,7 @@ from .runtime.report import Report
 __version__ = "0.1.0"
 
 __all__ = [
-    "transform", "restore", "report", "reset", "generation", "get_runtime", "is_transformed",
+    "transform", "compile", "restore", "report", "reset", "generation", "get_runtime", "is_transformed",
     "Policy", "Plan", "StepContext", "BranchInfo", "KINDS", "NoCache", "Static", "Report",
     "AdaCache", "MoReg", "PAB", "TeaCache", "FirstBlockCache", "calibrate", "Calibration",
     "AdaCacheError", "AlreadyTransformedError", "CaptureError", "NoBlocksFoundError",

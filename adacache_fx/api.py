@@ -122,6 +122,35 @@ def generation(model: nn.Module, num_steps: int | None = None) -> Iterator[Cache
         runtime.end_generation()
 
 
+def compile(  # noqa: A001 - mirrors torch.compile, which it applies
+    model: nn.Module,
+    *,
+    backend: str = "inductor",
+    mode: str | None = None,
+    dynamic: bool = False,
+    options: dict | None = None,
+) -> nn.Module:
+    """Compile every plan-variant graph of a transformed model with ``torch.compile(fullgraph=True)``.
+
+    In place; returns ``model``. Each variant (a block graph with some regions computed, stored or
+    reused) is one control-flow-free graph, compiled on first use: no graph breaks inside it, and the
+    host picks the variant each step, so a generation triggers no recompilation once every variant
+    it uses has run. Block graphs hold almost all of a DiT's FLOPs; the model's own code around the
+    blocks (patch embedding, time embedding, final layer) and the runtime's step logic stay eager.
+    Calling ``torch.compile(model, fullgraph=True)`` on the whole transformed model is not supported
+    yet: the runtime's host-side step tracking breaks the graph.
+    """
+    runtime = get_runtime(model)
+    runtime.compile_options = {
+        "backend": backend, "mode": mode, "dynamic": dynamic, "fullgraph": True,
+        **({"options": options} if options else {}),
+    }
+    for shared in runtime.shared_captures.values():
+        shared.variants.clear()  # built eagerly before; rebuilt compiled on next use
+        shared.compiled_probe = None
+    return model
+
+
 def reset(model: nn.Module) -> None:
     """Drop caches, step position and statistics of a transformed model (captures are kept)."""
     get_runtime(model).reset()

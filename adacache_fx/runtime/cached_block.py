@@ -36,8 +36,9 @@ class SharedCapture:
     captured: CapturedGraph
     analysis: BlockAnalysis
     node_flops: dict[str, int] | None
-    variants: dict[tuple[RegionState, ...], fx.GraphModule] = field(default_factory=dict)
+    variants: dict[tuple[RegionState, ...], Any] = field(default_factory=dict)
     _probe: fx.GraphModule | None = None
+    compiled_probe: Any = None
 
     def probe(self) -> fx.GraphModule | None:
         """Graph computing the block's modulated input only (TeaCache's signal); None if none."""
@@ -65,10 +66,13 @@ class SharedCapture:
             raise CaptureError(f"no block output has the stream's shape {tuple(shape)}")
         return placeholders.index(source), index
 
-    def variant(self, states: tuple[RegionState, ...]) -> fx.GraphModule:
+    def variant(self, states: tuple[RegionState, ...], compiled: Any = None) -> Any:
+        """The graph for one combination of region states (``compiled``: wraps new graphs)."""
         graph = self.variants.get(states)
         if graph is None:
             graph = build_variant(self.captured.graph_module, self.analysis.regions, states)
+            if compiled is not None:
+                graph = compiled(graph)
             self.variants[states] = graph
         return graph
 
@@ -185,7 +189,7 @@ class CachedBlock(nn.Module):
             self._signal_before(spec, inputs, signal)
         cache = runtime.block_cache(self.path, signature)
         states = runtime.region_states(spec.branches, cache)
-        graph = spec.shared.variant(states)
+        graph = spec.shared.variant(states, runtime.compiled)
         for info, state in zip(spec.branches, states):
             if state == RegionState.REUSE:
                 inputs.extend(cache.values[info.id])
@@ -204,10 +208,13 @@ class CachedBlock(nn.Module):
             return
         runtime = self.runtime
         if signal.kind == "modulated_input":
-            probe = spec.shared.probe()
-            if probe is None:
-                runtime.missing_signal(self.path)
-            runtime.decide(probe(*inputs)[0])
+            shared = spec.shared
+            if shared.compiled_probe is None:
+                probe = shared.probe()
+                if probe is None:
+                    runtime.missing_signal(self.path)
+                shared.compiled_probe = runtime.compiled(probe)
+            runtime.decide(shared.compiled_probe(*inputs)[0])
         elif signal.kind == "first_blocks_residual":
             in_index, _ = spec.shared.main_stream()
             runtime.stream_start = inputs[in_index]

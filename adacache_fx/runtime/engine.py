@@ -125,6 +125,13 @@ class CacheRuntime:
         self.blocks: list[nn.Module] = []  # the CachedBlock wrappers, set by transform()
         self.left_alone: list[tuple[str, str]] = []
         self.hooks: list[Any] = []
+        self.compile_options: dict | None = None  # set by ax.compile: variants are torch.compile'd
+
+    def compiled(self, graph: Any) -> Any:
+        """``graph`` compiled with the options of :func:`adacache_fx.compile`, or as is."""
+        if self.compile_options is None:
+            return graph
+        return torch.compile(graph, **self.compile_options)
 
     # -- model call boundaries -------------------------------------------------------------
     def on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
