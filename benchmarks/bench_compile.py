@@ -1,0 +1,129 @@
+"""Compiled cached vs compiled uncached vs eager, mid-size Latte on this CPU.
+
+Three models from one config and weights, run as interleaved 10-step loops (fastest of ``--loops``
+at each step position):
+
+* eager, ``NoCache``;
+* ``ax.compile`` (Inductor, every plan variant ``fullgraph=True``), ``NoCache``;
+* ``ax.compile``, ``Static(2)``.
+
+Ideal speed-up of the compiled cached loop over the compiled uncached one: each reuse step takes the
+uncached step's time scaled by the FLOPs that still run (``FlopCounterMode`` on one uncached call and
+the report's FLOPs of the reused branches). Compiled time tracks FLOPs closely at this size, so this is
+the bar the target (measured / ideal >= 0.95) sets.
+
+    python benchmarks/bench_compile.py [--steps 10] [--loops 2] [--small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch._dynamo.utils import counters
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+import adacache_fx as ax
+from adacache_fx.zoo import latte
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run_loop(model, inputs, timesteps, num_steps: int | None) -> list[float]:
+    seconds = []
+    with torch.no_grad():
+        context = ax.generation(model, num_steps=num_steps) if ax.is_transformed(model) else None
+        if context is not None:
+            context.__enter__()
+        try:
+            for t in timesteps:
+                kwargs = inputs(timestep=t)
+                start = time.perf_counter()
+                model(**kwargs)
+                seconds.append(time.perf_counter() - start)
+        finally:
+            if context is not None:
+                context.__exit__(None, None, None)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--loops", type=int, default=2)
+    parser.add_argument("--small", action="store_true")
+    args = parser.parse_args()
+    config = dict(num_layers=2, heads=4, head_dim=32, frames=4, sample_size=16) if args.small else {}
+    eager, inputs = latte(**config)
+    compiled_nocache, _ = latte(**config)
+    compiled_static, _ = latte(**config)
+    for m in (compiled_nocache, compiled_static):
+        m.load_state_dict(eager.state_dict())
+    ax.transform(eager, ax.NoCache())
+    ax.compile(ax.transform(compiled_nocache, ax.NoCache()))
+    ax.compile(ax.transform(compiled_static, ax.Static(interval=2, warmup=1, cooldown=1)))
+    timesteps = [999.0 - i * (999.0 / args.steps) for i in range(args.steps)]
+    models = {"eager": eager, "compiled_nocache": compiled_nocache, "compiled_static2": compiled_static}
+
+    counters.clear()
+    start = time.perf_counter()
+    for model in models.values():  # capture + compile every variant the loop uses
+        run_loop(model, inputs, timesteps, args.steps)
+    warmup_seconds = time.perf_counter() - start
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.config.error_on_recompile = True
+
+    loops: dict[str, list[list[float]]] = {name: [] for name in models}
+    for _ in tqdm(range(args.loops), desc="interleaved loops"):
+        for name, model in models.items():
+            ax.reset(model)
+            loops[name].append(run_loop(model, inputs, timesteps, args.steps))
+    steps = {name: [min(ts) for ts in zip(*runs)] for name, runs in loops.items()}
+
+    kwargs = inputs(timestep=500.0)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        eager(**kwargs)  # same weights and operations; FlopCounterMode does not run under compile
+    call_flops = counter.get_total_flops()
+    report = ax.report(compiled_static)
+    last = [s for s in report.steps if s.generation == report.steps[-1].generation]
+    ideal_loop = sum(
+        t * (1 - (s.flops_total - s.flops_computed) / call_flops)
+        for t, s in zip(steps["compiled_nocache"], last)
+    )
+    total = {name: sum(ts) for name, ts in steps.items()}
+    measured = total["compiled_nocache"] / total["compiled_static2"]
+    ideal = total["compiled_nocache"] / ideal_loop
+    result = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "command": "python benchmarks/bench_compile.py " + " ".join(sys.argv[1:]),
+        "model": f"LatteTransformer3DModel {config or '8 spatial + 8 temporal blocks, hidden 384, 4096 tokens'}",
+        "backend": "inductor, fullgraph=True per plan variant (ax.compile)",
+        "warmup_seconds_all_three_models": round(warmup_seconds, 1),
+        "compiled_graphs": graphs,
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "recompiles_after_warmup": 0,  # error_on_recompile was on for every timed loop
+        "loop_s": {name: round(v, 3) for name, v in total.items()},
+        "step_s": {name: [round(t, 3) for t in ts] for name, ts in steps.items()},
+        "compiled_over_eager_uncached": round(total["eager"] / total["compiled_nocache"], 3),
+        "static2_compute_fraction": report.compute_fraction,
+        "static2_speedup_measured": round(measured, 3),
+        "static2_speedup_ideal_flops": round(ideal, 3),
+        "static2_measured_over_ideal": round(measured / ideal, 3),
+        "speedup_compiled_static2_over_eager_uncached": round(total["eager"] / total["compiled_static2"], 3),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    name = "compile_cpu_small.json" if args.small else "compile_cpu.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "step_s"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
