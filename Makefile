@@ -13,7 +13,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install torch==2.13.0
-	$(BIN)/python -m pip install -e ".[demo,test]"
+	$(BIN)/python -m pip install -e ".[demo,test,export]"
 	touch $(STAMP)
 
 demo: $(STAMP)

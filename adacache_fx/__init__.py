@@ -22,6 +22,7 @@ from .policies.pab import PAB
 from .policies.static import NoCache, Static
 from .policies.teacache import TeaCache
 from .calibrate import Calibration, calibrate
+from . import export
 from .runtime.report import Report
 
 __version__ = "0.1.0"
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "transform", "compile", "restore", "report", "reset", "generation", "get_runtime", "is_transformed",
     "Policy", "Plan", "StepContext", "BranchInfo", "KINDS", "NoCache", "Static", "Report",
-    "AdaCache", "MoReg", "PAB", "TeaCache", "FirstBlockCache", "calibrate", "Calibration",
+    "AdaCache", "MoReg", "PAB", "TeaCache", "FirstBlockCache", "calibrate", "Calibration", "export",
     "AdaCacheError", "AlreadyTransformedError", "CaptureError", "NoBlocksFoundError",
     "NotTransformedError", "PolicyError",
 ]

@@ -184,6 +184,8 @@ class CachedBlock(nn.Module):
 
         runtime = self.runtime
         inputs = spec.bound(leaves)
+        if runtime.fixed is not None:
+            return self._run_fixed(spec, inputs)
         signal = runtime.signal
         if signal is not None:
             self._signal_before(spec, inputs, signal)
@@ -200,6 +202,22 @@ class CachedBlock(nn.Module):
             if runtime.stream_start is not None:
                 _, out_index = spec.shared.main_stream()
                 runtime.decide(outputs[out_index] - runtime.stream_start)
+        return pytree.tree_unflatten(list(outputs[:num_user]), spec.shared.captured.out_spec)
+
+    def _run_fixed(self, spec: Specialisation, inputs: list[Any]) -> Any:
+        """Export mode: the plan and the caches come from ``runtime.fixed``; stored values go back there."""
+        fixed = self.runtime.fixed
+        states = self.runtime.fixed_states(spec.branches)
+        for info, state in zip(spec.branches, states):
+            if state == RegionState.REUSE:
+                inputs.extend(fixed.cache_in[info.id])
+        outputs = spec.shared.variant(states)(*inputs)
+        num_user = spec.shared.captured.num_user_outputs
+        offset = num_user
+        for info, state in zip(spec.branches, states):
+            if state == RegionState.STORE:
+                fixed.cache_out[info.id] = tuple(outputs[offset:offset + info.num_residuals])
+                offset += info.num_residuals
         return pytree.tree_unflatten(list(outputs[:num_user]), spec.shared.captured.out_spec)
 
     def _signal_before(self, spec: Specialisation, inputs: list[Any], signal: Any) -> None:

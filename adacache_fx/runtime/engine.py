@@ -42,6 +42,15 @@ class StepRecord:
 
 
 @dataclass
+class FixedPlan:
+    """Export mode: one plan for the whole call, caches passed in and out explicitly, no step logic."""
+
+    reuse: frozenset[str]
+    cache_in: dict[str, tuple[torch.Tensor, ...]]
+    cache_out: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+
+
+@dataclass
 class BlockCache:
     signature: Any
     values: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
@@ -126,6 +135,7 @@ class CacheRuntime:
         self.left_alone: list[tuple[str, str]] = []
         self.hooks: list[Any] = []
         self.compile_options: dict | None = None  # set by ax.compile: variants are torch.compile'd
+        self.fixed: FixedPlan | None = None  # set while exporting one plan variant
 
     def compiled(self, graph: Any) -> Any:
         """``graph`` compiled with the options of :func:`adacache_fx.compile`, or as is."""
@@ -135,6 +145,8 @@ class CacheRuntime:
 
     # -- model call boundaries -------------------------------------------------------------
     def on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.fixed is not None:
+            return
         timestep = self.read_timestep(args, kwargs) if self.read_timestep else None
         event = self.tracker.on_call(timestep)
         if event.new_generation:
@@ -159,6 +171,8 @@ class CacheRuntime:
         self.records[-1].calls += 1
 
     def after_model_call(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.fixed is not None:
+            return
         if not self._policy_ready and self.branches:
             self._policy_ready = True
             self.policy.setup(tuple(self.branches.values()))
@@ -241,6 +255,15 @@ class CacheRuntime:
             cache = BlockCache(signature)
             self.caches[key] = cache
         return cache
+
+    def fixed_states(self, infos: list[BranchInfo]) -> tuple[RegionState, ...]:
+        """Region states under a :class:`FixedPlan` (export): reuse what it names, store the rest."""
+        return tuple(
+            RegionState.REUSE if info.id in self.fixed.reuse
+            else RegionState.STORE if self.policy.caches(info) or self.policy.watches(info)
+            else RegionState.COMPUTE
+            for info in infos
+        )
 
     def region_states(self, infos: list[BranchInfo], cache: BlockCache) -> tuple[RegionState, ...]:
         reuse = self.plan.reuse

@@ -1,0 +1,254 @@
+"""ONNX export, one graph per plan variant, and a runner that replays a policy on ONNX Runtime.
+
+A plan variant fixes which branches reuse their cache for a whole model call. Its ONNX graph takes the
+model's tensor inputs plus the cached residuals of the reused branches (``cache_in.<branch>.<i>``) and
+returns the model output plus the residuals it stored (``cache_out.<branch>.<i>``): the cache state is
+explicit, so any engine builder (ONNX Runtime, TensorRT) can run it. :class:`Runner` plays a whole
+denoising loop: at each step the policy plans on the host, the runner picks the matching graph and
+feeds it the caches, and watched residuals go back to the policy, as the eager runtime does.
+
+Schedule-driven policies only: policies that decide inside a step (TeaCache, First-Block-Cache) need
+the decision inside the graph (ONNX ``If``), which is not exported yet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from ..api import get_runtime, reset
+from ..errors import AdaCacheError, PolicyError
+from ..policies.base import BranchInfo, Plan, Policy, StepContext
+from ..runtime.engine import FixedPlan
+
+logger = logging.getLogger("adacache_fx")
+
+
+@dataclass
+class ExportedVariant:
+    """One plan variant's ONNX file and its input/output layout."""
+
+    reuse: tuple[str, ...]  # ids of the branches this graph reuses (sorted)
+    path: str
+    input_names: list[str]
+    output_names: list[str]
+    cache_in: list[tuple[str, int]]  # (branch id, residual index) per cache input, in order
+    cache_out: list[tuple[str, int]]
+
+
+@dataclass
+class ExportedModel:
+    """Every exported variant of one model at one input shape, plus what a runner needs."""
+
+    directory: str
+    input_names: list[str]  # the model's tensor inputs, flattened from the example kwargs
+    branches: list[BranchInfo]
+    variants: list[ExportedVariant] = field(default_factory=list)
+    frames: int | None = None
+
+    def variant(self, reuse: Iterable[str]) -> ExportedVariant:
+        key = tuple(sorted(reuse))
+        for variant in self.variants:
+            if variant.reuse == key:
+                return variant
+        raise AdaCacheError(
+            f"no exported graph reuses exactly {len(key)} branch(es) {list(key)[:4]}...; export it: "
+            "adacache_fx.export.onnx(..., reuse_sets=[...]) with this set"
+        )
+
+    def save_manifest(self) -> Path:
+        path = Path(self.directory) / "manifest.json"
+        data = asdict(self)
+        for branch in data["branches"]:
+            branch["tags"] = sorted(branch["tags"])
+        path.write_text(json.dumps(data, indent=2))
+        return path
+
+
+def _tensor_inputs(kwargs: dict) -> tuple[list[str], list[torch.Tensor], Any]:
+    """Names and values of the tensor leaves of ``kwargs``; the rest stays constant in the graph."""
+    with_paths, spec = pytree.tree_flatten_with_path(kwargs)
+    names, tensors = [], []
+    for path, leaf in with_paths:
+        if isinstance(leaf, torch.Tensor):
+            names.append("".join(str(k) for k in path).strip("[]'.").replace("']['", ".").replace("'][", ".").replace("][", "."))
+            tensors.append(leaf)
+    return names, tensors, (with_paths, spec)
+
+
+class _PlanModule(nn.Module):
+    """``model`` under one fixed plan, as a function of tensors only (what ONNX export traces)."""
+
+    def __init__(self, model: nn.Module, kwargs: dict, reuse: frozenset[str],
+                 cache_in: list[tuple[str, int]], cache_out: list[tuple[str, int]] | None) -> None:
+        super().__init__()
+        self.model = model
+        self.reuse = reuse
+        self.cache_in = cache_in
+        self.cache_out = cache_out
+        self._leaves, self._spec = pytree.tree_flatten(kwargs)
+        self._is_tensor = [isinstance(leaf, torch.Tensor) for leaf in self._leaves]
+        self.stored: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        count = sum(self._is_tensor)
+        given = iter(tensors[:count])
+        leaves = [next(given) if is_tensor else leaf for leaf, is_tensor in zip(self._leaves, self._is_tensor)]
+        kwargs = pytree.tree_unflatten(leaves, self._spec)
+        caches: dict[str, list[torch.Tensor]] = {}
+        for (branch, _index), value in zip(self.cache_in, tensors[count:]):
+            caches.setdefault(branch, []).append(value)
+        runtime = get_runtime(self.model)
+        runtime.fixed = FixedPlan(self.reuse, {b: tuple(v) for b, v in caches.items()})
+        try:
+            output = self.model(**kwargs)
+            stored = runtime.fixed.cache_out
+        finally:
+            runtime.fixed = None
+        self.stored = stored
+        first = next(t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor))
+        layout = self.cache_out if self.cache_out is not None else [
+            (branch, i) for branch in sorted(stored) for i in range(len(stored[branch]))
+        ]
+        return (first, *[stored[branch][i] for branch, i in layout])
+
+
+def onnx(
+    model: nn.Module,
+    example_kwargs: dict,
+    directory: str | Path,
+    *,
+    reuse_sets: Sequence[Iterable[str]] | None = None,
+    opset_version: int = 18,
+) -> ExportedModel:
+    """Export one ONNX graph per plan variant of a transformed ``model`` at the example's shapes.
+
+    Args:
+        model: transformed with a schedule-driven policy (``Static``, ``AdaCache``, ``PAB``...).
+        example_kwargs: one model call's keyword arguments (the shapes the graphs are built for).
+        directory: where the ``.onnx`` files and ``manifest.json`` go.
+        reuse_sets: the sets of branch ids to export a graph for. Default: none reused (every step
+            that computes) and every cached branch reused (every step that reuses), which covers
+            ``Static`` and ``AdaCache``; pass more for per-kind plans (``PAB``).
+    """
+    runtime = get_runtime(model)
+    policy = runtime.policy
+    if policy.decides_in_step:
+        raise PolicyError(
+            f"{type(policy).__name__} decides inside each step; one-graph-per-variant export needs a "
+            "schedule-driven policy (Static, AdaCache, PAB)"
+        )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        model(**example_kwargs)  # capture the blocks at these shapes
+    reset(model)
+    branches = list(runtime.branches.values())
+    names, tensors, _ = _tensor_inputs(example_kwargs)
+
+    # A compute-everything call gives the layout and shapes of every stored residual.
+    probe = _PlanModule(model, example_kwargs, frozenset(), [], None)
+    with torch.no_grad():
+        probe(*tensors)
+    stored = probe.stored
+    if reuse_sets is None:
+        reuse_sets = [(), sorted(stored)]
+    frames = runtime.read_frames((), example_kwargs)
+
+    exported = ExportedModel(str(directory), names, branches, frames=frames)
+    for index, reuse in enumerate(reuse_sets):
+        reuse = frozenset(reuse)
+        unknown = reuse - set(stored)
+        if unknown:
+            raise PolicyError(f"cannot reuse {sorted(unknown)[:3]}: the policy does not cache them")
+        cache_in = [(b, i) for b in sorted(reuse) for i in range(len(stored[b]))]
+        dry = _PlanModule(model, example_kwargs, reuse, cache_in, None)
+        cache_values = [stored[b][i] for b, i in cache_in]
+        with torch.no_grad():
+            dry(*tensors, *cache_values)
+        cache_out = [(b, i) for b in sorted(dry.stored) for i in range(len(dry.stored[b]))]
+        module = _PlanModule(model, example_kwargs, reuse, cache_in, cache_out)
+        input_names = names + [f"cache_in.{b}.{i}" for b, i in cache_in]
+        output_names = ["output"] + [f"cache_out.{b}.{i}" for b, i in cache_out]
+        path = directory / f"variant_{index}.onnx"
+        with torch.no_grad():
+            torch.onnx.export(
+                module, tuple(tensors) + tuple(cache_values), str(path), dynamo=True,
+                input_names=input_names, output_names=output_names, opset_version=opset_version,
+                external_data=False, optimize=True,
+            )
+        exported.variants.append(
+            ExportedVariant(tuple(sorted(reuse)), str(path), input_names, output_names, cache_in, cache_out)
+        )
+        logger.info("adacache_fx: exported %s (reuses %d branches)", path, len(reuse))
+    exported.save_manifest()
+    return exported
+
+
+class Runner:
+    """Runs a denoising loop on ONNX Runtime with the policy deciding on the host, step by step.
+
+    ``runner.start(num_steps)`` begins a generation; each ``runner(**kwargs)`` is one model call (one
+    step, cond and uncond batched). Reuse of a branch with no cache yet computes instead, as in eager.
+    """
+
+    def __init__(self, exported: ExportedModel, policy: Policy, providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+        import onnxruntime as ort
+
+        self.exported = exported
+        self.policy = policy
+        self.branches = tuple(exported.branches)
+        self.sessions = {v.reuse: ort.InferenceSession(v.path, providers=list(providers)) for v in exported.variants}
+        self.policy.setup(self.branches)
+        self.plans: list[tuple[str, ...]] = []  # the reuse set actually run at each step
+        self.caches: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.step = -1
+        self.generation = -1
+        self.num_steps: int | None = None
+
+    def start(self, num_steps: int | None = None) -> None:
+        self.policy.reset()
+        self.caches = {}
+        self.plans = []
+        self.step = -1
+        self.generation += 1
+        self.num_steps = num_steps
+
+    def __call__(self, **kwargs: Any) -> torch.Tensor:
+        if self.generation < 0:
+            self.start()
+        self.step += 1
+        timestep = kwargs.get("timestep")
+        ctx = StepContext(
+            step=self.step, num_steps=self.num_steps,
+            timestep=float(torch.as_tensor(timestep).reshape(-1)[0]) if timestep is not None else None,
+            generation=self.generation, branches=self.branches, frames=self.exported.frames,
+        )
+        plan: Plan = self.policy.plan(ctx)
+        reuse = tuple(sorted(b for b in plan.reuse if b in self.caches))
+        variant = self.exported.variant(reuse)
+        _, tensors, _ = _tensor_inputs(kwargs)
+        feeds = {name: t.detach().cpu().numpy() for name, t in zip(self.exported.input_names, tensors)}
+        for (branch, i), name in zip(variant.cache_in, variant.input_names[len(tensors):]):
+            feeds[name] = self.caches[branch][i].numpy()
+        results = self.sessions[variant.reuse].run(variant.output_names, feeds)
+        stored: dict[str, list[torch.Tensor]] = {}
+        for (branch, _), value in zip(variant.cache_out, results[1:]):
+            stored.setdefault(branch, []).append(torch.from_numpy(np.asarray(value)))
+        info = {b.id: b for b in self.branches}
+        for branch, values in stored.items():
+            new = tuple(values)
+            if self.policy.watches(info[branch]):
+                self.policy.observe(ctx, info[branch], new, self.caches.get(branch))
+            if self.policy.caches(info[branch]):
+                self.caches[branch] = new
+        self.plans.append(reuse)
+        return torch.from_numpy(np.asarray(results[0]))
