@@ -48,6 +48,24 @@ def parse_policy(text: str, num_steps: int = 20) -> Policy:
     raise SystemExit(f"unknown policy {text!r}: use {POLICY_HELP}")
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import export
+    from .zoo import ZOO
+
+    if args.model not in ZOO:
+        print(f"unknown model {args.model!r}; choose from: {', '.join(sorted(ZOO))}", file=sys.stderr)
+        return 2
+    entry = ZOO[args.model]
+    policy = parse_policy(args.policy, args.steps)
+    model = api.transform(entry.build(), policy)
+    exported = export.onnx(model, entry.inputs(timestep=500.0), args.out)
+    for variant in exported.variants:
+        print(f"{variant.path}: reuses {len(variant.reuse)} of {len(exported.branches)} branches, "
+              f"{len(variant.cache_in)} cache inputs, {len(variant.cache_out)} cache outputs")
+    print(f"wrote {Path(args.out) / 'manifest.json'}")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate
     from .sampling import sample
@@ -202,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", help="a model of the built-in zoo (dit, pixart, latte, flux, wan, ...)")
     p.add_argument("--policy", default="nocache", help=POLICY_HELP)
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("export", help="ONNX graphs per plan variant (explicit caches) for deployment")
+    p.add_argument("model", help="a model of the built-in zoo")
+    p.add_argument("--policy", default="static:2", help="a schedule-driven policy: static[:N] | adacache | pab")
+    p.add_argument("--steps", type=int, default=20, help="step count the policy is built for")
+    p.add_argument("--out", default="outputs/onnx")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("calibrate", help="fit a policy's threshold to a target compute fraction")
     p.add_argument("model", nargs="?", default="latte", help="latte (the built-in sampler's model)")
     p.add_argument("--policy", default="teacache", help="adacache[:fast|slow] | teacache | fbcache")

@@ -38,3 +38,12 @@ def test_calibrate_command_writes_its_record(tmp_path, capsys):
     assert record["target"] == 0.5 and len(record["held_out"]) == 1
     assert 0.0 < record["held_out"][0] <= 1.0
     assert "calibrated TeaCache" in capsys.readouterr().out
+
+
+def test_export_command_writes_variants_and_manifest(tmp_path, capsys):
+    pytest.importorskip("onnxscript", reason="torch.onnx's exporter needs onnxscript (the export extra)")
+    assert main(["export", "dit", "--policy", "static:2", "--out", str(tmp_path)]) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert len(manifest["variants"]) == 2
+    assert (tmp_path / "variant_1.onnx").stat().st_size > 0
+    assert "reuses" in capsys.readouterr().out
