@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -79,7 +80,8 @@ def _tensor_inputs(kwargs: dict) -> tuple[list[str], list[torch.Tensor], Any]:
     names, tensors = [], []
     for path, leaf in with_paths:
         if isinstance(leaf, torch.Tensor):
-            names.append("".join(str(k) for k in path).strip("[]'.").replace("']['", ".").replace("'][", ".").replace("][", "."))
+            # ['image_rotary_emb'][0] -> image_rotary_emb.0
+            names.append(re.sub(r"[\[\]'\"]+", ".", pytree.keystr(path)).strip("."))
             tensors.append(leaf)
     return names, tensors, (with_paths, spec)
 
