@@ -157,12 +157,35 @@ class ClipSpec:
     def extras(self) -> tuple[ShapeSpec, ...]:
         return self.shapes[1:]
 
-    shape = property(lambda self: self.main.shape, doc="main shape's class")
-    colour = property(lambda self: self.main.colour, doc="main shape's colour")
-    size = property(lambda self: self.main.size, doc="main shape's size class")
-    speed = property(lambda self: self.main.speed, doc="main shape's speed class")
-    direction = property(lambda self: self.main.direction, doc="main shape's initial direction")
-    modifiers = property(lambda self: self.main.modifiers, doc="main shape's motion modifiers")
+    @property
+    def shape(self) -> str:
+        """Main shape's class."""
+        return self.main.shape
+
+    @property
+    def colour(self) -> str:
+        """Main shape's colour."""
+        return self.main.colour
+
+    @property
+    def size(self) -> str:
+        """Main shape's size class."""
+        return self.main.size
+
+    @property
+    def speed(self) -> str:
+        """Main shape's speed class."""
+        return self.main.speed
+
+    @property
+    def direction(self) -> str:
+        """Main shape's initial direction (``none`` when static)."""
+        return self.main.direction
+
+    @property
+    def modifiers(self) -> tuple[str, ...]:
+        """Main shape's motion modifiers."""
+        return self.main.modifiers
 
     @property
     def caption(self) -> str:

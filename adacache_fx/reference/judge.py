@@ -133,17 +133,19 @@ class Judge(nn.Module):
         return {name: float((pred[name] == true[name]).float().mean()) for name in pred}
 
 
-def train_judge(num_clips: int = 6000, epochs: int = 4, seed: int = 0, progress: bool = True,
+def train_judge(num_clips: int = 5000, epochs: int = 4, seed: int = 0, progress: bool = True,
                 batch_size: int = 64, lr: float = 3e-3, config: JudgeConfig = JudgeConfig(),
                 data: tuple[torch.Tensor, Sequence[ClipSpec]] | None = None,
                 val: tuple[torch.Tensor, Sequence[ClipSpec]] | None = None) -> Judge:
     """Train a judge on ``make_dataset(num_clips, seed)`` (or on ``data``), deterministically.
 
-    Why these choices: AdamW with a one-cycle schedule and the summed cross-entropy of all heads reach
-    >= 95 % on shape, colour and direction within a couple of CPU minutes.  ``val`` (clips, specs),
-    if given, is scored after every epoch and shown on the progress bar.  The returned judge is in
-    eval mode and carries ``train_seconds`` (data generation included).  Evaluate on clips from a
-    different seed than the training one.
+    Why these choices: AdamW with a one-cycle schedule on the summed cross-entropy of all heads is the
+    cheapest recipe that got close to the target on 2 CPU cores.  Measured with the defaults (313 steps,
+    150 s on 2 shared, contended cores, data generation and a 500-clip ``val`` per epoch included), on
+    2000 held-out clips: shape 0.940, colour 0.997, direction 0.990, speed 0.987; shape was still
+    improving, so more epochs should help.
+    ``val`` (clips, specs), if given, is scored after every epoch and shown on the progress bar.  The
+    returned judge is in eval mode and carries ``train_seconds``.  Evaluate it on another seed.
     """
     start = time.perf_counter()
     torch.manual_seed(seed)  # weight init; the data order uses its own generator below
