@@ -17,9 +17,11 @@ from .errors import (
 )
 from .policies.base import KINDS, BranchInfo, Plan, Policy, StepContext
 from .policies.adacache import AdaCache, MoReg
+from .policies.fastercache import FasterCache
 from .policies.first_block import FirstBlockCache
 from .policies.pab import PAB
 from .policies.static import NoCache, Static
+from .policies.taylorseer import TaylorSeer
 from .policies.teacache import TeaCache
 from .calibrate import Calibration, calibrate
 from . import export
@@ -30,7 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "transform", "compile", "restore", "report", "reset", "generation", "get_runtime", "is_transformed",
     "Policy", "Plan", "StepContext", "BranchInfo", "KINDS", "NoCache", "Static", "Report",
-    "AdaCache", "MoReg", "PAB", "TeaCache", "FirstBlockCache", "calibrate", "Calibration", "export",
+    "AdaCache", "MoReg", "PAB", "TeaCache", "FirstBlockCache", "TaylorSeer", "FasterCache", "calibrate", "Calibration", "export",
     "AdaCacheError", "AlreadyTransformedError", "CaptureError", "NoBlocksFoundError",
     "NotTransformedError", "PolicyError",
 ]

@@ -303,6 +303,8 @@ PIPELINE_POLICIES = {
     "pab": lambda: ax.PAB(spatial=2, temporal=2, cross=2, window_steps=(1, STEPS)),
     "teacache": lambda: ax.TeaCache(delta=1e9),
     "first_block_cache": lambda: ax.FirstBlockCache(threshold=1e9),
+    "taylorseer": lambda: ax.TaylorSeer(ax.Static(interval=3), order=2),
+    "fastercache": lambda: ax.FasterCache(interval=2, start=0.2),
 }
 
 

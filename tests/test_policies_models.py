@@ -21,6 +21,9 @@ POLICIES = {
     "teacache": lambda: ax.TeaCache(delta=1e9),
     "first_block_cache": lambda: ax.FirstBlockCache(threshold=1e9),
     "dbcache": lambda: ax.FirstBlockCache(threshold=1e9, blocks=1, tail_blocks=1),
+    "taylorseer": lambda: ax.TaylorSeer(ax.Static(interval=3), order=2),
+    "taylorseer_fbcache": lambda: ax.TaylorSeer(ax.FirstBlockCache(threshold=1e9), order=1),
+    "fastercache": lambda: ax.FasterCache(interval=2, start=0.2),
 }
 
 

@@ -132,6 +132,21 @@ class Policy:
     ) -> None:
         """A watched branch computed: ``new`` residuals, and the ones it replaces (None at first)."""
 
+    def history(self, branch: BranchInfo) -> int:
+        """How many computed residuals of ``branch`` :meth:`forecast` needs (1: the last only)."""
+        return 1
+
+    def forecast(
+        self,
+        ctx: StepContext,
+        branch: BranchInfo,
+        history: list[tuple[int, tuple[torch.Tensor, ...]]],
+    ) -> tuple[torch.Tensor, ...] | None:
+        """The residuals a reused branch adds this step, from its computed ``(step, residuals)``
+        history (oldest first). None: add the last computed residuals as they are (plain reuse).
+        Forecasting policies (TaylorSeer, FasterCache) extrapolate instead."""
+        return None
+
     def in_step_signal(self) -> InStepSignal | None:
         """The signal :meth:`decide` needs, for policies that decide inside a step."""
         return None

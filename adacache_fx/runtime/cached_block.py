@@ -194,7 +194,7 @@ class CachedBlock(nn.Module):
         graph = spec.shared.variant(states, runtime.compiled)
         for info, state in zip(spec.branches, states):
             if state == RegionState.REUSE:
-                inputs.extend(cache.values[info.id])
+                inputs.extend(runtime.reuse_values(info, cache))
         outputs = graph(*inputs)
         num_user = spec.shared.captured.num_user_outputs
         runtime.after_block(spec.branches, states, cache, list(outputs[num_user:]))

@@ -54,6 +54,8 @@ class FixedPlan:
 class BlockCache:
     signature: Any
     values: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    # Earlier computed residuals, for policies that forecast from more than the last one.
+    history: dict[str, list[tuple[int, tuple[torch.Tensor, ...]]]] = field(default_factory=dict)
 
 
 def _timestep_reader(model: nn.Module):
@@ -305,6 +307,20 @@ class CacheRuntime:
                     self.policy.observe(self.context, info, new, previous)
                 if self.policy.caches(info):
                     cache.values[info.id] = new
+                    keep = self.policy.history(info)
+                    if keep > 1:
+                        past = cache.history.setdefault(info.id, [])
+                        past.append((self.tracker.step, new))
+                        del past[:-keep]
+
+    def reuse_values(self, info: BranchInfo, cache: BlockCache) -> tuple[torch.Tensor, ...]:
+        """What a reused branch adds: the policy's forecast, or the last computed residuals."""
+        if self.context is not None:
+            history = cache.history.get(info.id) or [(-1, cache.values[info.id])]
+            forecast = self.policy.forecast(self.context, info, history)
+            if forecast is not None:
+                return forecast
+        return cache.values[info.id]
 
     # -- inspection ----------------------------------------------------------------------------
     def cached_residuals(self, slot: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:

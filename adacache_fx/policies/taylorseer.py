@@ -1,0 +1,93 @@
+"""TaylorSeer: reuse steps add a *forecast* residual instead of the last computed one.
+
+It keeps another policy's schedule (which steps compute) and changes what a reused branch adds: the
+Taylor series whose derivatives are finite differences of the last ``order + 1`` computed residuals.
+With computed steps at any spacing this is Newton's divided-difference polynomial through them,
+evaluated at the current step: exact when the residual is a polynomial of degree <= ``order`` in the
+step index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from .base import BranchInfo, InStepSignal, Plan, Policy, StepContext
+from .static import Static
+
+
+def newton_extrapolate(
+    history: list[tuple[int, tuple[torch.Tensor, ...]]], step: int, order: int
+) -> tuple[torch.Tensor, ...]:
+    """Value at ``step`` of the polynomial of degree ``<= order`` through the last ``order + 1``
+    ``(step, values)`` points (fewer points: lower degree; one point: that value)."""
+    points = history[-(order + 1):]
+    xs = [float(x) for x, _ in points]
+    out = []
+    for index in range(len(points[-1][1])):
+        # Divided-difference table, computed in float32 for accuracy, returned in the value's dtype.
+        column = [values[index].float() for _, values in points]
+        coefficients = [column[0]]
+        for level in range(1, len(points)):
+            column = [
+                (column[i + 1] - column[i]) / (xs[i + level] - xs[i]) for i in range(len(column) - 1)
+            ]
+            coefficients.append(column[0])
+        result = coefficients[-1]
+        for level in range(len(coefficients) - 2, -1, -1):
+            result = result * (step - xs[level]) + coefficients[level]
+        out.append(result.to(points[-1][1][index].dtype))
+    return tuple(out)
+
+
+@dataclass
+class TaylorSeer(Policy):
+    """Forecast reused residuals with an order-``order`` Taylor series, on ``base``'s schedule.
+
+    ``base`` decides which steps (and branches) compute: ``Static(interval=3)`` by default, or any
+    policy, ``FirstBlockCache`` included (cache-dit pairs TaylorSeer with DBCache).
+    """
+
+    base: Policy = field(default_factory=lambda: Static(interval=3))
+    order: int = 2
+
+    def __post_init__(self) -> None:
+        if self.order not in (1, 2):
+            raise ValueError(f"TaylorSeer(order={self.order!r}): order must be 1 or 2")
+        if not isinstance(self.base, Policy):
+            raise TypeError(f"TaylorSeer(base=...) must be a policy, got {self.base!r}")
+        self.decides_in_step = self.base.decides_in_step
+
+    # The schedule is the base policy's.
+    def caches(self, branch: BranchInfo) -> bool:
+        return self.base.caches(branch)
+
+    def watches(self, branch: BranchInfo) -> bool:
+        return self.base.watches(branch)
+
+    def setup(self, branches: tuple[BranchInfo, ...]) -> None:
+        self.base.setup(branches)
+
+    def reset(self) -> None:
+        self.base.reset()
+
+    def plan(self, ctx: StepContext) -> Plan:
+        return self.base.plan(ctx)
+
+    def observe(self, ctx, branch, new, previous) -> None:
+        self.base.observe(ctx, branch, new, previous)
+
+    def in_step_signal(self) -> InStepSignal | None:
+        return self.base.in_step_signal()
+
+    def decide(self, ctx: StepContext, slot: int, signal: torch.Tensor) -> Plan:
+        return self.base.decide(ctx, slot, signal)
+
+    # What a reused branch adds.
+    def history(self, branch: BranchInfo) -> int:
+        return self.order + 1
+
+    def forecast(self, ctx, branch, history):
+        return newton_extrapolate(history, ctx.step, self.order)
