@@ -1,0 +1,69 @@
+"""Judge the reference model: attribute accuracy of its generated clips (no caching), beside the
+judge's accuracy on held-out real clips.
+
+    python benchmarks/eval_reference.py --weights adacache_fx/reference/weights.safetensors \
+        --judge adacache_fx/reference/judge.safetensors [--clips 64] [--steps 20]
+
+Trains the judge first (and saves it) when ``--judge`` does not exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from adacache_fx.reference.data import encode_captions, make_dataset
+from adacache_fx.reference.judge import load_judge, save_judge, train_judge
+from adacache_fx.reference.model import generate, load
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--weights", default="adacache_fx/reference/weights.safetensors")
+    parser.add_argument("--judge", default="adacache_fx/reference/judge.safetensors")
+    parser.add_argument("--clips", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    judge_path = Path(args.judge)
+    if judge_path.exists():
+        judge = load_judge(judge_path)
+    else:
+        judge = train_judge(num_clips=5000, epochs=4, seed=0)
+        save_judge(judge, judge_path)
+    real, real_specs = make_dataset(1000, seed=7_777_777)
+    transformer, encoder, config = load(args.weights)
+    _, specs = make_dataset(args.clips, seed=4242, frames=config.frames, size=config.size)
+    tokens, mask = encode_captions(specs, max_len=config.max_tokens)
+    start = time.perf_counter()
+    videos = torch.cat([
+        generate(transformer, encoder, config, tokens[i:i + 16], mask[i:i + 16], num_steps=args.steps, seed=i)
+        for i in range(0, args.clips, 16)
+    ])
+    seconds = time.perf_counter() - start
+    record = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "command": "python benchmarks/eval_reference.py " + " ".join(sys.argv[1:]),
+        "weights": args.weights,
+        "generated_clips": args.clips,
+        "ddim_steps": args.steps,
+        "generation_seconds": round(seconds, 1),
+        "judge_accuracy_generated": judge.accuracy(videos, specs),
+        "judge_accuracy_real_held_out": judge.accuracy(real, real_specs),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "reference_eval.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
