@@ -29,7 +29,7 @@ from .errors import PolicyError
 from .policies.adacache import AdaCache
 from .policies.base import BranchInfo, InStepSignal, Plan, Policy, StepContext
 from .policies.first_block import FirstBlockCache
-from .policies.teacache import TeaCache
+from .policies.teacache import TeaCache, relative_l1
 
 logger = logging.getLogger("adacache_fx")
 
@@ -116,10 +116,6 @@ class _Recorder(Policy):
         if slot == 0:
             self.signals.setdefault(ctx.generation, {})[ctx.step] = signal.detach().float().cpu()
         return Plan.compute_all()
-
-
-def _relative_l1(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12))
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
@@ -307,7 +303,7 @@ def _fit_adacache(policy: AdaCache, recorder: _Recorder, branches, target: float
 
 
 def _indicators(signals: Sequence[torch.Tensor]) -> list[float]:
-    return [0.0] + [_relative_l1(signals[i], signals[i - 1]) for i in range(1, len(signals))]
+    return [0.0] + [relative_l1(signals[i], signals[i - 1]) for i in range(1, len(signals))]
 
 
 def _fit_teacache(
@@ -331,7 +327,7 @@ def _fit_teacache(
             outs = _steps(outputs.get(gen, {}))
             for i in range(1, min(len(outs), len(ind))):
                 xs.append(ind[i])
-                ys.append(_relative_l1(outs[i], outs[i - 1]))
+                ys.append(relative_l1(outs[i], outs[i - 1]))
         if len(xs) < 5:
             raise PolicyError(f"calibrate(): {len(xs)} step pairs are too few to fit TeaCache's 4th-order polynomial")
         coefficients = tuple(float(c) for c in np.polyfit(xs, ys, 4))
