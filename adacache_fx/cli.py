@@ -167,48 +167,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .sampling import sample
-    from .zoo import latte
+    from .reference.demo import run_demo
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    print(
-        "adacache_fx demo: a Latte video DiT built from a config (random weights: this shows the "
-        f"mechanism and its speed, not image quality), {args.steps} DDIM steps, batched CFG, CPU.\n"
-    )
-    policies = [("no cache", NoCache()), ("static:2", Static(interval=2)), ("static:3", Static(interval=3))]
-    rows, reference = [], None
-    for label, policy in policies:
-        model, inputs = latte(num_layers=4, heads=4, head_dim=64, frames=8, sample_size=16)
-        api.transform(model, policy)
-        sample(model, inputs, num_steps=2, progress=False)  # capture + warm-up at this shape
-        api.reset(model)
-        result = sample(model, inputs, num_steps=args.steps, desc=label)
-        report = api.report(model)
-        if reference is None:
-            reference = result
-        error = (result.latents - reference.latents).norm() / reference.latents.norm()
-        rows.append({
-            "policy": label,
-            "compute_fraction": round(report.compute_fraction, 3),
-            "seconds": round(result.seconds, 2),
-            "speedup": round(reference.seconds / result.seconds, 2),
-            "rel_error_vs_uncached": float(f"{error:.3g}"),
-        })
-    header = f"{'policy':10s} {'branches computed':>18s} {'wall s':>8s} {'speed-up':>9s} {'rel. err vs uncached':>21s}"
-    print(header)
-    print("-" * len(header))
+    print(f"adacache_fx demo: the bundled reference video DiT (diffusers LatteTransformer3DModel, trained on "
+          f"procedural clips), {args.clips} prompts, {args.steps} DDIM steps with CFG, each clip uncached and "
+          f"with AdaCache (fast preset + MoReg), {torch.get_num_threads()} CPU threads.\n")
+    run_demo(args.out, weights=args.weights, num_steps=args.steps, clips=args.clips)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .reference.bench import run_bench
+
+    record = run_bench(args.out, weights=args.weights, clips=args.clips, num_steps=args.steps,
+                       command="adacache-fx bench " + " ".join(sys.argv[2:]))
+    rows = sorted(record["rows"], key=lambda r: (r["family"], -r["compute_fraction"]))
+    print(f"{'policy':28s} {'computed':>8s} {'speed-up':>8s} {'PSNR':>7s} {'SSIM':>6s} {'judge':>6s}")
     for r in rows:
-        print(f"{r['policy']:10s} {r['compute_fraction']:>18.3f} {r['seconds']:>8.2f} {r['speedup']:>8.2f}x {r['rel_error_vs_uncached']:>21.3g}")
-    record = {
-        "date": date.today().isoformat(),
-        "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__} threads {torch.get_num_threads()}".strip(),
-        "command": "adacache-fx demo",
-        "steps": args.steps,
-        "rows": rows,
-    }
-    (out_dir / "demo.json").write_text(json.dumps(record, indent=2))
-    print(f"\nwrote {out_dir / 'demo.json'}")
+        print(f"{r['label']:28s} {r['compute_fraction']:8.3f} {r['speedup']:7.2f}x {min(r['psnr'], 99.99):7.2f} "
+              f"{r['ssim']:6.3f} {r['attribute_accuracy']:6.3f}")
+    print("\nclaims:", json.dumps(record["claims"], indent=1))
+    print(f"wrote {Path(args.out).with_suffix('.json')} and {Path(args.out).with_suffix('.png')}")
     return 0
 
 
@@ -235,10 +214,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--held-out", type=int, default=2, help="generations on other seeds to check the fit")
     p.add_argument("--out", default="outputs")
     p.set_defaults(func=cmd_calibrate)
-    p = sub.add_parser("demo", help="the main job: cached vs uncached generation on a bundled model")
-    p.add_argument("--steps", type=int, default=20)
+    p = sub.add_parser("demo", help="the main job: cached vs uncached generation on the bundled model")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--clips", type=int, default=4)
+    p.add_argument("--weights", default=None, help="a reference model file (default: the bundled one)")
     p.add_argument("--out", default="outputs")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("bench", help="sweep policies and thresholds on the bundled model: JSON + Pareto plot")
+    p.add_argument("--clips", type=int, default=24)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--weights", default=None, help="a reference model file (default: the bundled one)")
+    p.add_argument("--out", default="benchmarks/results/reference_bench", help="path stem of the JSON and PNG")
+    p.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     return args.func(args)

@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--judge", default="adacache_fx/reference/judge.safetensors")
     parser.add_argument("--clips", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=4.0)
     args = parser.parse_args()
     judge_path = Path(args.judge)
     if judge_path.exists():
@@ -40,12 +41,13 @@ def main() -> None:
         judge = train_judge(num_clips=5000, epochs=4, seed=0)
         save_judge(judge, judge_path)
     real, real_specs = make_dataset(1000, seed=7_777_777)
-    transformer, encoder, config = load(args.weights)
+    model = load(args.weights)
+    config = model.config
     _, specs = make_dataset(args.clips, seed=4242, frames=config.frames, size=config.size)
     tokens, mask = encode_captions(specs, max_len=config.max_tokens)
     start = time.perf_counter()
     videos = torch.cat([
-        generate(transformer, encoder, config, tokens[i:i + 16], mask[i:i + 16], num_steps=args.steps, seed=i)
+        generate(model, tokens[i:i + 16], mask[i:i + 16], num_steps=args.steps, guidance_scale=args.guidance, seed=i)
         for i in range(0, args.clips, 16)
     ])
     seconds = time.perf_counter() - start
@@ -56,6 +58,7 @@ def main() -> None:
         "weights": args.weights,
         "generated_clips": args.clips,
         "ddim_steps": args.steps,
+        "guidance_scale": args.guidance,
         "generation_seconds": round(seconds, 1),
         "judge_accuracy_generated": judge.accuracy(videos, specs),
         "judge_accuracy_real_held_out": judge.accuracy(real, real_specs),

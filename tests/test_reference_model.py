@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 import adacache_fx as ax
@@ -9,38 +10,48 @@ from adacache_fx.reference.data import encode_captions, make_dataset
 from adacache_fx.reference.model import ReferenceConfig, build, generate, load, save
 from adacache_fx.reference.train import train
 
-SMALL = ReferenceConfig(num_layers=1, heads=2, head_dim=16, text_dim=32, frames=4, size=16)
+SMALL = ReferenceConfig(num_layers=1, heads=2, head_dim=16, text_dim=32, frames=4, size=16, patch_size=4)
 
 
 def test_save_load_round_trip_is_exact(tmp_path):
-    transformer, encoder = build(SMALL)
-    save(tmp_path / "w.safetensors", transformer, encoder, SMALL)
-    loaded, loaded_encoder, config = load(tmp_path / "w.safetensors")
-    assert config == SMALL
-    for a, b in zip(transformer.state_dict().values(), loaded.state_dict().values()):
-        assert torch.equal(a, b)
-    for a, b in zip(encoder.state_dict().values(), loaded_encoder.state_dict().values()):
-        assert torch.equal(a, b)
+    model = build(SMALL)
+    save(tmp_path / "w.safetensors", model)
+    loaded = load(tmp_path / "w.safetensors")
+    assert loaded.config == SMALL
+    for name, module in model.modules().items():
+        for a, b in zip(module.state_dict().values(), loaded.modules()[name].state_dict().values()):
+            assert torch.equal(a, b)
+
+
+def test_load_names_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="adacache_fx.reference.train"):
+        load(tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not an adacache_fx reference model"):
+        load(tmp_path / "other.safetensors")
 
 
 def test_two_step_training_smoke_run(tmp_path):
-    record = train(tmp_path / "w.safetensors", SMALL, steps=2, minutes=None, batch=2, progress=False)
+    record = train(tmp_path / "w.safetensors", SMALL, steps=2, minutes=None, batch=2, save_every=1,
+                   progress=False)
     assert record["steps"] == 2 and all(torch.isfinite(torch.tensor(record["losses"])))
     assert (tmp_path / "w.safetensors").stat().st_size > 0
+    assert (tmp_path / "w.step1.safetensors").stat().st_size > 0  # EMA snapshot
     assert json.loads((tmp_path / "w.loss.json").read_text())["steps"] == 2
     load(tmp_path / "w.safetensors")
 
 
 def test_generate_and_nocache_transform_equal_the_plain_model():
-    transformer, encoder = build(SMALL)
-    transformer.eval()
-    encoder.eval()
-    _, specs = make_dataset(2, seed=3, frames=SMALL.frames, size=SMALL.size)
-    tokens, mask = encode_captions(specs, max_len=SMALL.max_tokens)
-    plain = generate(transformer, encoder, SMALL, tokens, mask, num_steps=4)
-    assert plain.shape == (2, 3, SMALL.frames, SMALL.size, SMALL.size)
+    config = SMALL
+    model = build(config).eval()
+    _, specs = make_dataset(2, seed=3, frames=config.frames, size=config.size)
+    tokens, mask = encode_captions(specs, max_len=config.max_tokens)
+    plain = generate(model, tokens, mask, num_steps=4)
+    assert plain.shape == (2, 3, config.frames, config.size, config.size)
     assert plain.abs().max() <= 1.0
-    ax.transform(transformer, ax.NoCache())
-    cached = generate(transformer, encoder, SMALL, tokens, mask, num_steps=4)
+    ax.transform(model.transformer, ax.NoCache())
+    cached = generate(model, tokens, mask, num_steps=4)
     assert (cached - plain).abs().max() <= 1e-5
-    assert ax.report(transformer).branches
+    assert ax.report(model.transformer).branches

@@ -352,6 +352,7 @@ class AdaCache(Policy):
     _schedules: dict[str, _Schedule] = field(default_factory=dict, init=False, repr=False, compare=False)
     _steps_now: int | None = field(default=None, init=False, repr=False, compare=False)
     _last_planned: tuple[int, int] | None = field(default=None, init=False, repr=False, compare=False)
+    _trace: list[dict] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.codebook is not None:
@@ -490,6 +491,15 @@ class AdaCache(Policy):
         self._schedules = {}
         self._steps_now = None
         self._last_planned = None
+        self._trace = []
+
+    @property
+    def trace(self) -> list[dict]:
+        """The global schedule's decisions of the current (or last) generation, one dict per compute
+        step whose metric was read: ``step``, ``distance`` (per step since the previous compute),
+        ``motion`` (raw MoReg magnitude or None), ``factor`` (MoReg's, 1.0 without), ``metric`` (what
+        the codebook was looked up with) and ``rate`` (steps until the next compute)."""
+        return list(self._trace)
 
     def plan(self, ctx: StepContext) -> Plan:
         """Fold the previous step's metric into the schedules, then decide this step."""
@@ -581,11 +591,16 @@ class AdaCache(Policy):
     def _rate(self, schedule: _Schedule, distance: float, motion: float | None, codebook: Codebook) -> int:
         k = schedule.last_compute - schedule.prev_compute if schedule.prev_compute is not None else 1
         metric = distance / max(k, 1)
+        factor = 1.0
         if self.moreg is not None:
             inside = self.moreg.applies(schedule.last_compute, self._steps_now)
             factor, schedule.m_prev = self.moreg.factor(motion if inside else None, schedule.m_prev, max(k, 1))
             metric *= factor
-        return lookup_rate(codebook, metric)
+        rate = lookup_rate(codebook, metric)
+        if schedule is self._schedules.get(_GLOBAL):
+            self._trace.append({"step": schedule.last_compute, "distance": distance / max(k, 1), "motion": motion,
+                                "factor": factor, "metric": metric, "rate": rate})
+        return rate
 
     def simulate(
         self,

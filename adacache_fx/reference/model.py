@@ -1,8 +1,8 @@
-"""The reference video DiT: diffusers' ``LatteTransformer3DModel`` at a small config, in pixel space,
-conditioned on our caption tokens through a small learned caption encoder.
+"""The reference video DiT: diffusers' ``LatteTransformer3DModel`` at a small config, in pixel space
+(8x8-pixel patches), conditioned on our caption tokens through a small learned caption encoder.
 
 Caching quality can only be judged on a trained model; this one is small enough to train on a CPU
-(``adacache_fx.reference.train``) and to ship as safetensors.
+(``adacache_fx.reference.train``) and ships as one safetensors file (``weights.safetensors``).
 """
 
 from __future__ import annotations
@@ -20,15 +20,21 @@ from .data import MAX_TOKENS, PAD_ID, VOCAB
 @dataclass(frozen=True)
 class ReferenceConfig:
     frames: int = 8
-    size: int = 32
+    size: int = 32  # pixel frames are size x size RGB
     channels: int = 3
-    patch_size: int = 4  # 8x8 patches per 32x32 frame: 512 tokens per clip, CPU-trainable
+    #: 8x8-pixel patches: 16 tokens per frame, 128 per clip. A training step costs a quarter of
+    #: what 4x4 patches cost, which is what lets an hour of two CPU cores train a usable model.
+    patch_size: int = 8
     num_layers: int = 4  # spatial + as many temporal blocks
     heads: int = 4
     head_dim: int = 32
     text_dim: int = 64
     max_tokens: int = MAX_TOKENS
     train_timesteps: int = 1000
+    #: What the network predicts: the clean clip ("sample"). An 8x8x3 patch has 192 values and the
+    #: hidden size is 128, so the model cannot output white noise per patch: epsilon- or
+    #: v-prediction leave visible noise in the samples, while clean clips are low-rank enough.
+    prediction_type: str = "sample"
 
     @property
     def hidden(self) -> int:
@@ -49,7 +55,25 @@ class CaptionEncoder(nn.Module):
         return self.layer(x, src_key_padding_mask=~mask.bool())
 
 
-def build(config: ReferenceConfig = ReferenceConfig()) -> tuple[nn.Module, CaptionEncoder]:
+@dataclass
+class ReferenceModel:
+    """What a generation needs: the DiT (the module to ``ax.transform``), the caption encoder and
+    the config."""
+
+    transformer: nn.Module
+    encoder: CaptionEncoder
+    config: ReferenceConfig
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"transformer": self.transformer, "encoder": self.encoder}
+
+    def eval(self) -> "ReferenceModel":
+        for module in self.modules().values():
+            module.eval()
+        return self
+
+
+def build(config: ReferenceConfig = ReferenceConfig()) -> ReferenceModel:
     """The (untrained) transformer and caption encoder for ``config``."""
     from diffusers import LatteTransformer3DModel
 
@@ -71,32 +95,42 @@ def build(config: ReferenceConfig = ReferenceConfig()) -> tuple[nn.Module, Capti
         video_length=config.frames,
     )
     encoder = CaptionEncoder(len(VOCAB), config.text_dim, config.max_tokens)
-    return transformer, encoder
+    return ReferenceModel(transformer, encoder, config)
 
 
-def save(path: str | Path, transformer: nn.Module, encoder: CaptionEncoder, config: ReferenceConfig) -> None:
+_FORMAT = "adacache_fx-reference-2"
+
+
+def save(path: str | Path, model: ReferenceModel) -> None:
     """One safetensors file holding both modules (``transformer.*``, ``encoder.*``) and the config."""
     from safetensors.torch import save_file
 
-    tensors = {f"transformer.{k}": v.contiguous() for k, v in transformer.state_dict().items()}
-    tensors.update({f"encoder.{k}": v.contiguous() for k, v in encoder.state_dict().items()})
-    save_file(tensors, str(path), metadata={"config": json.dumps(asdict(config)), "format": "adacache_fx-reference-1"})
+    tensors = {f"{name}.{k}": v.detach().contiguous()
+               for name, module in model.modules().items() for k, v in module.state_dict().items()}
+    metadata = {"config": json.dumps(asdict(model.config)), "format": _FORMAT}
+    save_file(tensors, str(path), metadata=metadata)
 
 
-def load(path: str | Path) -> tuple[nn.Module, CaptionEncoder, ReferenceConfig]:
+def load(path: str | Path) -> ReferenceModel:
     """Load a model saved by :func:`save`, offline, in eval mode."""
     from safetensors import safe_open
 
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no reference model there; train one with "
+                                "`python -m adacache_fx.reference.train` or use the bundled default")
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
-        if metadata.get("format") != "adacache_fx-reference-1":
-            raise ValueError(f"{path} is not an adacache_fx reference model (format {metadata.get('format')!r})")
+        if metadata.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not an adacache_fx reference model of format {_FORMAT} "
+                             f"(found {metadata.get('format')!r}); retrain it")
         config = ReferenceConfig(**json.loads(metadata["config"]))
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    transformer, encoder = build(config)
-    transformer.load_state_dict({k[len("transformer."):]: v for k, v in tensors.items() if k.startswith("transformer.")})
-    encoder.load_state_dict({k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")})
-    return transformer.eval(), encoder.eval(), config
+    model = build(config)
+    for name, module in model.modules().items():
+        prefix = name + "."
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    return model.eval()
 
 
 def empty_caption(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,32 +141,45 @@ def empty_caption(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
     return torch.full_like(tokens, PAD_ID), empty_mask
 
 
+def scheduler(config: ReferenceConfig, num_steps: int):
+    """The sampling scheduler the model is evaluated with: DDIM over the training betas."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(num_train_timesteps=config.train_timesteps, beta_schedule="squaredcos_cap_v2",
+                          clip_sample=True, prediction_type=config.prediction_type)
+    sched.set_timesteps(num_steps)
+    return sched
+
+
 @torch.no_grad()
 def generate(
-    transformer: nn.Module,
-    encoder: CaptionEncoder,
-    config: ReferenceConfig,
+    model: ReferenceModel,
     tokens: torch.Tensor,
     mask: torch.Tensor,
     num_steps: int = 20,
     guidance_scale: float = 4.0,
     seed: int = 0,
     progress: bool = False,
+    on_step=None,
 ) -> torch.Tensor:
-    """DDIM sampling with batched classifier-free guidance; returns videos (B, C, T, H, W) in [-1, 1]."""
-    from diffusers import DDIMScheduler
+    """DDIM sampling with batched classifier-free guidance; returns videos (B, 3, T, H, W) in [-1, 1].
+
+    ``on_step(index, timestep)``, if given, is called before each transformer call (e.g. to time steps).
+    """
     from tqdm.auto import tqdm
 
-    scheduler = DDIMScheduler(num_train_timesteps=config.train_timesteps, beta_schedule="squaredcos_cap_v2",
-                              clip_sample=True)
-    scheduler.set_timesteps(num_steps)
+    config = model.config
+    sched = scheduler(config, num_steps)
     batch = tokens.shape[0]
     generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn(batch, config.channels, config.frames, config.size, config.size, generator=generator)
+    latents = torch.randn(batch, config.channels, config.frames, config.size, config.size,
+                          generator=generator)
     empty, empty_mask = empty_caption(tokens, mask)
-    text = encoder(torch.cat([tokens, empty]), torch.cat([mask, empty_mask]))
-    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
-        out = transformer(
+    text = model.encoder(torch.cat([tokens, empty]), torch.cat([mask, empty_mask]))
+    for index, t in enumerate(tqdm(sched.timesteps, desc="sampling", disable=not progress, leave=False)):
+        if on_step is not None:
+            on_step(index, t)
+        out = model.transformer(
             hidden_states=torch.cat([latents, latents]),
             encoder_hidden_states=text,
             timestep=t.expand(2 * batch),
@@ -140,5 +187,5 @@ def generate(
             return_dict=False,
         )[0]
         cond, uncond = out.chunk(2)
-        latents = scheduler.step(uncond + guidance_scale * (cond - uncond), t, latents).prev_sample
+        latents = sched.step(uncond + guidance_scale * (cond - uncond), t, latents).prev_sample
     return latents.clamp(-1, 1)

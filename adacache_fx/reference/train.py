@@ -1,9 +1,11 @@
 """Train the reference video DiT on procedural clips, reproducibly, on a CPU in about an hour.
 
-    python -m adacache_fx.reference.train --minutes 60 --out adacache_fx/reference/weights.safetensors
+    python -m adacache_fx.reference.train --out adacache_fx/reference/weights.safetensors
 
-Fresh clips every step (the generator is cheap), epsilon prediction with diffusers' DDPM scheduler
-(cosine betas), captions dropped 10% of the time for classifier-free guidance. Writes the weights as
+Fresh clips every step (the generator is cheap), clean-clip prediction (``ReferenceConfig.prediction_type``)
+with diffusers' DDPM scheduler (cosine betas), captions dropped 10% of the time for classifier-free
+guidance, and an exponential moving average of the weights (diffusers' ``EMAModel``), which is what is
+saved. A fixed step count makes a run reproducible; ``--minutes`` only caps it. Writes the weights as
 safetensors, and the loss curve as JSON and PNG beside them.
 """
 
@@ -29,20 +31,26 @@ def train(
     *,
     steps: int | None = None,
     minutes: float | None = 60.0,
-    batch: int = 16,
-    lr: float = 4e-4,
+    batch: int = 32,
+    lr: float = 1e-3,
+    ema_decay: float = 0.999,
     seed: int = 0,
+    save_every: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Train until ``steps`` or ``minutes`` (whichever comes first); returns the loss record."""
     from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
 
     torch.manual_seed(seed)
-    transformer, encoder = build(config)
+    model = build(config)
+    transformer, encoder = model.transformer, model.encoder
     transformer.train()
     encoder.train()
-    scheduler = DDPMScheduler(num_train_timesteps=config.train_timesteps, beta_schedule="squaredcos_cap_v2")
+    scheduler = DDPMScheduler(num_train_timesteps=config.train_timesteps, beta_schedule="squaredcos_cap_v2",
+                              prediction_type=config.prediction_type)
     params = list(transformer.parameters()) + list(encoder.parameters())
+    ema = EMAModel(params, decay=ema_decay, use_ema_warmup=True, power=0.75)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     total = steps if steps is not None else 10**9
     warmup = 200
@@ -65,23 +73,34 @@ def train(
             hidden_states=noisy, encoder_hidden_states=encoder(tokens, mask), timestep=t,
             enable_temporal_attentions=True, return_dict=False,
         )[0]
-        loss = F.mse_loss(prediction, noise)
+        target = {"epsilon": noise, "sample": videos}.get(config.prediction_type)
+        if target is None:
+            target = scheduler.get_velocity(videos, noise, t)
+        loss = F.mse_loss(prediction, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        ema.step(params)
+        losses.append(loss.item())
         step += 1
         bar.update(1)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        if save_every and step % save_every == 0:  # a snapshot of the EMA weights, to evaluate meanwhile
+            ema.store(params)
+            ema.copy_to(params)
+            save(Path(out).with_suffix(f".step{step}.safetensors"), model)
+            ema.restore(params)
     bar.close()
     seconds = time.perf_counter() - start
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save(out, transformer.eval(), encoder.eval(), config)
-    record = {"steps": step, "seconds": round(seconds, 1), "batch": batch, "lr": lr, "seed": seed,
+    ema.copy_to(params)
+    save(out, model.eval())
+    record = {"steps": step, "seconds": round(seconds, 1), "batch": batch, "lr": lr, "ema_decay": ema_decay,
+              "seed": seed, "prediction_type": config.prediction_type,
               "final_loss_mean_100": float(np.mean(losses[-100:])) if losses else None, "losses": losses}
     out.with_suffix(".loss.json").write_text(json.dumps(record))
     _plot(losses, out.with_suffix(".loss.png"))
@@ -102,7 +121,7 @@ def _plot(losses: list[float], path: Path) -> None:
     ax.plot(losses, alpha=0.3, label="loss")
     ax.plot(range(window - 1, window - 1 + len(smooth)), smooth, label=f"mean of {window}")
     ax.set_xlabel("step")
-    ax.set_ylabel("epsilon MSE")
+    ax.set_ylabel("MSE of the prediction target")
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
@@ -113,12 +132,15 @@ def _plot(losses: list[float], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="adacache_fx/reference/weights.safetensors")
-    parser.add_argument("--minutes", type=float, default=60.0)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=4500, help="the shipped weights: 4500")
+    parser.add_argument("--save-every", type=int, default=None, help="also save EMA snapshots every N steps")
+    parser.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    record = train(args.out, steps=args.steps, minutes=args.minutes, batch=args.batch, seed=args.seed)
+    record = train(args.out, steps=args.steps, minutes=args.minutes, batch=args.batch, lr=args.lr, seed=args.seed,
+                   save_every=args.save_every)
     print(f"{record['steps']} steps in {record['seconds']} s; mean loss of the last 100: {record['final_loss_mean_100']}")
 
 

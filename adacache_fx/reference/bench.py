@@ -1,0 +1,226 @@
+"""Quality/speed benchmark on the bundled reference model: every policy over a grid of its knob.
+
+    adacache-fx bench [--clips 24] [--steps 30]
+
+For a fixed prompt set (balanced over static, slow and fast motion) each point generates every clip
+from the same noise as the uncached run, then records the compute fraction, wall-time speed-up,
+PSNR/SSIM against the uncached clip and the judge's attribute accuracy. It then tests AdaCache's
+three central claims on this model (see :func:`claims`) and writes JSON plus a Pareto plot.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..policies.base import Policy
+from .data import ClipSpec, make_dataset
+from .demo import DEFAULT_JUDGE, DEFAULT_WEIGHTS, PSNR_IDENTICAL, ClipRun, generate_clips, quality
+from .model import load
+
+
+@dataclass(frozen=True)
+class Point:
+    """One policy setting of the sweep."""
+
+    family: str
+    label: str
+    make: Callable[[int], Policy]  # num_steps -> policy
+
+
+def default_points() -> list[Point]:
+    """The sweep: each family over its knob, wide enough to span compute fractions 0.2-1."""
+    from ..policies.adacache import AdaCache
+    from ..policies.fastercache import FasterCache
+    from ..policies.first_block import FirstBlockCache
+    from ..policies.pab import PAB
+    from ..policies.static import NoCache, Static
+    from ..policies.taylorseer import TaylorSeer
+    from ..policies.teacache import TeaCache
+
+    points = [Point("no cache", "no cache", lambda n: NoCache())]
+    points += [Point("Static", f"Static({k})", lambda n, k=k: Static(interval=k)) for k in (2, 3, 4, 6)]
+    scales = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+    points += [Point("AdaCache", f"AdaCache x{s:g}", lambda n, s=s: AdaCache.fast(n).with_threshold_scale(s))
+               for s in scales]
+    points += [Point("AdaCache+MoReg", f"AdaCache+MoReg x{s:g}",
+                     lambda n, s=s: AdaCache.fast(n, moreg=True).with_threshold_scale(s)) for s in scales]
+    points += [Point("TeaCache", f"TeaCache {d:g}", lambda n, d=d: TeaCache(delta=d)) for d in (0.05, 0.1, 0.2, 0.4)]
+    points += [Point("FirstBlockCache", f"FBCache {t:g}", lambda n, t=t: FirstBlockCache(threshold=t))
+               for t in (0.02, 0.05, 0.1, 0.2)]
+    points += [Point("PAB", "PAB", lambda n: PAB())]
+    points += [Point("TaylorSeer", f"TaylorSeer(Static({k}))", lambda n, k=k: TaylorSeer(Static(interval=k), order=2))
+               for k in (2, 3, 4)]
+    points += [Point("FasterCache", "FasterCache", lambda n: FasterCache(num_steps=n))]
+    return points
+
+
+def bench_prompts(count: int, frames: int = 8, size: int = 32, seed: int = 31337) -> list[ClipSpec]:
+    """``count`` clip specs, a third each static, slow and fast (held out from training's seeds)."""
+    _, pool = make_dataset(max(300, 10 * count), seed=seed, frames=frames, size=size)
+    by_speed = {s: [c for c in pool if c.speed == s] for s in ("static", "slow", "fast")}
+    return [by_speed[("static", "slow", "fast")[i % 3]][i // 3] for i in range(count)]
+
+
+def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    from torchmetrics.functional import spearman_corrcoef
+
+    return float(spearman_corrcoef(torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)))
+
+
+def _interp(fractions: Sequence[float], values: Sequence[float], at: float) -> float | None:
+    """Linear interpolation of a curve (sorted by fraction); None outside its range."""
+    order = np.argsort(fractions)
+    xs, ys = np.asarray(fractions)[order], np.asarray(values)[order]
+    if not xs[0] <= at <= xs[-1]:
+        return None
+    return float(np.interp(at, xs, ys))
+
+
+def claims(rows: list[dict], motions: list[float]) -> dict:
+    """AdaCache's claims, tested on the sweep's rows.
+
+    (a) AdaCache's PSNR above Static's at Static's compute fractions (AdaCache interpolated between
+        its two bracketing threshold points); (b) computed steps differ across clips and grow with
+        motion (Spearman correlation over clips at the AdaCache point nearest fraction 0.5);
+        (c) MoReg's PSNR on the high-motion half of the clips above plain AdaCache's at equal compute
+        (both curves over that half, interpolated at common fractions).
+    """
+    family = lambda name: [r for r in rows if r["family"] == name]  # noqa: E731
+    ada, moreg, static = family("AdaCache"), family("AdaCache+MoReg"), family("Static")
+    result: dict = {"a": [], "b": {}, "c": []}
+    for s in static:
+        if s["label"] not in ("Static(2)", "Static(3)"):
+            continue
+        at = s["compute_fraction"]
+        ada_psnr = _interp([r["compute_fraction"] for r in ada], [r["psnr"] for r in ada], at)
+        result["a"].append({"static": s["label"], "compute_fraction": at, "static_psnr": s["psnr"],
+                            "adacache_psnr": ada_psnr,
+                            "holds": None if ada_psnr is None else ada_psnr > s["psnr"]})
+    if ada:
+        mid = min(ada, key=lambda r: abs(r["compute_fraction"] - 0.5))
+        steps = mid["computed_steps"]
+        result["b"] = {"point": mid["label"], "compute_fraction": mid["compute_fraction"],
+                       "distinct_step_counts": len(set(steps)), "min_steps": min(steps), "max_steps": max(steps),
+                       "spearman_motion_vs_steps": _spearman(motions, steps)}
+        result["b"]["holds"] = result["b"]["distinct_step_counts"] > 1 and result["b"]["spearman_motion_vs_steps"] > 0
+    high = [i for i, m in enumerate(motions) if m >= float(np.median(motions))]
+
+    def high_curve(rs: list[dict]) -> tuple[list[float], list[float]]:
+        return ([float(np.mean([r["per_clip_fraction"][i] for i in high])) for r in rs],
+                [float(np.mean([r["per_clip_psnr"][i] for i in high])) for r in rs])
+
+    if ada and moreg:
+        (fa, pa), (fm, pm) = high_curve(ada), high_curve(moreg)
+        for at in (0.5, 0.33):
+            a, m = _interp(fa, pa, at), _interp(fm, pm, at)
+            result["c"].append({"compute_fraction": at, "adacache_psnr_high_motion": a,
+                                "moreg_psnr_high_motion": m,
+                                "holds": None if a is None or m is None else m > a})
+    return result
+
+
+def run_bench(
+    out: str | Path = "benchmarks/results/reference_bench",
+    weights: str | Path | None = None,
+    judge_path: str | Path = DEFAULT_JUDGE,
+    clips: int = 24,
+    num_steps: int = 30,
+    points: Sequence[Point] | None = None,
+    progress: bool = True,
+    command: str = "adacache-fx bench",
+) -> dict:
+    """Run the sweep; write ``out``.json and ``out``.png; return the record."""
+    from tqdm.auto import tqdm
+
+    from .judge import load_judge
+
+    weights = weights or DEFAULT_WEIGHTS
+    points = list(points) if points is not None else default_points()
+    judge = load_judge(judge_path)
+    config = load(weights).config
+    specs = bench_prompts(clips, config.frames, config.size)
+    motions = [s.motion_amount for s in specs]
+    bar = tqdm(total=len(points) * clips, desc="bench", disable=not progress)
+    rows: list[dict] = []
+    reference: list[ClipRun] | None = None
+    for point in points:
+        bar.set_postfix_str(point.label)
+        runs = generate_clips(load(weights), point.make(num_steps), specs, num_steps,
+                              progress=lambda: bar.update(1))
+        if reference is None:
+            reference = runs
+        scores = [quality(ref.video, r.video) for ref, r in zip(reference, runs)]
+        accuracy = judge.accuracy(torch.stack([r.video for r in runs]), specs)
+        seconds = sum(r.seconds for r in runs)
+        rows.append({
+            "family": point.family, "label": point.label,
+            "compute_fraction": float(np.mean([r.compute_fraction for r in runs])),
+            "seconds": seconds,
+            "speedup": sum(r.seconds for r in reference) / seconds,
+            "psnr": float(np.mean([s[0] for s in scores])),
+            "ssim": float(np.mean([s[1] for s in scores])),
+            "accuracy": accuracy,
+            "attribute_accuracy": float(np.mean([accuracy["shape"], accuracy["colour"], accuracy["direction"]])),
+            "computed_steps": [sum(r.computed_steps) for r in runs],
+            "per_clip_fraction": [r.compute_fraction for r in runs],
+            "per_clip_psnr": [s[0] for s in scores],
+        })
+    bar.close()
+    record = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "command": command,
+        "weights": str(weights),
+        "clips": clips, "steps": num_steps,
+        "prompts": [s.caption for s in specs],
+        "motion_px_per_frame": motions,
+        "note": f"psnr is {PSNR_IDENTICAL:g} dB for identical clips (the uncached reference itself)",
+        "rows": rows,
+        "claims": claims(rows, motions),
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2))
+    plot_pareto(rows, out.with_suffix(".png"), f"reference model, {clips} clips, {num_steps} DDIM steps")
+    return record
+
+
+def plot_pareto(rows: list[dict], path: Path, title: str) -> None:
+    """2x2: compute fraction and speed-up (x) against PSNR and attribute accuracy (y), per family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    colours = plt.get_cmap("tab10")
+    for i, name in enumerate(families):
+        rs = sorted((r for r in rows if r["family"] == name), key=lambda r: r["compute_fraction"])
+        style = dict(color=colours(i % 10), marker="o" if len(rs) > 1 else "*", markersize=5 if len(rs) > 1 else 10,
+                     label=name)
+        for ax, x_key, y_key in [(axes[0][0], "compute_fraction", "psnr"), (axes[0][1], "speedup", "psnr"),
+                                 (axes[1][0], "compute_fraction", "attribute_accuracy"),
+                                 (axes[1][1], "speedup", "attribute_accuracy")]:
+            ys = [min(r[y_key], 60.0) if y_key == "psnr" else r[y_key] for r in rs]
+            ax.plot([r[x_key] for r in rs], ys, linestyle="-" if len(rs) > 1 else "none", **style)
+    for ax, (x, y) in zip(axes.flat, [("fraction of branches computed", "PSNR vs uncached (dB, capped at 60)"),
+                                      ("wall-time speed-up", "PSNR vs uncached (dB, capped at 60)"),
+                                      ("fraction of branches computed", "judge accuracy (shape, colour, direction)"),
+                                      ("wall-time speed-up", "judge accuracy (shape, colour, direction)")]):
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
