@@ -55,14 +55,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.model not in ZOO:
         print(f"unknown model {args.model!r}; choose from: {', '.join(sorted(ZOO))}", file=sys.stderr)
         return 2
+    building = args.format == "tensorrt" and not args.check
+    if building:  # fail before the (slow) ONNX export when the engines cannot be built here
+        try:
+            export.tensorrt_export.import_tensorrt()
+        except export.TensorRTUnavailableError as exc:
+            print(f"error: {exc}\nRun with --check to see whether TensorRT would take the graphs.", file=sys.stderr)
+            return 2
+    out = Path(args.out or f"outputs/{args.format}")
     entry = ZOO[args.model]
     policy = parse_policy(args.policy, args.steps)
     model = api.transform(entry.build(), policy)
-    exported = export.onnx(model, entry.inputs(timestep=500.0), args.out)
+    exported = export.onnx(model, entry.inputs(timestep=500.0), out)
     for variant in exported.variants:
         print(f"{variant.path}: reuses {len(variant.reuse)} of {len(exported.branches)} branches, "
               f"{len(variant.cache_in)} cache inputs, {len(variant.cache_out)} cache outputs")
-    print(f"wrote {Path(args.out) / 'manifest.json'}")
+    print(f"wrote {out / 'manifest.json'}")
+    if args.check:
+        report = export.check_tensorrt_support(exported)
+        print(report)
+        return 0 if report.supported else 1
+    if building:
+        engines = export.tensorrt(exported, out, fp16=args.fp16)
+        for engine in engines.variants:
+            print(f"{engine.path}: TensorRT {engines.tensorrt_version} engine, reuses {len(engine.reuse)} branches")
+        print(f"wrote {out / 'engines.json'}")
     return 0
 
 
@@ -199,11 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", help="a model of the built-in zoo (dit, pixart, latte, flux, wan, ...)")
     p.add_argument("--policy", default="nocache", help=POLICY_HELP)
     p.set_defaults(func=cmd_inspect)
-    p = sub.add_parser("export", help="ONNX graphs per plan variant (explicit caches) for deployment")
+    p = sub.add_parser("export", help="ONNX graphs (and TensorRT engines) per plan variant for deployment")
     p.add_argument("model", help="a model of the built-in zoo")
+    p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx",
+                   help="onnx: graphs with explicit caches; tensorrt: those graphs plus one engine each "
+                        "(needs TensorRT and a CUDA GPU)")
     p.add_argument("--policy", default="static:2", help="a schedule-driven policy: static[:N] | adacache | pab")
     p.add_argument("--steps", type=int, default=20, help="step count the policy is built for")
-    p.add_argument("--out", default="outputs/onnx")
+    p.add_argument("--check", action="store_true",
+                   help="print the graphs' operators against TensorRT's ONNX operator table and build nothing "
+                        "(exit 1 if the table flags a problem); works without TensorRT")
+    p.add_argument("--fp16", action="store_true", help="tensorrt: allow FP16 kernels")
+    p.add_argument("--out", default=None, help="output directory (default: outputs/<format>)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("calibrate", help="fit a policy's threshold to a target compute fraction")
     p.add_argument("model", nargs="?", default="latte", help="latte (the built-in sampler's model)")

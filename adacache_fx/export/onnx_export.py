@@ -65,13 +65,42 @@ class ExportedModel:
             "adacache_fx.export.onnx(..., reuse_sets=[...]) with this set"
         )
 
-    def save_manifest(self) -> Path:
-        path = Path(self.directory) / "manifest.json"
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description (what ``manifest.json`` holds)."""
         data = asdict(self)
         for branch in data["branches"]:
             branch["tags"] = sorted(branch["tags"])
-        path.write_text(json.dumps(data, indent=2))
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], directory: str | Path | None = None) -> ExportedModel:
+        """Inverse of :meth:`to_dict`. ``directory``: where the ``.onnx`` files are now (default: as
+        recorded), so an export copied to another machine still finds its graphs."""
+        directory = Path(directory if directory is not None else data["directory"])
+        branches = [BranchInfo(**{**b, "tags": frozenset(b["tags"])}) for b in data["branches"]]
+        variants = [
+            ExportedVariant(
+                reuse=tuple(v["reuse"]), path=str(directory / Path(v["path"]).name),
+                input_names=list(v["input_names"]), output_names=list(v["output_names"]),
+                cache_in=[(b, int(i)) for b, i in v["cache_in"]], cache_out=[(b, int(i)) for b, i in v["cache_out"]],
+            )
+            for v in data["variants"]
+        ]
+        return cls(str(directory), list(data["input_names"]), branches, variants, frames=data.get("frames"))
+
+    def save_manifest(self) -> Path:
+        path = Path(self.directory) / "manifest.json"
+        path.write_text(json.dumps(self.to_dict(), indent=2))
         return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ExportedModel:
+        """The export whose ``manifest.json`` is in ``directory`` (e.g. copied to a GPU machine to
+        build TensorRT engines there without the PyTorch model)."""
+        path = Path(directory) / "manifest.json"
+        if not path.exists():
+            raise AdaCacheError(f"no manifest.json in {directory}: export there first with adacache_fx.export.onnx")
+        return cls.from_dict(json.loads(path.read_text()), directory)
 
 
 def _tensor_inputs(kwargs: dict) -> tuple[list[str], list[torch.Tensor], Any]:
@@ -195,20 +224,21 @@ def onnx(
     return exported
 
 
-class Runner:
-    """Runs a denoising loop on ONNX Runtime with the policy deciding on the host, step by step.
+class VariantRunner:
+    """The host side of a deployed denoising loop, shared by every engine that runs the variants.
 
-    ``runner.start(num_steps)`` begins a generation; each ``runner(**kwargs)`` is one model call (one
-    step, cond and uncond batched). Reuse of a branch with no cache yet computes instead, as in eager.
+    Each call is one step: the policy plans on the host, the plan picks the exported variant, the
+    variant is fed the model inputs and the caches of the branches it reuses, and the residuals it
+    stores go back to the policy (watched branches) and into the caches, as the eager runtime does.
+    Reuse of a branch with no cache yet computes instead. Subclasses only say how one variant runs
+    (:meth:`_execute`), so ONNX Runtime and TensorRT replay exactly the same plans.
     """
 
-    def __init__(self, exported: ExportedModel, policy: Policy, providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
-        import onnxruntime as ort
-
+    def __init__(self, exported: ExportedModel, policy: Policy) -> None:
         self.exported = exported
         self.policy = policy
         self.branches = tuple(exported.branches)
-        self.sessions = {v.reuse: ort.InferenceSession(v.path, providers=list(providers)) for v in exported.variants}
+        self._info = {b.id: b for b in self.branches}
         self.policy.setup(self.branches)
         self.plans: list[tuple[str, ...]] = []  # the reuse set actually run at each step
         self.caches: dict[str, tuple[torch.Tensor, ...]] = {}
@@ -217,12 +247,18 @@ class Runner:
         self.num_steps: int | None = None
 
     def start(self, num_steps: int | None = None) -> None:
+        """Begin a generation: fresh caches and policy state."""
         self.policy.reset()
         self.caches = {}
         self.plans = []
         self.step = -1
         self.generation += 1
         self.num_steps = num_steps
+
+    def _execute(self, variant: ExportedVariant, feeds: dict[str, torch.Tensor]) -> Sequence[torch.Tensor]:
+        """Run ``variant`` on ``feeds`` (every name of ``variant.input_names``) and return its outputs
+        in ``variant.output_names`` order, as tensors."""
+        raise NotImplementedError
 
     def __call__(self, **kwargs: Any) -> torch.Tensor:
         if self.generation < 0:
@@ -238,19 +274,38 @@ class Runner:
         reuse = tuple(sorted(b for b in plan.reuse if b in self.caches))
         variant = self.exported.variant(reuse)
         _, tensors, _ = _tensor_inputs(kwargs)
-        feeds = {name: t.detach().cpu().numpy() for name, t in zip(self.exported.input_names, tensors)}
+        feeds = dict(zip(self.exported.input_names, tensors))
         for (branch, i), name in zip(variant.cache_in, variant.input_names[len(tensors):]):
-            feeds[name] = self.caches[branch][i].numpy()
-        results = self.sessions[variant.reuse].run(variant.output_names, feeds)
+            feeds[name] = self.caches[branch][i]
+        results = self._execute(variant, feeds)
         stored: dict[str, list[torch.Tensor]] = {}
         for (branch, _), value in zip(variant.cache_out, results[1:]):
-            stored.setdefault(branch, []).append(torch.from_numpy(np.asarray(value)))
-        info = {b.id: b for b in self.branches}
+            stored.setdefault(branch, []).append(value)
         for branch, values in stored.items():
             new = tuple(values)
-            if self.policy.watches(info[branch]):
-                self.policy.observe(ctx, info[branch], new, self.caches.get(branch))
-            if self.policy.caches(info[branch]):
+            info = self._info[branch]
+            if self.policy.watches(info):
+                self.policy.observe(ctx, info, new, self.caches.get(branch))
+            if self.policy.caches(info):
                 self.caches[branch] = new
         self.plans.append(reuse)
-        return torch.from_numpy(np.asarray(results[0]))
+        return results[0]
+
+
+class Runner(VariantRunner):
+    """Runs a denoising loop on ONNX Runtime with the policy deciding on the host, step by step.
+
+    ``runner.start(num_steps)`` begins a generation; each ``runner(**kwargs)`` is one model call (one
+    step, cond and uncond batched). Reuse of a branch with no cache yet computes instead, as in eager.
+    """
+
+    def __init__(self, exported: ExportedModel, policy: Policy, providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+        import onnxruntime as ort
+
+        self.sessions = {v.reuse: ort.InferenceSession(v.path, providers=list(providers)) for v in exported.variants}
+        super().__init__(exported, policy)
+
+    def _execute(self, variant: ExportedVariant, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        arrays = {name: t.detach().cpu().numpy() for name, t in feeds.items()}
+        results = self.sessions[variant.reuse].run(variant.output_names, arrays)
+        return [torch.from_numpy(np.asarray(r)) for r in results]
