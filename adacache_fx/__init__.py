@@ -17,12 +17,14 @@ from .errors import (
 )
 from .policies.base import KINDS, BranchInfo, Plan, Policy, StepContext
 from .policies.adacache import AdaCache, MoReg
+from .policies.duca import DuCa
 from .policies.fastercache import FasterCache
 from .policies.first_block import FirstBlockCache
 from .policies.pab import PAB
 from .policies.static import NoCache, Static
 from .policies.taylorseer import TaylorSeer
 from .policies.teacache import TeaCache
+from .policies.toca import ToCa
 from .calibrate import Calibration, calibrate
 from . import export
 from .runtime.report import Report
@@ -32,7 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "transform", "compile", "restore", "report", "reset", "generation", "get_runtime", "is_transformed",
     "Policy", "Plan", "StepContext", "BranchInfo", "KINDS", "NoCache", "Static", "Report",
-    "AdaCache", "MoReg", "PAB", "TeaCache", "FirstBlockCache", "TaylorSeer", "FasterCache", "calibrate", "Calibration", "export",
+    "AdaCache", "MoReg", "PAB", "TeaCache", "FirstBlockCache", "TaylorSeer", "FasterCache", "DuCa", "ToCa", "calibrate", "Calibration", "export",
     "AdaCacheError", "AlreadyTransformedError", "CaptureError", "NoBlocksFoundError",
     "NotTransformedError", "PolicyError",
 ]

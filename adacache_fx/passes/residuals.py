@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -84,6 +85,10 @@ class Region:
     modules: tuple[str, ...]  # top-level child modules of the block that the region runs
     tags: frozenset[str] = field(default_factory=frozenset)
     flops: int | None = None
+    # Set by the token pass (passes/tokens.py): how to recompute the region for a token subset,
+    # or why that is not valid for it.
+    token_flow: Any = None
+    token_error: str | None = None
 
 
 @dataclass

@@ -5,7 +5,13 @@ Each region of a block is, for one call, in one of three states:
 * ``COMPUTE``: the branch runs, nothing is stored (the policy never reuses it);
 * ``STORE``: the branch runs and its branch values become extra graph outputs (the new cache);
 * ``REUSE``: the branch values become extra graph inputs (the cache) and every operation of the
-  region is removed from the graph, so none of it runs.
+  region is removed from the graph, so none of it runs;
+* ``PARTIAL``: the region runs for a subset of its tokens only. Two extra graph inputs, the token
+  indices (``int64 [k]``, the same for every batch row) and the cached branch value; the region's
+  inputs are gathered at those tokens, its operations run on ``k`` tokens (attention: queries only,
+  keys and values still see every token), and the result is scattered into the cached value, which
+  is both added to the stream and returned as the new cache. Valid only for regions the token pass
+  has proven token-local (``Region.token_flow``, see :mod:`.tokens`).
 
 A variant is a plain graph with no control flow: host-side dispatch between variants costs nothing
 at run time, compiles to one full graph per variant, and exports as one graph per variant.
@@ -15,27 +21,52 @@ from __future__ import annotations
 
 import enum
 
+import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
 
 from .capture import eliminate_dead_code
 from .residuals import Region
+from .tokens import PartialComputeError, insert_partial
 
 
 class RegionState(enum.IntEnum):
     COMPUTE = 0
     STORE = 1
     REUSE = 2
+    PARTIAL = 3
 
 
 def build_variant(
-    graph_module: fx.GraphModule, regions: list[Region], states: tuple[RegionState, ...]
+    graph_module: fx.GraphModule,
+    regions: list[Region],
+    states: tuple[RegionState, ...],
+    counts: tuple[int, ...] | None = None,
 ) -> fx.GraphModule:
     """Return a new graph module ``(*inputs, *reused caches) -> (*outputs, *stored caches)``.
 
-    Cache inputs and outputs come in region order, and within a region in residual order.
+    Extra inputs and outputs come in region order, and within a region in residual order: a
+    ``REUSE`` region takes its cached values, a ``PARTIAL`` one its token indices then its cached
+    value; ``STORE`` and ``PARTIAL`` regions return their (new) cached values. ``counts[i]`` is the
+    number of tokens of ``PARTIAL`` region ``i`` (the graph is specialised to it, like to shapes).
+    Nodes of a partial region's subset computation carry ``meta["adacache_partial"]``.
     """
     if len(states) != len(regions):
         raise ValueError(f"{len(states)} states for {len(regions)} regions")
+    counts = tuple(counts) if counts is not None else (0,) * len(regions)
+    if len(counts) != len(regions):
+        raise ValueError(f"{len(counts)} token counts for {len(regions)} regions")
+    for region, state, count in zip(regions, states, counts):
+        if state == RegionState.PARTIAL:
+            if region.token_flow is None:
+                raise PartialComputeError(
+                    region.token_error
+                    or f"region {region.name!r} was not analysed for partial recompute (run the token pass)"
+                )
+            if not 1 <= count <= region.token_flow.tokens:
+                raise ValueError(
+                    f"region {region.name!r}: {count} tokens to recompute, expected 1..{region.token_flow.tokens}"
+                )
     graph = fx.Graph()
     value_map: dict[fx.Node, fx.Node] = {}
     output_value = graph.graph_copy(graph_module.graph, value_map)
@@ -45,7 +76,7 @@ def build_variant(
 
     new_inputs: list[fx.Node] = []
     new_outputs: list[fx.Node] = []
-    for region, state in zip(regions, states):
+    for region, state, count in zip(regions, states, counts):
         for i, res in enumerate(region.residuals):
             add = by_name[res.add_node]
             branch = by_name[res.branch_node]
@@ -60,6 +91,26 @@ def build_variant(
                 add.args = tuple(args)
             elif state == RegionState.STORE:
                 new_outputs.append(branch)
+            elif state == RegionState.PARTIAL:
+                anchor = new_inputs[-1] if new_inputs else last_placeholder
+                with graph.inserting_after(anchor) if anchor is not None else graph.inserting_before(None):
+                    tokens = graph.placeholder(f"tokens_{region.name}")
+                with graph.inserting_after(tokens):
+                    cache = graph.placeholder(f"cache_{region.name}_{i}")
+                fake_mode = detect_fake_mode([branch.meta.get("val")])
+                if fake_mode is not None:  # fake inputs let FLOP counting and shape checks run the graph
+                    with fake_mode:
+                        tokens.meta["val"] = torch.empty(count, dtype=torch.long)
+                cache.meta = dict(branch.meta)
+                new_inputs.extend([tokens, cache])
+                add = by_name[res.add_node]
+                scattered = insert_partial(
+                    graph, by_name, region.token_flow, count, tokens, cache, add, region.name
+                )
+                args = list(add.args)
+                args[res.branch_index] = scattered
+                add.args = tuple(args)
+                new_outputs.append(scattered)
 
     outputs = list(output_value) if isinstance(output_value, (list, tuple)) else [output_value]
     graph.output(tuple(outputs + new_outputs))

@@ -1,0 +1,4 @@
+from .duca import DuCa
+from .toca import ToCa
+
+__all__ = ["DuCa", "ToCa"]

@@ -2,14 +2,16 @@
 
 A policy never touches graphs. It is told which residual branches exist (:class:`BranchInfo`), is
 asked at the start of every denoising step for a :class:`Plan` (which branches reuse their cached
-residual this step), and may watch chosen branches: after such a branch computes, the runtime hands
-the policy its new and previous residuals (:meth:`Policy.observe`).
+residual this step, and which recompute only some of their tokens), and may watch chosen branches:
+after such a branch computes, the runtime hands the policy its new and previous residuals
+(:meth:`Policy.observe`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Iterable
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import ClassVar, Iterable, Mapping
 
 import torch
 
@@ -31,6 +33,15 @@ class BranchInfo:
     tags: frozenset[str]  # every kind the region contains (a Flux single block: joint_attention + mlp)
     flops: int | None  # FLOPs of one call of the branch at the captured shape
     num_residuals: int  # residual tensors the branch adds (2 for a joint branch updating two streams)
+    # Token count N of the branch value ``[batch, N, ...]`` when the branch can be recomputed for a
+    # subset of its tokens (:attr:`Plan.partial`); None when that is not valid for it (its ops mix
+    # tokens, or it updates several streams): such a branch computes fully when a plan asks for it.
+    tokens: int | None = None
+
+    @property
+    def partial(self) -> bool:
+        """Whether :attr:`Plan.partial` can recompute this branch for a subset of its tokens."""
+        return self.tokens is not None
 
 
 @dataclass(frozen=True)
@@ -55,11 +66,35 @@ class StepContext:
 class Plan:
     """Which branches reuse their cached residual this step; every other branch computes.
 
-    A branch listed here that has no cache yet (first step, new input shape) computes instead;
-    the report counts what actually ran.
+    ``reuse``: branch ids that add their cached residual without running.
+
+    ``partial``: branch id -> token indices (1-D integer tensor, each in ``0..N-1`` for the branch's
+    ``BranchInfo.tokens == N``). The branch runs for those tokens only, the same indices for every
+    batch row (cond and uncond halves alike), and the result is scattered into its cached residual,
+    which then holds fresh values at those tokens and older ones elsewhere. Empty indices: reuse.
+    Only for branches with ``BranchInfo.partial``; on any other branch the runtime computes it fully
+    (and warns once), which is exact but saves nothing.
+
+    A branch listed in either that has no cache yet (first step, new input shape) computes instead;
+    the report counts what actually ran. ``partial`` takes no part in equality or hashing.
     """
 
     reuse: frozenset[str] = frozenset()
+    partial: Mapping[str, torch.Tensor] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if not self.partial:
+            return
+        both = sorted(set(self.partial) & set(self.reuse))
+        if both:
+            raise PolicyError(f"Plan: branch(es) {both} are both reused and partially recomputed; pick one")
+        for branch_id, tokens in self.partial.items():
+            if not isinstance(tokens, torch.Tensor) or tokens.ndim != 1 or tokens.is_floating_point():
+                raise PolicyError(
+                    f"Plan.partial[{branch_id!r}]: expected a 1-D integer tensor of token indices, "
+                    f"got {tokens!r}"
+                )
+        object.__setattr__(self, "partial", MappingProxyType(dict(self.partial)))
 
     @classmethod
     def compute_all(cls) -> "Plan":

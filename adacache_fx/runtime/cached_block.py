@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ..errors import CaptureError
 from ..passes.capture import BoundInputs, CapturedGraph, _leaf_key, capture_block, structural_key
@@ -23,6 +24,7 @@ from ..passes.flops import count_node_flops
 from ..passes.probe import extract_value, modulated_input
 from ..passes.residuals import BlockAnalysis, analyse_block
 from ..passes.rewrite import RegionState, build_variant
+from ..passes.tokens import PartialComputeError, analyse_token_flow
 from ..policies.base import BranchInfo
 from .engine import CacheRuntime
 
@@ -36,9 +38,11 @@ class SharedCapture:
     captured: CapturedGraph
     analysis: BlockAnalysis
     node_flops: dict[str, int] | None
-    variants: dict[tuple[RegionState, ...], Any] = field(default_factory=dict)
+    variants: dict[tuple[tuple[RegionState, ...], tuple[int, ...]], Any] = field(default_factory=dict)
     _probe: fx.GraphModule | None = None
     compiled_probe: Any = None
+    # (region index, token count) -> FLOPs of the region recomputed for that many tokens.
+    _partial_flops: dict[tuple[int, int], int | None] = field(default_factory=dict)
 
     def probe(self) -> fx.GraphModule | None:
         """Graph computing the block's modulated input only (TeaCache's signal); None if none."""
@@ -66,15 +70,48 @@ class SharedCapture:
             raise CaptureError(f"no block output has the stream's shape {tuple(shape)}")
         return placeholders.index(source), index
 
-    def variant(self, states: tuple[RegionState, ...], compiled: Any = None) -> Any:
-        """The graph for one combination of region states (``compiled``: wraps new graphs)."""
-        graph = self.variants.get(states)
+    def variant(
+        self, states: tuple[RegionState, ...], compiled: Any = None, counts: tuple[int, ...] | None = None
+    ) -> Any:
+        """The graph for one combination of region states (``compiled``: wraps new graphs).
+
+        ``counts``: token counts of ``PARTIAL`` regions (0 elsewhere); each count is a variant.
+        """
+        counts = tuple(counts) if counts is not None else (0,) * len(states)
+        key = (states, counts)
+        graph = self.variants.get(key)
         if graph is None:
-            graph = build_variant(self.captured.graph_module, self.analysis.regions, states)
+            graph = build_variant(self.captured.graph_module, self.analysis.regions, states, counts)
             if compiled is not None:
                 graph = compiled(graph)
-            self.variants[states] = graph
+            self.variants[key] = graph
         return graph
+
+    def partial_flops(self, index: int, count: int) -> int | None:
+        """FLOPs of region ``index`` recomputed for ``count`` tokens (gather/scatter included, which
+        count as zero, like every data movement), counted on the partial graph itself."""
+        key = (index, count)
+        if key not in self._partial_flops:
+            regions = self.analysis.regions
+            states = tuple(
+                RegionState.PARTIAL if i == index else RegionState.COMPUTE for i in range(len(regions))
+            )
+            counts = tuple(count if i == index else 0 for i in range(len(regions)))
+            # Outside any dispatch mode of the caller (a FlopCounterMode measuring this very call
+            # would otherwise count this bookkeeping run as work of the model).
+            with _disable_current_modes():
+                graph = build_variant(self.captured.graph_module, regions, states, counts)
+                node_flops = count_node_flops(graph)
+            if node_flops is None:
+                self._partial_flops[key] = None
+            else:
+                region = regions[index]
+                self._partial_flops[key] = sum(
+                    node_flops.get(n.name, 0)
+                    for n in graph.graph.nodes
+                    if n.meta.get("adacache_partial") == region.name or n.name in region.nodes
+                )
+        return self._partial_flops[key]
 
     @property
     def total_flops(self) -> int | None:
@@ -86,6 +123,21 @@ class Specialisation:
     shared: SharedCapture
     bound: BoundInputs
     branches: list[BranchInfo]
+
+
+def _analyse_tokens(captured: CapturedGraph, analysis: BlockAnalysis) -> None:
+    """Record on each region whether (and how) it can be recomputed for a subset of tokens."""
+    for region in analysis.regions:
+        try:
+            region.token_flow = analyse_token_flow(captured.graph_module, analysis, region)
+        except PartialComputeError as exc:
+            region.token_error = str(exc)
+        except Exception as exc:  # an analysis bug must cost the saving, never the model call
+            region.token_error = (
+                f"region {region.name!r}: partial-recompute analysis failed ({type(exc).__name__}: {exc}); "
+                "it computes fully when a plan asks for a token subset"
+            )
+            logger.info("adacache_fx: %s", region.token_error)
 
 
 class Uncached:
@@ -156,6 +208,7 @@ class CachedBlock(nn.Module):
             leaves = pytree.tree_leaves((args, kwargs))
             node_flops = count_node_flops(captured.graph_module, BoundInputs(captured, block)(leaves))
             analysis = analyse_block(captured, node_flops, temporal=_is_temporal(self.list_name))
+            _analyse_tokens(captured, analysis)
             shared = SharedCapture(captured, analysis, node_flops)
             runtime.shared_captures[key] = shared
             for note in analysis.notes:
@@ -190,14 +243,21 @@ class CachedBlock(nn.Module):
         if signal is not None:
             self._signal_before(spec, inputs, signal)
         cache = runtime.block_cache(self.path, signature)
-        states = runtime.region_states(spec.branches, cache)
-        graph = spec.shared.variant(states, runtime.compiled)
-        for info, state in zip(spec.branches, states):
+        regions = spec.shared.analysis.regions
+        states, tokens = runtime.region_plan(spec.branches, cache, regions)
+        counts = tuple(0 if t is None else int(t.shape[0]) for t in tokens)
+        graph = spec.shared.variant(states, runtime.compiled, counts)
+        flops: dict[str, int | None] = {}
+        for i, (info, state) in enumerate(zip(spec.branches, states)):
             if state == RegionState.REUSE:
                 inputs.extend(runtime.reuse_values(info, cache))
+            elif state == RegionState.PARTIAL:
+                inputs.append(tokens[i])
+                inputs.extend(cache.values[info.id])
+                flops[info.id] = spec.shared.partial_flops(i, counts[i])
         outputs = graph(*inputs)
         num_user = spec.shared.captured.num_user_outputs
-        runtime.after_block(spec.branches, states, cache, list(outputs[num_user:]))
+        runtime.after_block(spec.branches, states, cache, list(outputs[num_user:]), flops)
         if signal is not None and signal.kind == "first_blocks_residual" and self.depth == signal.blocks - 1:
             if runtime.stream_start is not None:
                 _, out_index = spec.shared.main_stream()

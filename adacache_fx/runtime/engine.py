@@ -36,6 +36,7 @@ class StepRecord:
     in_step_reuse: int = 0  # calls whose in-step decision reused at least one branch
     computed: int = 0  # branch executions that computed
     reused: int = 0  # branch executions that reused their cache
+    partial: int = 0  # branch executions that recomputed a token subset (Plan.partial)
     flops_computed: int = 0
     flops_total: int = 0
     calls: int = 0
@@ -138,6 +139,9 @@ class CacheRuntime:
         self.hooks: list[Any] = []
         self.compile_options: dict | None = None  # set by ax.compile: variants are torch.compile'd
         self.fixed: FixedPlan | None = None  # set while exporting one plan variant
+        self._warned_partial: set[str] = set()
+        # Token indices of this step's plan, moved to each device once per step.
+        self._tokens_on_device: dict[tuple[int, Any], torch.Tensor] = {}
 
     def compiled(self, graph: Any) -> Any:
         """``graph`` compiled with the options of :func:`adacache_fx.compile`, or as is."""
@@ -164,6 +168,7 @@ class CacheRuntime:
                 frames=self.read_frames(args, kwargs),
             )
             self.step_plan = self.policy.plan(self.context)
+            self._tokens_on_device.clear()
             self.records.append(
                 StepRecord(self.tracker.generation, self.tracker.step, timestep, len(self.step_plan.reuse))
             )
@@ -217,6 +222,7 @@ class CacheRuntime:
                     tags=region.tags,
                     flops=region.flops,
                     num_residuals=len(region.residuals),
+                    tokens=region.token_flow.tokens if region.token_flow is not None else None,
                 )
                 self.branches[branch_id] = info
             infos.append(info)
@@ -268,16 +274,73 @@ class CacheRuntime:
         )
 
     def region_states(self, infos: list[BranchInfo], cache: BlockCache) -> tuple[RegionState, ...]:
-        reuse = self.plan.reuse
-        states = []
-        for info in infos:
-            if info.id in reuse and info.id in cache.values:
+        """Region states for this call's plan, without partial recompute (see :meth:`region_plan`)."""
+        return self.region_plan(infos, cache)[0]
+
+    def region_plan(
+        self, infos: list[BranchInfo], cache: BlockCache, regions: list | None = None
+    ) -> tuple[tuple[RegionState, ...], tuple[torch.Tensor | None, ...]]:
+        """Region states for this call's plan, and the token indices of ``PARTIAL`` regions.
+
+        ``regions`` (the block's :class:`~adacache_fx.passes.residuals.Region` list at this call's
+        shape) says which can be recomputed for a token subset; without it nothing is partial.
+        """
+        reuse, partial = self.plan.reuse, self.plan.partial
+        states: list[RegionState] = []
+        tokens: list[torch.Tensor | None] = []
+        for i, info in enumerate(infos):
+            cached = info.id in cache.values
+            subset = partial.get(info.id) if partial and regions is not None else None
+            if subset is not None and cached:
+                flow = regions[i].token_flow
+                if flow is None:
+                    self._warn_partial(info, regions[i].token_error)
+                elif subset.numel() == 0:
+                    states.append(RegionState.REUSE)
+                    tokens.append(None)
+                    continue
+                else:
+                    states.append(RegionState.PARTIAL)
+                    tokens.append(self._tokens_for(info, subset, flow.tokens, cache.values[info.id][0]))
+                    continue
+            if info.id in reuse and cached:
                 states.append(RegionState.REUSE)
             elif self.policy.caches(info) or self.policy.watches(info):
                 states.append(RegionState.STORE)
             else:
                 states.append(RegionState.COMPUTE)
-        return tuple(states)
+            tokens.append(None)
+        return tuple(states), tuple(tokens)
+
+    def _warn_partial(self, info: BranchInfo, reason: str | None) -> None:
+        if info.id not in self._warned_partial:
+            self._warned_partial.add(info.id)
+            logger.warning(
+                "adacache_fx: %s asks to recompute %s for a token subset, which is not valid for it "
+                "(%s); it computes fully instead", type(self.policy).__name__, info.id, reason,
+            )
+
+    def _tokens_for(self, info: BranchInfo, subset: torch.Tensor, count: int, like: torch.Tensor) -> torch.Tensor:
+        """Validated int64 token indices on the cache's device (moved once per step)."""
+        key = (id(subset), like.device)
+        moved = self._tokens_on_device.get(key)
+        if moved is not None:
+            return moved
+        if subset.numel() > count:
+            raise PolicyError(
+                f"{type(self.policy).__name__} asks to recompute {subset.numel()} tokens of {info.id}, "
+                f"which has {count}"
+            )
+        if subset.device.type == "cpu":  # checked where it costs no device sync
+            low, high = int(subset.min()), int(subset.max())
+            if low < 0 or high >= count:
+                raise PolicyError(
+                    f"{type(self.policy).__name__}: token index {low if low < 0 else high} out of range "
+                    f"for {info.id}, which has {count} tokens (0..{count - 1})"
+                )
+        moved = subset.to(device=like.device, dtype=torch.long)
+        self._tokens_on_device[key] = moved
+        return moved
 
     def after_block(
         self,
@@ -285,7 +348,10 @@ class CacheRuntime:
         states: tuple[RegionState, ...],
         cache: BlockCache,
         stored: list[torch.Tensor],
+        partial_flops: dict[str, int | None] | None = None,
     ) -> None:
+        """Count what ran and keep what was stored. ``partial_flops``: FLOPs of each ``PARTIAL``
+        branch at its token count (unknown: counted as a full compute, never as a saving)."""
         record = self.records[-1] if self.records else None
         offset = 0
         for info, state in zip(infos, states):
@@ -297,9 +363,14 @@ class CacheRuntime:
                     record.reused += 1
                 continue
             if record is not None:
-                record.computed += 1
-                record.flops_computed += flops
-            if state == RegionState.STORE:
+                if state == RegionState.PARTIAL:
+                    record.partial += 1
+                    spent = (partial_flops or {}).get(info.id)
+                    record.flops_computed += flops if spent is None else spent
+                else:
+                    record.computed += 1
+                    record.flops_computed += flops
+            if state in (RegionState.STORE, RegionState.PARTIAL):
                 new = tuple(t.detach() for t in stored[offset:offset + info.num_residuals])
                 offset += info.num_residuals
                 previous = cache.values.get(info.id)

@@ -47,9 +47,11 @@ class Report:
 
     @property
     def compute_fraction(self) -> float | None:
-        """Fraction of branch executions that computed (since transform or the last reset)."""
+        """Fraction of branch executions that computed fully (since transform or the last reset);
+        token-subset recomputes (:attr:`StepRecord.partial`) count as not computed here, and
+        :attr:`flops_fraction` says what they cost."""
         computed = sum(s.computed for s in self.steps)
-        total = computed + sum(s.reused for s in self.steps)
+        total = computed + sum(s.reused + s.partial for s in self.steps)
         return computed / total if total else None
 
     @property
@@ -66,8 +68,12 @@ class Report:
         return branch.flops / denominator
 
     def plans(self) -> list[tuple[int, int, str]]:
-        """(generation, step, 'C'/'R' string per step: computed vs reused branch executions)."""
-        return [(s.generation, s.step, f"{s.computed}C/{s.reused}R") for s in self.steps]
+        """(generation, step, 'C'/'R' string per step: computed vs reused branch executions;
+        '/nP' is added for steps with token-subset recomputes)."""
+        return [
+            (s.generation, s.step, f"{s.computed}C/{s.reused}R" + (f"/{s.partial}P" if s.partial else ""))
+            for s in self.steps
+        ]
 
     def __str__(self) -> str:
         share_of = "model" if self.model_flops else "blocks"
@@ -95,15 +101,19 @@ class Report:
         for path, reason in self.uncached.items():
             lines.append(f"UNCACHED: {path}: {reason}")
         if self.steps:
+            with_partial = any(s.partial for s in self.steps)  # the column only when it says something
             rows = [
                 [str(s.generation), str(s.step), "-" if s.timestep is None else f"{s.timestep:g}",
-                 str(s.calls), str(s.computed), str(s.reused),
-                 f"{s.flops_computed / s.flops_total:.2f}" if s.flops_total else "-"]
+                 str(s.calls), str(s.computed), str(s.reused)]
+                + ([str(s.partial)] if with_partial else [])
+                + [f"{s.flops_computed / s.flops_total:.2f}" if s.flops_total else "-"]
                 for s in self.steps[-40:]
             ]
             if len(self.steps) > 40:
                 lines.append(f"(last 40 of {len(self.steps)} steps)")
-            lines.append(_table(["gen", "step", "timestep", "calls", "computed", "reused", "FLOP frac"], rows))
+            headers = ["gen", "step", "timestep", "calls", "computed", "reused"]
+            headers += (["partial"] if with_partial else []) + ["FLOP frac"]
+            lines.append(_table(headers, rows))
         cf, ff = self.compute_fraction, self.flops_fraction
         lines.append(
             f"compute_fraction {cf:.3f}, branch FLOP fraction {ff:.3f}" if cf is not None and ff is not None
