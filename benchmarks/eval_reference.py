@@ -38,9 +38,9 @@ def main() -> None:
     if judge_path.exists():
         judge = load_judge(judge_path)
     else:
-        judge = train_judge(num_clips=5000, epochs=4, seed=0)
+        judge = train_judge(num_clips=8000, epochs=5, seed=0)  # as `python -m adacache_fx.reference.judge`
         save_judge(judge, judge_path)
-    real, real_specs = make_dataset(1000, seed=7_777_777)
+    real, real_specs = make_dataset(2000, seed=7_777_777)
     model = load(args.weights)
     config = model.config
     _, specs = make_dataset(args.clips, seed=4242, frames=config.frames, size=config.size)
