@@ -39,6 +39,7 @@ def test_two_step_training_smoke_run(tmp_path):
     assert record["steps"] == 2 and all(torch.isfinite(torch.tensor(record["losses"])))
     assert (tmp_path / "w.safetensors").stat().st_size > 0
     assert (tmp_path / "w.step1.safetensors").stat().st_size > 0  # EMA snapshot
+    assert json.loads((tmp_path / "w.step1.loss.json").read_text())["steps"] == 1
     assert json.loads((tmp_path / "w.loss.json").read_text())["steps"] == 2
     load(tmp_path / "w.safetensors")
 

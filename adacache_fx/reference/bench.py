@@ -22,7 +22,8 @@ import torch
 
 from ..policies.base import Policy
 from .data import ClipSpec, make_dataset
-from .demo import DEFAULT_JUDGE, DEFAULT_WEIGHTS, PSNR_IDENTICAL, ClipRun, generate_clips, quality
+from .demo import (DEFAULT_JUDGE, DEFAULT_WEIGHTS, PSNR_IDENTICAL, REFERENCE_MOREG_SCALE, ClipRun,
+                   generate_clips, quality)
 from .model import load
 
 
@@ -36,29 +37,35 @@ class Point:
 
 
 def default_points() -> list[Point]:
-    """The sweep: each family over its knob, wide enough to span compute fractions 0.2-1."""
-    from ..policies.adacache import AdaCache
+    """The sweep: each family over its knob. The ranges were chosen on the bundled model (they span
+    compute fractions from about 0.27, AdaCache's largest rate, to 1); other models may need others."""
+    from ..policies.adacache import AdaCache, MoReg
+    from ..policies.duca import DuCa
     from ..policies.fastercache import FasterCache
     from ..policies.first_block import FirstBlockCache
     from ..policies.pab import PAB
     from ..policies.static import NoCache, Static
     from ..policies.taylorseer import TaylorSeer
     from ..policies.teacache import TeaCache
+    from ..policies.toca import ToCa
 
     points = [Point("no cache", "no cache", lambda n: NoCache())]
     points += [Point("Static", f"Static({k})", lambda n, k=k: Static(interval=k)) for k in (2, 3, 4, 6)]
-    scales = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+    scales = (0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.8, 1.0)
     points += [Point("AdaCache", f"AdaCache x{s:g}", lambda n, s=s: AdaCache.fast(n).with_threshold_scale(s))
                for s in scales]
+    moreg = MoReg(scale=REFERENCE_MOREG_SCALE)
     points += [Point("AdaCache+MoReg", f"AdaCache+MoReg x{s:g}",
-                     lambda n, s=s: AdaCache.fast(n, moreg=True).with_threshold_scale(s)) for s in scales]
-    points += [Point("TeaCache", f"TeaCache {d:g}", lambda n, d=d: TeaCache(delta=d)) for d in (0.05, 0.1, 0.2, 0.4)]
+                     lambda n, s=s: AdaCache.fast(n, moreg=moreg).with_threshold_scale(s)) for s in scales]
+    points += [Point("TeaCache", f"TeaCache {d:g}", lambda n, d=d: TeaCache(delta=d)) for d in (0.07, 0.1, 0.15, 0.2, 0.3, 0.4)]
     points += [Point("FirstBlockCache", f"FBCache {t:g}", lambda n, t=t: FirstBlockCache(threshold=t))
-               for t in (0.02, 0.05, 0.1, 0.2)]
+               for t in (0.1, 0.15, 0.2, 0.3, 0.4)]
     points += [Point("PAB", "PAB", lambda n: PAB())]
     points += [Point("TaylorSeer", f"TaylorSeer(Static({k}))", lambda n, k=k: TaylorSeer(Static(interval=k), order=2))
                for k in (2, 3, 4)]
     points += [Point("FasterCache", "FasterCache", lambda n: FasterCache(num_steps=n))]
+    points += [Point("DuCa", f"DuCa({k})", lambda n, k=k: DuCa(interval=k)) for k in (2, 3, 4)]
+    points += [Point("ToCa", f"ToCa({k})", lambda n, k=k: ToCa(interval=k, num_steps=n)) for k in (2, 3, 4)]
     return points
 
 
@@ -163,6 +170,7 @@ def run_bench(
         rows.append({
             "family": point.family, "label": point.label,
             "compute_fraction": float(np.mean([r.compute_fraction for r in runs])),
+            "flops_fraction": float(np.mean([r.flops_fraction for r in runs])),
             "seconds": seconds,
             "speedup": sum(r.seconds for r in reference) / seconds,
             "psnr": float(np.mean([s[0] for s in scores])),
@@ -194,7 +202,10 @@ def run_bench(
 
 
 def plot_pareto(rows: list[dict], path: Path, title: str) -> None:
-    """2x2: compute fraction and speed-up (x) against PSNR and attribute accuracy (y), per family."""
+    """2x2: branch-FLOP fraction and speed-up (x) against PSNR and attribute accuracy (y), per family.
+
+    The FLOP fraction rather than the count of branch executions: token-wise policies (DuCa, ToCa)
+    run branches on part of the tokens, which a count of executions cannot show."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,17 +215,17 @@ def plot_pareto(rows: list[dict], path: Path, title: str) -> None:
     families = list(dict.fromkeys(r["family"] for r in rows))
     colours = plt.get_cmap("tab10")
     for i, name in enumerate(families):
-        rs = sorted((r for r in rows if r["family"] == name), key=lambda r: r["compute_fraction"])
+        rs = sorted((r for r in rows if r["family"] == name), key=lambda r: r["flops_fraction"])
         style = dict(color=colours(i % 10), marker="o" if len(rs) > 1 else "*", markersize=5 if len(rs) > 1 else 10,
                      label=name)
-        for ax, x_key, y_key in [(axes[0][0], "compute_fraction", "psnr"), (axes[0][1], "speedup", "psnr"),
-                                 (axes[1][0], "compute_fraction", "attribute_accuracy"),
+        for ax, x_key, y_key in [(axes[0][0], "flops_fraction", "psnr"), (axes[0][1], "speedup", "psnr"),
+                                 (axes[1][0], "flops_fraction", "attribute_accuracy"),
                                  (axes[1][1], "speedup", "attribute_accuracy")]:
             ys = [min(r[y_key], 60.0) if y_key == "psnr" else r[y_key] for r in rs]
             ax.plot([r[x_key] for r in rs], ys, linestyle="-" if len(rs) > 1 else "none", **style)
-    for ax, (x, y) in zip(axes.flat, [("fraction of branches computed", "PSNR vs uncached (dB, capped at 60)"),
+    for ax, (x, y) in zip(axes.flat, [("fraction of branch FLOPs computed", "PSNR vs uncached (dB, capped at 60)"),
                                       ("wall-time speed-up", "PSNR vs uncached (dB, capped at 60)"),
-                                      ("fraction of branches computed", "judge accuracy (shape, colour, direction)"),
+                                      ("fraction of branch FLOPs computed", "judge accuracy (shape, colour, direction)"),
                                       ("wall-time speed-up", "judge accuracy (shape, colour, direction)")]):
         ax.set_xlabel(x)
         ax.set_ylabel(y)

@@ -88,22 +88,30 @@ def train(
         bar.update(1)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        if save_every and step % save_every == 0:  # a snapshot of the EMA weights, to evaluate meanwhile
+        if save_every and step % save_every == 0 and step < total:
+            # A snapshot of the EMA weights with its loss curve; equal to what `steps=step` would
+            # give: the data, the noise and the learning-rate schedule do not depend on `steps`.
             ema.store(params)
             ema.copy_to(params)
-            save(Path(out).with_suffix(f".step{step}.safetensors"), model)
+            _write(Path(out).with_suffix(f".step{step}.safetensors"), model, losses, time.perf_counter() - start,
+                   dict(batch=batch, lr=lr, ema_decay=ema_decay, seed=seed))
             ema.restore(params)
     bar.close()
-    seconds = time.perf_counter() - start
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     ema.copy_to(params)
-    save(out, model.eval())
-    record = {"steps": step, "seconds": round(seconds, 1), "batch": batch, "lr": lr, "ema_decay": ema_decay,
-              "seed": seed, "prediction_type": config.prediction_type,
+    model.eval()
+    return _write(Path(out), model, losses, time.perf_counter() - start,
+                  dict(batch=batch, lr=lr, ema_decay=ema_decay, seed=seed))
+
+
+def _write(path: Path, model, losses: list[float], seconds: float, settings: dict) -> dict:
+    """Save the weights, and the loss record (JSON) and curve (PNG) beside them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save(path, model)
+    record = {"steps": len(losses), "seconds": round(seconds, 1), **settings,
+              "prediction_type": model.config.prediction_type,
               "final_loss_mean_100": float(np.mean(losses[-100:])) if losses else None, "losses": losses}
-    out.with_suffix(".loss.json").write_text(json.dumps(record))
-    _plot(losses, out.with_suffix(".loss.png"))
+    path.with_suffix(".loss.json").write_text(json.dumps(record))
+    _plot(losses, path.with_suffix(".loss.png"))
     return record
 
 
