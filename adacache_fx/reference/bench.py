@@ -55,8 +55,11 @@ def default_points() -> list[Point]:
     points += [Point("AdaCache", f"AdaCache x{s:g}", lambda n, s=s: AdaCache.fast(n).with_threshold_scale(s))
                for s in scales]
     moreg = MoReg(scale=REFERENCE_MOREG_SCALE)
+    # MoReg multiplies the metric by up to hundreds on this model (demo trace), so its thresholds
+    # need larger scales to reach the same compute fractions.
     points += [Point("AdaCache+MoReg", f"AdaCache+MoReg x{s:g}",
-                     lambda n, s=s: AdaCache.fast(n, moreg=moreg).with_threshold_scale(s)) for s in scales]
+                     lambda n, s=s: AdaCache.fast(n, moreg=moreg).with_threshold_scale(s))
+               for s in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)]
     points += [Point("TeaCache", f"TeaCache {d:g}", lambda n, d=d: TeaCache(delta=d)) for d in (0.07, 0.1, 0.15, 0.2, 0.3, 0.4)]
     points += [Point("FirstBlockCache", f"FBCache {t:g}", lambda n, t=t: FirstBlockCache(threshold=t))
                for t in (0.1, 0.15, 0.2, 0.3, 0.4)]
