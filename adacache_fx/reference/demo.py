@@ -83,13 +83,16 @@ def generate_clips(
     """
     api.transform(model.transformer, policy)
     tokens, mask = encode_captions(specs, max_len=model.config.max_tokens)
-    generate(model, tokens[:1], mask[:1], num_steps=2, seed=seed)
+    with api.generation(model.transformer, num_steps=2):
+        generate(model, tokens[:1], mask[:1], num_steps=2, seed=seed)
     runs = []
     for i in range(len(specs)):
         api.reset(model.transformer)
         start = time.perf_counter()
-        video = generate(model, tokens[i:i + 1], mask[i:i + 1], num_steps=num_steps,
-                         guidance_scale=guidance_scale, seed=seed + i)[0]
+        # The generation context tells every policy the step count (Static's last step, windows).
+        with api.generation(model.transformer, num_steps=num_steps):
+            video = generate(model, tokens[i:i + 1], mask[i:i + 1], num_steps=num_steps,
+                             guidance_scale=guidance_scale, seed=seed + i)[0]
         seconds = time.perf_counter() - start
         report = api.report(model.transformer)
         runs.append(ClipRun(video, seconds, report.compute_fraction, report.flops_fraction,
