@@ -16,6 +16,8 @@ STEPS = 20
 POLICIES = {
     "static": lambda: ax.Static(2),
     "adacache": lambda: ax.AdaCache(codebook=((0.5, 3), (1e9, 1)), num_steps=STEPS),
+    # Forecasting reuse: the runner adds the policy's extrapolated residuals, as eager does.
+    "taylorseer": lambda: ax.TaylorSeer(ax.Static(3), order=2),
 }
 
 
@@ -26,7 +28,7 @@ def _sample(out):
 @pytest.mark.parametrize(
     "name, policy_name",
     [("dit", "static"), ("latte", "static"), ("wan", "static"), ("flux", "static"), ("cogvideox", "static"),
-     ("latte", "adacache")],
+     ("latte", "adacache"), ("dit", "taylorseer")],
 )
 def test_runner_reproduces_eager_plans_and_outputs(name, policy_name, tmp_path):
     entry = ZOO[name]

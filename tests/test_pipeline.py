@@ -305,6 +305,8 @@ PIPELINE_POLICIES = {
     "first_block_cache": lambda: ax.FirstBlockCache(threshold=1e9),
     "taylorseer": lambda: ax.TaylorSeer(ax.Static(interval=3), order=2),
     "fastercache": lambda: ax.FasterCache(interval=2, start=0.2),
+    # CFG-Cache on the pipelines' own batched guidance (diffusers: uncond first).
+    "fastercache_cfg": lambda: ax.FasterCache(interval=2, start=0.2, cfg_cache=True, cfg_layout="uncond_first"),
     "duca": lambda: ax.DuCa(interval=2, early_full=1, ratio=0.5),
     "toca": lambda: ax.ToCa(interval=2, early_full=1, ratio=0.2, num_steps=STEPS),
 }

@@ -242,6 +242,9 @@ class VariantRunner:
         self.policy.setup(self.branches)
         self.plans: list[tuple[str, ...]] = []  # the reuse set actually run at each step
         self.caches: dict[str, tuple[torch.Tensor, ...]] = {}
+        # (step, residuals) of earlier computes, for policies that forecast reused residuals.
+        self.history: dict[str, list[tuple[int, tuple[torch.Tensor, ...]]]] = {}
+        self._warned: set[str] = set()
         self.step = -1
         self.generation = -1
         self.num_steps: int | None = None
@@ -250,6 +253,7 @@ class VariantRunner:
         """Begin a generation: fresh caches and policy state."""
         self.policy.reset()
         self.caches = {}
+        self.history = {}
         self.plans = []
         self.step = -1
         self.generation += 1
@@ -271,12 +275,14 @@ class VariantRunner:
             generation=self.generation, branches=self.branches, frames=self.exported.frames,
         )
         plan: Plan = self.policy.plan(ctx)
+        self._warn_unsupported(plan)
         reuse = tuple(sorted(b for b in plan.reuse if b in self.caches))
         variant = self.exported.variant(reuse)
         _, tensors, _ = _tensor_inputs(kwargs)
         feeds = dict(zip(self.exported.input_names, tensors))
+        added = {branch: self._reused(ctx, branch) for branch in reuse}
         for (branch, i), name in zip(variant.cache_in, variant.input_names[len(tensors):]):
-            feeds[name] = self.caches[branch][i]
+            feeds[name] = added[branch][i]
         results = self._execute(variant, feeds)
         stored: dict[str, list[torch.Tensor]] = {}
         for (branch, _), value in zip(variant.cache_out, results[1:]):
@@ -288,8 +294,30 @@ class VariantRunner:
                 self.policy.observe(ctx, info, new, self.caches.get(branch))
             if self.policy.caches(info):
                 self.caches[branch] = new
+                keep = self.policy.history(info)
+                if keep > 1:
+                    past = self.history.setdefault(branch, [])
+                    past.append((self.step, new))
+                    del past[:-keep]
         self.plans.append(reuse)
         return results[0]
+
+    def _reused(self, ctx: StepContext, branch: str) -> tuple[torch.Tensor, ...]:
+        """What a reused branch adds: the policy's forecast (as in eager), or its last residuals."""
+        history = self.history.get(branch) or [(-1, self.caches[branch])]
+        forecast = self.policy.forecast(ctx, self._info[branch], history)
+        return tuple(forecast) if forecast is not None else self.caches[branch]
+
+    def _warn_unsupported(self, plan: Plan) -> None:
+        """Plan parts the exported variants cannot run yet: computed in full (exact, no saving)."""
+        for name, asked in (("partial", bool(plan.partial)), ("skip_uncond", plan.skip_uncond)):
+            if asked and name not in self._warned:
+                self._warned.add(name)
+                logger.warning(
+                    "adacache_fx: %s plans Plan.%s, which exported runners do not run yet; those "
+                    "branches / the uncond half compute in full (exact, without that saving)",
+                    type(self.policy).__name__, name,
+                )
 
 
 class Runner(VariantRunner):

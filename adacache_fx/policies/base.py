@@ -77,10 +77,17 @@ class Plan:
 
     A branch listed in either that has no cache yet (first step, new input shape) computes instead;
     the report counts what actually ran. ``partial`` takes no part in equality or hashing.
+
+    ``skip_uncond``: for a batched classifier-free-guidance call (cond and uncond halves in one batch
+    laid out as :meth:`Policy.guidance_layout` says), run the model on the conditional half only and
+    let the policy rebuild the unconditional output (:meth:`Policy.rebuild_uncond`; FasterCache's
+    CFG-Cache). Blocks then see the conditional rows of their caches, and what they store updates
+    those rows only.
     """
 
     reuse: frozenset[str] = frozenset()
     partial: Mapping[str, torch.Tensor] = field(default_factory=dict, compare=False, hash=False)
+    skip_uncond: bool = False
 
     def __post_init__(self) -> None:
         if not self.partial:
@@ -110,6 +117,8 @@ _COMPUTE_ALL = Plan()
 
 #: Signals a policy can read inside a step (see :class:`InStepSignal`).
 SIGNAL_KINDS = ("modulated_input", "first_blocks_residual")
+#: Orders of the two halves of a batched classifier-free-guidance call (:meth:`Policy.guidance_layout`).
+GUIDANCE_LAYOUTS = ("uncond_first", "cond_first")
 
 
 @dataclass(frozen=True)
@@ -181,6 +190,21 @@ class Policy:
         history (oldest first). None: add the last computed residuals as they are (plain reuse).
         Forecasting policies (TaylorSeer, FasterCache) extrapolate instead."""
         return None
+
+    def guidance_layout(self) -> str | None:
+        """How a batched guidance call orders its halves, for policies that plan
+        :attr:`Plan.skip_uncond`: ``"uncond_first"`` (diffusers' pipelines: ``cat([negative,
+        positive])``) or ``"cond_first"``. None (default): the policy never skips the uncond half, and
+        the runtime leaves model calls whole."""
+        return None
+
+    def observe_guidance(self, ctx: StepContext, output: int, cond: torch.Tensor, uncond: torch.Tensor) -> None:
+        """A full guidance call ran: its ``output``-th output tensor, split into its halves."""
+
+    def rebuild_uncond(self, ctx: StepContext, output: int, cond: torch.Tensor) -> torch.Tensor:
+        """The unconditional half of the ``output``-th output tensor of a call that ran the
+        conditional half only (:attr:`Plan.skip_uncond`)."""
+        raise NotImplementedError(f"{type(self).__name__} plans skip_uncond but has no rebuild_uncond()")
 
     def in_step_signal(self) -> InStepSignal | None:
         """The signal :meth:`decide` needs, for policies that decide inside a step."""

@@ -67,6 +67,10 @@ def default_points() -> list[Point]:
     points += [Point("TaylorSeer", f"TaylorSeer(Static({k}))", lambda n, k=k: TaylorSeer(Static(interval=k), order=2))
                for k in (2, 3, 4)]
     points += [Point("FasterCache", "FasterCache", lambda n: FasterCache(num_steps=n))]
+    # CFG-Cache on the reference sampler's batched guidance, which puts the cond half first.
+    points += [Point("FasterCache", f"FasterCache+CFG-Cache /{k}",
+                     lambda n, k=k: FasterCache(num_steps=n, cfg_cache=True, cfg_layout="cond_first", cfg_interval=k))
+               for k in (3, 5)]
     points += [Point("DuCa", f"DuCa({k})", lambda n, k=k: DuCa(interval=k)) for k in (2, 3, 4)]
     points += [Point("ToCa", f"ToCa({k})", lambda n, k=k: ToCa(interval=k, num_steps=n)) for k in (2, 3, 4)]
     return points

@@ -219,7 +219,8 @@ class CachedBlock(nn.Module):
                     self.path, type(block).__name__,
                 )
         infos = runtime.register_block(self.path, self.list_name, self.index, shared.analysis.regions)
-        runtime.block_flops[self.path] = shared.total_flops
+        if not runtime.cond_only:  # a cond-only guidance call's capture counts half the rows
+            runtime.block_flops[self.path] = shared.total_flops
         self.depth = runtime.block_order.index(self.path)
         spec = Specialisation(shared, BoundInputs(shared.captured, block), infos)
         self._specialisations[signature] = spec

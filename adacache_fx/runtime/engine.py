@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.utils._pytree as pytree
 
 from ..passes.rewrite import RegionState
 from ..errors import PolicyError
-from ..policies.base import BranchInfo, InStepSignal, Plan, Policy, StepContext
+from ..policies.base import GUIDANCE_LAYOUTS, BranchInfo, InStepSignal, Plan, Policy, StepContext
+from . import guidance
 from .steps import StepTracker
 
 logger = logging.getLogger("adacache_fx")
@@ -40,6 +42,7 @@ class StepRecord:
     flops_computed: int = 0
     flops_total: int = 0
     calls: int = 0
+    cond_only: int = 0  # calls that ran the cond half of batched guidance only (Plan.skip_uncond)
 
 
 @dataclass
@@ -57,6 +60,10 @@ class BlockCache:
     values: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     # Earlier computed residuals, for policies that forecast from more than the last one.
     history: dict[str, list[tuple[int, tuple[torch.Tensor, ...]]]] = field(default_factory=dict)
+    # Set on the cond-rows view a block gets in a cond-only guidance call: the full-batch cache that
+    # what it stores is merged into (None: there is none yet, and nothing is stored).
+    parent: "BlockCache | None" = None
+    view: bool = False
 
 
 def _timestep_reader(model: nn.Module):
@@ -120,6 +127,14 @@ class CacheRuntime:
         self.read_timestep, self.timestep_arg = _timestep_reader(model)
         self.read_frames = _frames_reader(model)
         self.signal: InStepSignal | None = policy.in_step_signal()
+        self.guidance_layout: str | None = policy.guidance_layout()
+        if self.guidance_layout is not None and self.guidance_layout not in GUIDANCE_LAYOUTS:
+            raise PolicyError(
+                f"{type(policy).__name__}.guidance_layout() returned {self.guidance_layout!r}; "
+                f"valid: {', '.join(GUIDANCE_LAYOUTS)}"
+            )
+        self.cond_only = False  # this call runs the cond half of a guidance batch only
+        self.call_rows: int | None = None  # batch of this call as the pipeline made it
         self.step_plan: Plan = Plan.compute_all()
         self.stream_start: torch.Tensor | None = None  # main stream entering block 0, this call
         self.branches: dict[str, BranchInfo] = {}
@@ -150,9 +165,10 @@ class CacheRuntime:
         return torch.compile(graph, **self.compile_options)
 
     # -- model call boundaries -------------------------------------------------------------
-    def on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        self.cond_only = False
         if self.fixed is not None:
-            return
+            return None
         timestep = self.read_timestep(args, kwargs) if self.read_timestep else None
         event = self.tracker.on_call(timestep)
         if event.new_generation:
@@ -176,13 +192,44 @@ class CacheRuntime:
         self.plan = self.step_plan
         self.stream_start = None
         self.records[-1].calls += 1
+        if self.guidance_layout is None:
+            return None
+        self.call_rows = guidance.call_batch(args, kwargs)
+        if not self.plan.skip_uncond or self.call_rows is None:
+            return None
+        self.cond_only = True
+        self.records[-1].cond_only += 1
+        return guidance.halve_call(args, kwargs, self.call_rows, self.guidance_layout, type(self.policy).__name__)
 
-    def after_model_call(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def after_model_call(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if self.fixed is not None:
-            return
+            return None
         if not self._policy_ready and self.branches:
             self._policy_ready = True
             self.policy.setup(tuple(self.branches.values()))
+        if self.guidance_layout is None or self.context is None or self.call_rows is None:
+            return None
+        return self._guidance_output(output)
+
+    def _guidance_output(self, output: Any) -> Any:
+        """Show a full guidance call's output halves to the policy, or rebuild a cond-only call's."""
+        layout, rows = self.guidance_layout, self.call_rows
+        leaves, spec = pytree.tree_flatten(output)
+        if not self.cond_only:
+            if rows % 2 == 0:
+                for index, leaf in enumerate(leaves):
+                    if isinstance(leaf, torch.Tensor) and leaf.ndim > 0 and leaf.shape[0] == rows:
+                        self.policy.observe_guidance(
+                            self.context, index, guidance.cond_half(leaf, layout), guidance.uncond_half(leaf, layout)
+                        )
+            return None
+        self.cond_only = False
+        rebuilt = [
+            guidance.join_halves(leaf, self.policy.rebuild_uncond(self.context, index, leaf), layout)
+            if isinstance(leaf, torch.Tensor) and leaf.ndim > 0 and leaf.shape[0] == rows // 2 else leaf
+            for index, leaf in enumerate(leaves)
+        ]
+        return pytree.tree_unflatten(rebuilt, spec)
 
     def begin_generation(self, num_steps: int | None) -> None:
         self.tracker.start_generation(num_steps, explicit=True)
@@ -251,6 +298,8 @@ class CacheRuntime:
     def block_cache(self, block_path: str, signature: Any) -> BlockCache:
         key = (self.tracker.slot, block_path)
         cache = self.caches.get(key)
+        if self.cond_only:
+            return self._cond_rows_view(cache, signature)
         if cache is None or cache.signature != signature:
             if cache is not None and block_path not in self._warned_respecialise:
                 self._warned_respecialise.add(block_path)
@@ -263,6 +312,16 @@ class CacheRuntime:
             cache = BlockCache(signature)
             self.caches[key] = cache
         return cache
+
+    def _cond_rows_view(self, full: BlockCache | None, signature: Any) -> BlockCache:
+        """What a block sees in a cond-only guidance call: the cond rows of its full-batch cache."""
+        view = BlockCache(signature, parent=full, view=True)
+        if full is not None:
+            layout = self.guidance_layout
+            view.values = {k: guidance.rows_view(v, layout) for k, v in full.values.items()}
+            view.history = {k: [(s, guidance.rows_view(v, layout)) for s, v in past]
+                            for k, past in full.history.items()}
+        return view
 
     def fixed_states(self, infos: list[BranchInfo]) -> tuple[RegionState, ...]:
         """Region states under a :class:`FixedPlan` (export): reuse what it names, store the rest."""
@@ -369,18 +428,26 @@ class CacheRuntime:
                     record.flops_computed += flops if spent is None else spent
                 else:
                     record.computed += 1
-                    record.flops_computed += flops
+                    # A cond-only guidance call computes half the rows the branch's FLOPs were counted for.
+                    record.flops_computed += flops // 2 if cache.view else flops
             if state in (RegionState.STORE, RegionState.PARTIAL):
                 new = tuple(t.detach() for t in stored[offset:offset + info.num_residuals])
                 offset += info.num_residuals
                 previous = cache.values.get(info.id)
                 if self.policy.watches(info) and self.context is not None:
                     self.policy.observe(self.context, info, new, previous)
+                target = cache
+                if cache.view:
+                    # Cond rows only: merged into the full-batch cache, whose uncond rows stay as they were.
+                    target = cache.parent
+                    if target is None or info.id not in target.values or not self.policy.caches(info):
+                        continue
+                    new = guidance.merge_rows(target.values[info.id], new, self.guidance_layout)
                 if self.policy.caches(info):
-                    cache.values[info.id] = new
+                    target.values[info.id] = new
                     keep = self.policy.history(info)
                     if keep > 1:
-                        past = cache.history.setdefault(info.id, [])
+                        past = target.history.setdefault(info.id, [])
                         past.append((self.tracker.step, new))
                         del past[:-keep]
 

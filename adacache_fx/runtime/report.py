@@ -48,8 +48,9 @@ class Report:
     @property
     def compute_fraction(self) -> float | None:
         """Fraction of branch executions that computed fully (since transform or the last reset);
-        token-subset recomputes (:attr:`StepRecord.partial`) count as not computed here, and
-        :attr:`flops_fraction` says what they cost."""
+        token-subset recomputes (:attr:`StepRecord.partial`) count as not computed here, branches
+        of cond-only guidance calls (:attr:`Plan.skip_uncond`) as computed, and :attr:`flops_fraction`
+        says what both cost."""
         computed = sum(s.computed for s in self.steps)
         total = computed + sum(s.reused + s.partial for s in self.steps)
         return computed / total if total else None
@@ -69,9 +70,11 @@ class Report:
 
     def plans(self) -> list[tuple[int, int, str]]:
         """(generation, step, 'C'/'R' string per step: computed vs reused branch executions;
-        '/nP' is added for steps with token-subset recomputes)."""
+        '/nP' is added for steps with token-subset recomputes, '/cond-only' for steps that ran the
+        cond half of batched guidance only)."""
         return [
-            (s.generation, s.step, f"{s.computed}C/{s.reused}R" + (f"/{s.partial}P" if s.partial else ""))
+            (s.generation, s.step, f"{s.computed}C/{s.reused}R" + (f"/{s.partial}P" if s.partial else "")
+             + ("/cond-only" if s.cond_only else ""))
             for s in self.steps
         ]
 

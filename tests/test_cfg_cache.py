@@ -1,0 +1,142 @@
+"""FasterCache's CFG-Cache: the frequency split on known signals, its schedule, and the runtime's
+cond-only guidance calls checked against the untransformed model step by step."""
+
+import math
+
+import pytest
+import torch
+
+import adacache_fx as ax
+from adacache_fx.policies.fastercache import from_spectrum, low_frequency_mask, split_frequencies
+from adacache_fx.zoo import ZOO
+
+STEPS = 12
+
+
+def _wave(cycles_y: int, cycles_x: int, size: int = 32) -> torch.Tensor:
+    y = torch.arange(size).view(-1, 1) / size
+    x = torch.arange(size).view(1, -1) / size
+    return torch.cos(2 * math.pi * (cycles_y * y + cycles_x * x))
+
+
+def test_frequency_split_separates_a_known_low_and_high_wave():
+    low_wave, high_wave = _wave(1, 1), _wave(0, 9)  # |f| = 1.4 inside the radius-6 disc, 9 outside
+    signal = (2.0 * low_wave + 0.5 * high_wave).expand(2, 3, 32, 32)
+    low, high = split_frequencies(signal)
+    assert torch.allclose(from_spectrum(low), 2.0 * low_wave.expand_as(signal), atol=1e-5)
+    assert torch.allclose(from_spectrum(high), 0.5 * high_wave.expand_as(signal), atol=1e-5)
+    mask = low_frequency_mask(32, 32)
+    assert mask[16, 16] and mask[16, 22] and not mask[16, 23]  # radius min(H, W) // 5 = 6
+
+
+def test_rebuild_weights_each_band_by_stage():
+    policy = ax.FasterCache(cfg_cache=True, alpha=0.2, cfg_split=0.5, num_steps=10)
+    cond = torch.randn(1, 4, 2, 32, 32, generator=torch.Generator().manual_seed(0))
+    low_bias, high_bias = 0.3 * _wave(1, 0), -0.2 * _wave(7, 5)
+    uncond = cond + low_bias + high_bias
+    policy.observe_guidance(None, 0, cond, uncond)
+    ctx = lambda step: ax.StepContext(step=step, num_steps=10, timestep=None, generation=0, branches=())
+    early = policy.rebuild_uncond(ctx(2), 0, cond)
+    late = policy.rebuild_uncond(ctx(8), 0, cond)
+    assert torch.allclose(early, cond + 1.2 * low_bias + high_bias, atol=1e-5)
+    assert torch.allclose(late, cond + low_bias + 1.2 * high_bias, atol=1e-5)
+    plain = ax.FasterCache(cfg_cache=True, alpha=0.0, num_steps=10)
+    plain.observe_guidance(None, 0, cond, uncond)
+    assert torch.allclose(plain.rebuild_uncond(ctx(8), 0, cond), uncond, atol=1e-6)
+
+
+def test_cfg_schedule_skips_all_but_every_interval_step_from_start():
+    policy = ax.FasterCache(cfg_cache=True, cfg_start=0.3, cfg_interval=5)
+    skips = [s for s in range(20) if policy.skips_uncond(s, 20)]
+    assert skips == [7, 8, 9, 10, 12, 13, 14, 15, 17, 18]  # full at 6, 11, 16 and the last step
+    assert not any(ax.FasterCache().skips_uncond(s, 20) for s in range(20))  # off by default
+
+
+def test_bad_settings_say_what_is_wrong():
+    with pytest.raises(ValueError, match="cfg_layout"):
+        ax.FasterCache(cfg_cache=True, cfg_layout="cond_last")
+    with pytest.raises(ValueError, match="cfg_interval"):
+        ax.FasterCache(cfg_cache=True, cfg_interval=1)
+    policy = ax.FasterCache(cfg_cache=True, alpha=0.2)
+    with pytest.raises(ax.PolicyError, match="alpha=0"):
+        policy.observe_guidance(None, 0, torch.zeros(2, 16, 8), torch.ones(2, 16, 8))
+
+
+def _step_inputs(entry, step):
+    return entry.inputs(timestep=999.0 - step * 999.0 / STEPS, batch=2, seed=step)
+
+
+@pytest.mark.parametrize("layout", ["uncond_first", "cond_first"])
+@pytest.mark.parametrize("name", ["latte", "pixart"])
+def test_cond_only_steps_match_the_model_on_the_cond_half(name, layout):
+    """Attention reuse off (start past the end): every step's output must equal the untransformed
+    model's on full steps, and on skipped ones its cond-half output plus the last stored bias."""
+    entry = ZOO[name]
+    original = entry.build()
+    model = entry.build()
+    model.load_state_dict(original.state_dict())
+    policy = ax.FasterCache(start=0.99, cfg_cache=True, cfg_layout=layout, cfg_start=0.2, cfg_interval=3, alpha=0.0)
+    ax.transform(model, policy)
+    rows_seen = []
+    model.transformer_blocks[0].register_forward_pre_hook(
+        lambda module, args, kwargs: rows_seen.append(kwargs.get("hidden_states", args[0] if args else None).shape[0]),
+        with_kwargs=True,
+    )
+    cond_rows = slice(1, 2) if layout == "uncond_first" else slice(0, 1)
+    uncond_rows = slice(0, 1) if layout == "uncond_first" else slice(1, 2)
+    bias, skipped = None, []
+    with torch.no_grad(), ax.generation(model, num_steps=STEPS):
+        for step in range(STEPS):
+            inputs = _step_inputs(entry, step)
+            out = entry.output(model(**inputs))
+            full = entry.output(original(**inputs))
+            if policy.skips_uncond(step, STEPS):
+                skipped.append(step)
+                half = {k: (v[cond_rows] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == 2 else v)
+                        for k, v in inputs.items()}
+                cond = entry.output(original(**half))
+                assert torch.allclose(out[cond_rows], cond, atol=1e-5)
+                assert torch.allclose(out[uncond_rows], cond + bias, atol=1e-5)
+            else:
+                assert torch.allclose(out, full, atol=1e-5)
+                bias = full[uncond_rows] - full[cond_rows]
+    assert skipped == [3, 4, 6, 7, 9, 10]
+    first_block_rows = rows_seen[:: len(rows_seen) // STEPS] if len(rows_seen) > STEPS else rows_seen
+    assert sorted(set(rows_seen)) == [rows_seen[0] // 2, rows_seen[0]], first_block_rows
+    report = ax.report(model)
+    assert report.flops_fraction < 1.0, str(report)
+    assert [s.cond_only for s in report.steps] == [int(s in skipped) for s in range(STEPS)]
+
+
+def test_cond_only_steps_update_only_the_cond_rows_of_the_caches():
+    """With attention reuse on, a cond-only step that computes attention refreshes the cond rows of
+    its cached residual and leaves the uncond rows as the last full step stored them."""
+    entry = ZOO["latte"]
+    model = ax.transform(entry.build(), ax.FasterCache(interval=2, start=0.0, cfg_cache=True, cfg_start=0.0,
+                                                        cfg_interval=4))
+    runtime = ax.get_runtime(model)
+    policy = runtime.policy
+    with torch.no_grad(), ax.generation(model, num_steps=STEPS):
+        before = None
+        checked = 0
+        for step in range(STEPS):
+            model(**_step_inputs(entry, step))
+            after = {k: v[0].clone() for k, v in runtime.cached_residuals().items()}
+            if before is not None and policy.skips_uncond(step, STEPS) and runtime.records[-1].computed:
+                for branch, value in after.items():
+                    if branch in before and runtime.records[-1].reused == 0:
+                        rows = value.shape[0] // 2
+                        assert torch.equal(value[:rows], before[branch][:rows])  # uncond (first) rows kept
+                        assert not torch.equal(value[rows:], before[branch][rows:])
+                        checked += 1
+            before = after
+    assert checked > 0, "no cond-only step computed attention: the test showed nothing"
+
+
+def test_odd_batch_with_cfg_cache_is_a_clear_error():
+    entry = ZOO["latte"]
+    model = ax.transform(entry.build(), ax.FasterCache(cfg_cache=True, cfg_start=0.0, cfg_interval=2))
+    with torch.no_grad(), ax.generation(model, num_steps=4):
+        model(**entry.inputs(timestep=999.0, batch=3))
+        with pytest.raises(ax.PolicyError, match="batch 3"):
+            model(**entry.inputs(timestep=750.0, batch=3))
