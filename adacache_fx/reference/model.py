@@ -105,7 +105,7 @@ def save(path: str | Path, model: ReferenceModel) -> None:
     """One safetensors file holding both modules (``transformer.*``, ``encoder.*``) and the config."""
     from safetensors.torch import save_file
 
-    tensors = {f"{name}.{k}": v.detach().contiguous()
+    tensors = {f"{name}.{k}": v.detach().cpu().contiguous()
                for name, module in model.modules().items() for k, v in module.state_dict().items()}
     metadata = {"config": json.dumps(asdict(model.config)), "format": _FORMAT}
     save_file(tensors, str(path), metadata=metadata)

@@ -37,14 +37,21 @@ def train(
     seed: int = 0,
     save_every: int | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> dict:
-    """Train until ``steps`` or ``minutes`` (whichever comes first); returns the loss record."""
+    """Train until ``steps`` or ``minutes`` (whichever comes first); returns the loss record.
+
+    ``device``: where to train ("cuda" trains the same recipe in minutes). Clips are rendered on the
+    CPU from the same seeds everywhere; the noise and caption dropout are drawn on ``device``, so runs
+    on different devices are each reproducible but not equal to one another.
+    """
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
     torch.manual_seed(seed)
+    device = torch.device(device)
     model = build(config)
-    transformer, encoder = model.transformer, model.encoder
+    transformer, encoder = model.transformer.to(device), model.encoder.to(device)
     transformer.train()
     encoder.train()
     scheduler = DDPMScheduler(num_train_timesteps=config.train_timesteps, beta_schedule="squaredcos_cap_v2",
@@ -62,12 +69,13 @@ def train(
     while step < total and (minutes is None or time.perf_counter() - start < 60 * minutes):
         videos, specs = make_dataset(batch, seed=seed * 1_000_003 + step, frames=config.frames, size=config.size)
         tokens, mask = encode_captions(specs, max_len=config.max_tokens)
-        drop = torch.rand(batch) < 0.1
+        videos, tokens, mask = videos.to(device), tokens.to(device), mask.to(device)
+        drop = torch.rand(batch, device=device) < 0.1
         empty_tokens, empty_mask = empty_caption(tokens, mask)
         tokens = torch.where(drop[:, None], empty_tokens, tokens)
         mask = torch.where(drop[:, None], empty_mask, mask)
         noise = torch.randn_like(videos)
-        t = torch.randint(0, config.train_timesteps, (batch,))
+        t = torch.randint(0, config.train_timesteps, (batch,), device=device)
         noisy = scheduler.add_noise(videos, noise, t)
         prediction = transformer(
             hidden_states=noisy, encoder_hidden_states=encoder(tokens, mask), timestep=t,
@@ -98,6 +106,8 @@ def train(
             ema.restore(params)
     bar.close()
     ema.copy_to(params)
+    model.transformer.cpu()
+    model.encoder.cpu()
     model.eval()
     return _write(Path(out), model, losses, time.perf_counter() - start,
                   dict(batch=batch, lr=lr, ema_decay=ema_decay, seed=seed))
@@ -146,9 +156,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu (the shipped weights) or cuda")
     args = parser.parse_args()
     record = train(args.out, steps=args.steps, minutes=args.minutes, batch=args.batch, lr=args.lr, seed=args.seed,
-                   save_every=args.save_every)
+                   save_every=args.save_every, device=args.device)
     print(f"{record['steps']} steps in {record['seconds']} s; mean loss of the last 100: {record['final_loss_mean_100']}")
 
 
