@@ -1,0 +1,152 @@
+"""Rewrite a captured block graph into one graph with a run-time decision per cached region.
+
+Where :func:`~.rewrite.build_variant` makes one control-flow-free graph per plan, this makes a single
+graph for every plan: each cached region becomes ``torch.cond(reuse, reuse_fn, compute_fn, operands)``
+whose result (the cached residual when ``reuse`` is true, the freshly computed one otherwise) is added
+to the stream and returned as the region's new cache. The decision is a graph input (a boolean scalar
+tensor), and so is the cache: ``(*inputs, *[reuse_i, *cache_i]) -> (*outputs, *new_cache_i)``, the
+explicit-state form that compiles with ``fullgraph=True`` and exports to ONNX as ``If`` nodes.
+Regions not cached compute unconditionally.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from .capture import eliminate_dead_code
+from .residuals import Region
+
+
+def _attr(module: torch.nn.Module, target: str):
+    for atom in target.split("."):
+        module = getattr(module, atom)
+    return module
+
+
+def _region_function(
+    graph: fx.Graph, region_nodes: set[fx.Node], outputs: list[fx.Node], num_caches: int
+) -> tuple[fx.Graph, fx.Graph, list[fx.Node]]:
+    """The compute and reuse branches of one region, both ``(*caches, *externals) -> outputs``,
+    and the region's external inputs (values it reads from outside itself), in graph order."""
+    # A getitem of a multi-output op outside the region (a split, say) reads a tensor out of a list:
+    # the tensor is the operand, since torch.cond takes tensors only.
+    region_nodes = {
+        n for n in region_nodes
+        if not (n.target is operator.getitem and isinstance(n.args[0], fx.Node) and n.args[0] not in region_nodes)
+    }
+    ordered = [n for n in graph.nodes if n in region_nodes]
+    externals: list[fx.Node] = []
+    for node in ordered:
+        for used in node.all_input_nodes:
+            if used not in region_nodes and used not in externals:
+                externals.append(used)
+    for out in outputs:  # a branch value computed outside the region is passed through
+        if out not in region_nodes and out not in externals:
+            externals.append(out)
+
+    compute = fx.Graph()
+    caches = [compute.placeholder(f"cache_{i}") for i in range(num_caches)]
+    env: dict[fx.Node, fx.Node] = {}
+    for ext in externals:
+        env[ext] = compute.placeholder(f"in_{ext.name}")
+        env[ext].meta = dict(ext.meta)
+    for node in ordered:
+        env[node] = compute.node_copy(node, lambda n: env[n])
+    # Branch outputs must not alias branch inputs: a value passed through is cloned.
+    results = [
+        env[out] if out in region_nodes else compute.call_function(torch.ops.aten.clone.default, (env[out],))
+        for out in outputs
+    ]
+    compute.output(tuple(results))
+    del caches
+
+    reuse = fx.Graph()
+    cached = [reuse.placeholder(f"cache_{i}") for i in range(num_caches)]
+    for ext in externals:
+        reuse.placeholder(f"in_{ext.name}")
+    reuse.output(tuple(reuse.call_function(torch.ops.aten.clone.default, (c,)) for c in cached))
+    return compute, reuse, externals
+
+
+def build_conditional(
+    graph_module: fx.GraphModule, regions: list[Region], cached: tuple[bool, ...]
+) -> fx.GraphModule:
+    """Return ``(*inputs, *[reuse_i, *cache_i]) -> (*outputs, *new_cache_i)`` over the regions with
+    ``cached[i]`` true, in region order (``reuse_i``: a boolean scalar tensor; ``cache_i``: one tensor
+    per residual of the region, shaped like its branch value)."""
+    if len(cached) != len(regions):
+        raise ValueError(f"{len(cached)} cached flags for {len(regions)} regions")
+    graph = fx.Graph()
+    value_map: dict[fx.Node, fx.Node] = {}
+    output_value = graph.graph_copy(graph_module.graph, value_map)
+    by_name = {old.name: new for old, new in value_map.items()}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    anchor = placeholders[-1] if placeholders else None
+    order = {node: i for i, node in enumerate(graph.nodes)}
+
+    branches: dict[str, fx.Graph] = {}
+    new_outputs: list[fx.Node] = []
+    for region, is_cached in zip(regions, cached):
+        if not is_cached:
+            continue
+        # Decision and cache inputs, after the block's own inputs.
+        with graph.inserting_after(anchor) if anchor is not None else graph.inserting_before(None):
+            flag = graph.placeholder(f"reuse_{region.name}")
+        anchor = flag
+        caches = []
+        for i, res in enumerate(region.residuals):
+            with graph.inserting_after(anchor):
+                cache = graph.placeholder(f"cache_{region.name}_{i}")
+            cache.meta = dict(by_name[res.branch_node].meta)
+            caches.append(cache)
+            anchor = cache
+
+        region_nodes = {by_name[name] for name in region.nodes if name in by_name}
+        outputs = [by_name[res.branch_node] for res in region.residuals]
+        compute, reuse, externals = _region_function(graph, region_nodes, outputs, len(caches))
+        compute_name, reuse_name = f"_compute_{region.name}", f"_reuse_{region.name}"
+        branches[compute_name], branches[reuse_name] = compute, reuse
+        first_add = min((by_name[res.add_node] for res in region.residuals), key=order.__getitem__)
+        with graph.inserting_before(first_add):
+            true_fn = graph.get_attr(reuse_name)
+            false_fn = graph.get_attr(compute_name)
+            decided = graph.call_function(
+                torch.ops.higher_order.cond, (flag, true_fn, false_fn, tuple(caches + externals))
+            )
+            values = [graph.call_function(operator.getitem, (decided, i)) for i in range(len(outputs))]
+        for res, value in zip(region.residuals, values):
+            add = by_name[res.add_node]
+            args = list(add.args)
+            args[res.branch_index] = value
+            add.args = tuple(args)
+        new_outputs.extend(values)
+
+    outputs = list(output_value) if isinstance(output_value, (list, tuple)) else [output_value]
+    graph.output(tuple(outputs + new_outputs))
+    eliminate_dead_code(graph)
+    graph.lint()
+
+    root = torch.nn.Module()
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target not in branches:
+            *path, leaf = node.target.split(".")
+            owner = root
+            for atom in path:
+                if not hasattr(owner, atom):
+                    owner.add_module(atom, torch.nn.Module())
+                owner = getattr(owner, atom)
+            value = _attr(graph_module, node.target)
+            if isinstance(value, torch.nn.Module):
+                owner.add_module(leaf, value)
+            elif isinstance(value, torch.nn.Parameter):
+                owner.register_parameter(leaf, value)
+            elif isinstance(value, torch.Tensor):
+                owner.register_buffer(leaf, value)
+            else:
+                setattr(owner, leaf, value)
+    for name, branch_graph in branches.items():
+        root.add_module(name, fx.GraphModule(graph_module, branch_graph, class_name="CachedRegionBranch"))
+    return fx.GraphModule(root, graph, class_name="CachedBlockConditional")
