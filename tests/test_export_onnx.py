@@ -55,8 +55,48 @@ def test_runner_reproduces_eager_plans_and_outputs(name, policy_name, tmp_path):
     assert any(eager_plans) and not all(eager_plans)
 
 
+@pytest.mark.parametrize(
+    "name, policy_name",
+    [("dit", "static"), ("latte", "static"), ("wan", "static"), ("flux", "static"), ("cogvideox", "static"),
+     ("latte", "adacache")],
+)
+def test_single_graph_with_if_nodes_reproduces_eager(name, policy_name, tmp_path):
+    """Form (a): one graph, each cached branch an ONNX If on a boolean input, caches in and out."""
+    import onnx
+
+    entry = ZOO[name]
+    eager = entry.build()
+    deployed = entry.build()
+    deployed.load_state_dict(eager.state_dict())
+    ax.transform(eager, POLICIES[policy_name]())
+    ax.transform(deployed, POLICIES[policy_name]())
+    exported = ax.export.onnx(deployed, entry.inputs(timestep=500.0), tmp_path, form="if")
+    assert exported.form == "if" and len(exported.variants) == 1
+    graph = onnx.load(exported.variants[0].path).graph
+    decisions = exported.variants[0].decisions
+    assert sum(node.op_type == "If" for node in graph.node) == len(decisions) == len(exported.branches)
+    assert [i.name for i in graph.input if i.name.startswith("reuse.")] == [f"reuse.{b}" for b in decisions]
+    trt = ax.export.check_tensorrt_support(exported)  # If forms and operators TensorRT's parser takes
+    assert not [e for g in trt.graphs for e in g.errors], str(trt)
+
+    # The runner works from the manifest alone, as on a deployment machine.
+    runner = ax.export.Runner(ax.export.ExportedModel.load(tmp_path), POLICIES[policy_name]())
+    runner.start(STEPS)
+    diffs = []
+    with torch.no_grad(), ax.generation(eager, num_steps=STEPS):
+        for i in range(STEPS):
+            inputs = entry.inputs(timestep=999.0 - i * (999.0 / STEPS))
+            diffs.append((_sample(eager(**inputs)) - runner(**inputs)).abs().max().item())
+    assert max(diffs) <= 1e-4
+    eager_plans = [s.reused for s in ax.report(eager).steps]
+    assert [len(p) for p in runner.plans] == eager_plans
+    assert any(eager_plans) and not all(eager_plans)
+
+
 def test_export_refuses_in_step_policies_and_unexported_plans(tmp_path):
     entry = ZOO["dit"]
+    with pytest.raises(ValueError, match="form="):
+        ax.export.onnx(ax.transform(entry.build(), ax.Static(2)), entry.inputs(timestep=500.0), tmp_path, form="cond")
     model = ax.transform(entry.build(), ax.FirstBlockCache())
     with pytest.raises(ax.PolicyError, match="decides inside each step"):
         ax.export.onnx(model, entry.inputs(timestep=500.0), tmp_path)

@@ -28,7 +28,7 @@ import torch.utils._pytree as pytree
 from ..api import get_runtime, reset
 from ..errors import AdaCacheError, PolicyError
 from ..policies.base import BranchInfo, Plan, Policy, StepContext
-from ..runtime.engine import FixedPlan
+from ..runtime.engine import FixedPlan, TensorPlan
 
 logger = logging.getLogger("adacache_fx")
 
@@ -43,6 +43,11 @@ class ExportedVariant:
     output_names: list[str]
     cache_in: list[tuple[str, int]]  # (branch id, residual index) per cache input, in order
     cache_out: list[tuple[str, int]]
+    # Single-graph form ("if"): the branches with a ``reuse.<branch>`` boolean input (each followed
+    # by its cache inputs), and each cache input's shape and dtype (a first step feeds zeros).
+    decisions: list[str] = field(default_factory=list)
+    cache_shapes: list[list[int]] = field(default_factory=list)
+    cache_dtypes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -54,8 +59,12 @@ class ExportedModel:
     branches: list[BranchInfo]
     variants: list[ExportedVariant] = field(default_factory=list)
     frames: int | None = None
+    #: "variants": one graph per plan variant; "if": one graph whose cached regions are ONNX ``If``s.
+    form: str = "variants"
 
     def variant(self, reuse: Iterable[str]) -> ExportedVariant:
+        if self.form == "if":
+            return self.variants[0]
         key = tuple(sorted(reuse))
         for variant in self.variants:
             if variant.reuse == key:
@@ -83,10 +92,13 @@ class ExportedModel:
                 reuse=tuple(v["reuse"]), path=str(directory / Path(v["path"]).name),
                 input_names=list(v["input_names"]), output_names=list(v["output_names"]),
                 cache_in=[(b, int(i)) for b, i in v["cache_in"]], cache_out=[(b, int(i)) for b, i in v["cache_out"]],
+                decisions=list(v.get("decisions", [])), cache_shapes=[list(x) for x in v.get("cache_shapes", [])],
+                cache_dtypes=list(v.get("cache_dtypes", [])),
             )
             for v in data["variants"]
         ]
-        return cls(str(directory), list(data["input_names"]), branches, variants, frames=data.get("frames"))
+        return cls(str(directory), list(data["input_names"]), branches, variants, frames=data.get("frames"),
+                   form=data.get("form", "variants"))
 
     def save_manifest(self) -> Path:
         path = Path(self.directory) / "manifest.json"
@@ -152,15 +164,85 @@ class _PlanModule(nn.Module):
         return (first, *[stored[branch][i] for branch, i in layout])
 
 
+class _ConditionalModule(nn.Module):
+    """``model`` with every cached branch deciding at run time from a boolean input (ONNX ``If``):
+    ``(*model tensors, *[reuse_b, *cache_b]) -> (output, *new cache_b)`` over ``decisions``."""
+
+    def __init__(self, model: nn.Module, kwargs: dict, decisions: list[str], residuals: dict[str, int]) -> None:
+        super().__init__()
+        self.model = model
+        self.decisions = decisions
+        self.residuals = residuals
+        self._leaves, self._spec = pytree.tree_flatten(kwargs)
+        self._is_tensor = [isinstance(leaf, torch.Tensor) for leaf in self._leaves]
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        count = sum(self._is_tensor)
+        given = iter(tensors[:count])
+        leaves = [next(given) if is_tensor else leaf for leaf, is_tensor in zip(self._leaves, self._is_tensor)]
+        kwargs = pytree.tree_unflatten(leaves, self._spec)
+        rest = iter(tensors[count:])
+        reuse, cache_in = {}, {}
+        for branch in self.decisions:
+            reuse[branch] = next(rest)
+            cache_in[branch] = tuple(next(rest) for _ in range(self.residuals[branch]))
+        runtime = get_runtime(self.model)
+        runtime.fixed = TensorPlan(reuse, cache_in)
+        try:
+            output = self.model(**kwargs)
+            stored = runtime.fixed.cache_out
+        finally:
+            runtime.fixed = None
+        missing = [b for b in self.decisions if b not in stored]
+        if missing:
+            raise AdaCacheError(f"branches {missing[:3]} did not run in the conditional export: a capture bug")
+        first = next(t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor))
+        return (first, *[v for branch in self.decisions for v in stored[branch]])
+
+
+def _export_conditional(model, example_kwargs, directory: Path, names, tensors, stored, exported, opset_version):
+    """Form (a): one graph, every cached branch an ONNX ``If`` on its ``reuse.<branch>`` input."""
+    decisions = sorted(stored)
+    residuals = {b: len(stored[b]) for b in decisions}
+    module = _ConditionalModule(model, example_kwargs, decisions, residuals)
+    inputs, input_names, cache_in = list(tensors), list(names), []
+    for branch in decisions:
+        inputs.append(torch.tensor(False))
+        input_names.append(f"reuse.{branch}")
+        for i, value in enumerate(stored[branch]):
+            inputs.append(value.clone())  # a region's residuals may be views of one tensor: inputs must not alias
+            input_names.append(f"cache_in.{branch}.{i}")
+            cache_in.append((branch, i))
+    output_names = ["output"] + [f"cache_out.{b}.{i}" for b, i in cache_in]
+    path = directory / "model_if.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            module, tuple(inputs), str(path), dynamo=True, input_names=input_names, output_names=output_names,
+            opset_version=opset_version, external_data=False, optimize=True,
+        )
+    values = [stored[b][i] for b, i in cache_in]
+    exported.variants.append(ExportedVariant(
+        (), str(path), input_names, output_names, cache_in, list(cache_in), decisions=decisions,
+        cache_shapes=[list(v.shape) for v in values], cache_dtypes=[str(v.dtype).removeprefix("torch.") for v in values],
+    ))
+    logger.info("adacache_fx: exported %s (%d branches decide at run time)", path, len(decisions))
+
+
 def onnx(
     model: nn.Module,
     example_kwargs: dict,
     directory: str | Path,
     *,
     reuse_sets: Sequence[Iterable[str]] | None = None,
+    form: str = "variants",
     opset_version: int = 18,
 ) -> ExportedModel:
-    """Export one ONNX graph per plan variant of a transformed ``model`` at the example's shapes.
+    """Export a transformed ``model`` at the example's shapes, in one of two forms.
+
+    ``form="variants"`` (default): one ONNX graph per plan variant, for engine builders (TensorRT).
+    ``form="if"``: one graph in which every cached branch is an ONNX ``If`` on a boolean input
+    ``reuse.<branch>``, with its cache as inputs ``cache_in.<branch>.<i>`` and outputs
+    ``cache_out.<branch>.<i>`` (the input cache when it reused): any plan, one file.
 
     Args:
         model: transformed with a schedule-driven policy (``Static``, ``AdaCache``, ``PAB``...).
@@ -168,8 +250,10 @@ def onnx(
         directory: where the ``.onnx`` files and ``manifest.json`` go.
         reuse_sets: the sets of branch ids to export a graph for. Default: none reused (every step
             that computes) and every cached branch reused (every step that reuses), which covers
-            ``Static`` and ``AdaCache``; pass more for per-kind plans (``PAB``).
+            ``Static`` and ``AdaCache``; pass more for per-kind plans (``PAB``). Not used by ``"if"``.
     """
+    if form not in ("variants", "if"):
+        raise ValueError(f"form={form!r}: 'variants' (one graph per plan variant) or 'if' (one graph with If nodes)")
     runtime = get_runtime(model)
     policy = runtime.policy
     if policy.decides_in_step:
@@ -194,7 +278,11 @@ def onnx(
         reuse_sets = [(), sorted(stored)]
     frames = runtime.read_frames((), example_kwargs)
 
-    exported = ExportedModel(str(directory), names, branches, frames=frames)
+    exported = ExportedModel(str(directory), names, branches, frames=frames, form=form)
+    if form == "if":
+        _export_conditional(model, example_kwargs, directory, names, tensors, stored, exported, opset_version)
+        exported.save_manifest()
+        return exported
     for index, reuse in enumerate(reuse_sets):
         reuse = frozenset(reuse)
         unknown = reuse - set(stored)
@@ -281,12 +369,21 @@ class VariantRunner:
         _, tensors, _ = _tensor_inputs(kwargs)
         feeds = dict(zip(self.exported.input_names, tensors))
         added = {branch: self._reused(ctx, branch) for branch in reuse}
-        for (branch, i), name in zip(variant.cache_in, variant.input_names[len(tensors):]):
-            feeds[name] = added[branch][i]
+        if variant.decisions:  # one graph: a decision input per cached branch, every cache fed
+            for branch in variant.decisions:
+                feeds[f"reuse.{branch}"] = torch.tensor(branch in added)
+            for (branch, i), shape, dtype in zip(variant.cache_in, variant.cache_shapes, variant.cache_dtypes):
+                feeds[f"cache_in.{branch}.{i}"] = (
+                    added[branch][i] if branch in added else torch.zeros(shape, dtype=getattr(torch, dtype))
+                )
+        else:
+            for (branch, i), name in zip(variant.cache_in, variant.input_names[len(tensors):]):
+                feeds[name] = added[branch][i]
         results = self._execute(variant, feeds)
         stored: dict[str, list[torch.Tensor]] = {}
         for (branch, _), value in zip(variant.cache_out, results[1:]):
-            stored.setdefault(branch, []).append(value)
+            if branch not in added:  # a reused branch returns its input cache: nothing new
+                stored.setdefault(branch, []).append(value)
         for branch, values in stored.items():
             new = tuple(values)
             info = self._info[branch]

@@ -60,7 +60,7 @@ def _region_function(
         env[out] if out in region_nodes else compute.call_function(torch.ops.aten.clone.default, (env[out],))
         for out in outputs
     ]
-    compute.output(tuple(results))
+    compute.output(tuple(_unaliased(compute, results)))  # two residuals may be views of one tensor
     del caches
 
     reuse = fx.Graph()
@@ -69,6 +69,38 @@ def _region_function(
         reuse.placeholder(f"in_{ext.name}")
     reuse.output(tuple(reuse.call_function(torch.ops.aten.clone.default, (c,)) for c in cached))
     return compute, reuse, externals
+
+
+def _view_source(node: fx.Node) -> fx.Node | None:
+    """The tensor ``node`` is a view of (``x`` for ``x.view(...)`` or ``x.chunk(6)[2]``), or None."""
+    target, source = node.target, node.args[0] if node.args else None
+    if target is operator.getitem and isinstance(source, fx.Node):
+        node, target = source, source.target
+        source = node.args[0] if node.args else None
+    schema = getattr(target, "_schema", None)
+    if schema is None or not schema.returns or not isinstance(source, fx.Node):
+        return None
+    alias = schema.returns[0].alias_info
+    return source if alias is not None and not alias.is_write else None
+
+
+def _unaliased(graph: fx.Graph, operands: list[fx.Node]) -> list[fx.Node]:
+    """``operands`` with a copy in place of each one that shares storage with an earlier one: cond
+    branches must not see aliased inputs (export's decomposition rejects them), and the modulation
+    chunks a DiT block reads (``emb.chunk(6)``) are all views of one tensor."""
+    def base(node: fx.Node) -> fx.Node:
+        source = _view_source(node)
+        return node if source is None else base(source)
+
+    seen: set[fx.Node] = set()
+    out = []
+    for node in operands:
+        root = base(node)
+        if root in seen:
+            node = graph.call_function(torch.ops.aten.clone.default, (node,))
+        seen.add(root)
+        out.append(node)
+    return out
 
 
 def build_conditional(
@@ -114,7 +146,7 @@ def build_conditional(
             true_fn = graph.get_attr(reuse_name)
             false_fn = graph.get_attr(compute_name)
             decided = graph.call_function(
-                torch.ops.higher_order.cond, (flag, true_fn, false_fn, tuple(caches + externals))
+                torch.ops.higher_order.cond, (flag, true_fn, false_fn, tuple(caches + _unaliased(graph, externals)))
             )
             values = [graph.call_function(operator.getitem, (decided, i)) for i in range(len(outputs))]
         for res, value in zip(region.residuals, values):

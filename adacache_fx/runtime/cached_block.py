@@ -19,6 +19,7 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ..errors import CaptureError
+from ..passes.conditional import build_conditional
 from ..passes.capture import BoundInputs, CapturedGraph, _leaf_key, capture_block, structural_key
 from ..passes.flops import count_node_flops
 from ..passes.probe import extract_value, modulated_input
@@ -26,7 +27,7 @@ from ..passes.residuals import BlockAnalysis, analyse_block
 from ..passes.rewrite import RegionState, build_variant
 from ..passes.tokens import PartialComputeError, analyse_token_flow
 from ..policies.base import BranchInfo
-from .engine import CacheRuntime
+from .engine import CacheRuntime, TensorPlan
 
 logger = logging.getLogger("adacache_fx")
 
@@ -39,6 +40,7 @@ class SharedCapture:
     analysis: BlockAnalysis
     node_flops: dict[str, int] | None
     variants: dict[tuple[tuple[RegionState, ...], tuple[int, ...]], Any] = field(default_factory=dict)
+    conditionals: dict[tuple[bool, ...], Any] = field(default_factory=dict)
     _probe: fx.GraphModule | None = None
     compiled_probe: Any = None
     # (region index, token count) -> FLOPs of the region recomputed for that many tokens.
@@ -85,6 +87,14 @@ class SharedCapture:
             if compiled is not None:
                 graph = compiled(graph)
             self.variants[key] = graph
+        return graph
+
+    def conditional(self, cached: tuple[bool, ...]) -> Any:
+        """The single graph deciding each cached region's reuse at run time (``torch.cond``)."""
+        graph = self.conditionals.get(cached)
+        if graph is None:
+            graph = build_conditional(self.captured.graph_module, self.analysis.regions, cached)
+            self.conditionals[cached] = graph
         return graph
 
     def partial_flops(self, index: int, count: int) -> int | None:
@@ -238,6 +248,8 @@ class CachedBlock(nn.Module):
 
         runtime = self.runtime
         inputs = spec.bound(leaves)
+        if isinstance(runtime.fixed, TensorPlan):
+            return self._run_conditional(spec, inputs)
         if runtime.fixed is not None:
             return self._run_fixed(spec, inputs)
         signal = runtime.signal
@@ -278,6 +290,33 @@ class CachedBlock(nn.Module):
         for info, state in zip(spec.branches, states):
             if state == RegionState.STORE:
                 fixed.cache_out[info.id] = tuple(outputs[offset:offset + info.num_residuals])
+                offset += info.num_residuals
+        return pytree.tree_unflatten(list(outputs[:num_user]), spec.shared.captured.out_spec)
+
+    def _run_conditional(self, spec: Specialisation, inputs: list[Any]) -> Any:
+        """Conditional mode: each cached region reuses or computes as its decision tensor says,
+        inside the graph; every cached region's new cache goes back to ``runtime.fixed``."""
+        plan = self.runtime.fixed
+        policy = self.runtime.policy
+        cached = tuple(policy.caches(info) for info in spec.branches)
+        # torch.cond rejects operands that share storage, and models pass views of one tensor as
+        # separate block inputs (CogVideoX slices text and video tokens out of one embedding).
+        seen: list[torch.Tensor] = []
+        for i, value in enumerate(inputs):
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                if any(torch._C._is_alias_of(value, other) for other in seen):
+                    inputs[i] = value = value.clone()
+                seen.append(value)
+        for info, is_cached in zip(spec.branches, cached):
+            if is_cached:
+                inputs.append(plan.reuse[info.id])
+                inputs.extend(plan.cache_in[info.id])
+        outputs = spec.shared.conditional(cached)(*inputs)
+        num_user = spec.shared.captured.num_user_outputs
+        offset = num_user
+        for info, is_cached in zip(spec.branches, cached):
+            if is_cached:
+                plan.cache_out[info.id] = tuple(outputs[offset:offset + info.num_residuals])
                 offset += info.num_residuals
         return pytree.tree_unflatten(list(outputs[:num_user]), spec.shared.captured.out_spec)
 

@@ -55,6 +55,17 @@ class FixedPlan:
 
 
 @dataclass
+class TensorPlan:
+    """Conditional mode (single-graph export): each cached branch has a boolean scalar tensor that
+    decides inside the graph whether it reuses ``cache_in`` (``torch.cond``); every cached branch
+    returns its new cache in ``cache_out`` (the input cache when it reused)."""
+
+    reuse: dict[str, torch.Tensor]
+    cache_in: dict[str, tuple[torch.Tensor, ...]]
+    cache_out: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+
+
+@dataclass
 class BlockCache:
     signature: Any
     values: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
@@ -153,7 +164,8 @@ class CacheRuntime:
         self.left_alone: list[tuple[str, str]] = []
         self.hooks: list[Any] = []
         self.compile_options: dict | None = None  # set by ax.compile: variants are torch.compile'd
-        self.fixed: FixedPlan | None = None  # set while exporting one plan variant
+        # Set while exporting: one plan variant (FixedPlan) or the single conditional graph (TensorPlan).
+        self.fixed: FixedPlan | TensorPlan | None = None
         self._warned_partial: set[str] = set()
         # Token indices of this step's plan, moved to each device once per step.
         self._tokens_on_device: dict[tuple[int, Any], torch.Tensor] = {}
