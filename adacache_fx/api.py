@@ -125,26 +125,45 @@ def generation(model: nn.Module, num_steps: int | None = None) -> Iterator[Cache
 def compile(  # noqa: A001 - mirrors torch.compile, which it applies
     model: nn.Module,
     *,
-    backend: str = "inductor",
+    scope: str = "blocks",
+    backend: str | None = None,
     mode: str | None = None,
     dynamic: bool = False,
     options: dict | None = None,
 ) -> nn.Module:
-    """Compile every plan-variant graph of a transformed model with ``torch.compile(fullgraph=True)``.
+    """Compile a transformed model with ``torch.compile(fullgraph=True)``.
 
-    In place; returns ``model``. Each variant (a block graph with some regions computed, stored or
-    reused) is one control-flow-free graph, compiled on first use: no graph breaks inside it, and the
-    host picks the variant each step, so a generation triggers no recompilation once every variant
-    it uses has run. Block graphs hold almost all of a DiT's FLOPs; the model's own code around the
-    blocks (patch embedding, time embedding, final layer) and the runtime's step logic stay eager.
-    Calling ``torch.compile(model, fullgraph=True)`` on the whole transformed model is not supported
-    yet: the runtime's host-side step tracking breaks the graph.
+    ``scope="blocks"`` (default; in place, returns ``model``): every plan-variant block graph is
+    compiled on first use. Each variant (a block graph with some regions computed, stored or reused)
+    is one control-flow-free graph: no graph breaks inside it, and the host picks the variant each
+    step, so a generation triggers no recompilation once every variant it uses has run. Works for
+    every policy, in-step ones included; the model's code around the blocks stays eager.
+
+    ``scope="model"`` (returns a new :class:`~adacache_fx.runtime.whole_model.CompiledModel` that
+    stands in for ``model``): the whole model is one compiled graph in which each cached branch is a
+    ``torch.cond`` on a boolean input; the host plans each step and feeds the decisions and caches in
+    (explicit state). One graph for every plan: no recompiles when plans change, embedders and final
+    layer compiled too. Schedule-driven policies only (Static, AdaCache, PAB, TaylorSeer, FasterCache
+    without CFG-Cache); the first call runs eagerly to capture the blocks.
+
+    ``backend``: default ``"inductor"`` for ``scope="blocks"`` and ``"aot_eager"`` for
+    ``scope="model"``: on torch 2.13 Inductor fails on the whole-model graph (a stride assertion
+    inside a compiled ``torch.cond`` branch whose operand Inductor laid out differently outside it).
+
+    Calling ``torch.compile(model, fullgraph=True)`` yourself on a transformed model is not
+    supported: the runtime's host-side step tracking breaks the graph. Use one of the two scopes.
     """
     runtime = get_runtime(model)
-    runtime.compile_options = {
-        "backend": backend, "mode": mode, "dynamic": dynamic, "fullgraph": True,
-        **({"options": options} if options else {}),
-    }
+    if backend is None:
+        backend = "aot_eager" if scope == "model" else "inductor"
+    options_ = {"backend": backend, "mode": mode, "dynamic": dynamic, **({"options": options} if options else {})}
+    if scope == "model":
+        from .runtime.whole_model import CompiledModel
+
+        return CompiledModel(model, runtime, options_)
+    if scope != "blocks":
+        raise ValueError(f"ax.compile(scope={scope!r}): 'blocks' (each plan-variant block graph) or 'model' (one graph)")
+    runtime.compile_options = {**options_, "fullgraph": True}
     for shared in runtime.shared_captures.values():
         shared.variants.clear()  # built eagerly before; rebuilt compiled on next use
         shared.compiled_probe = None

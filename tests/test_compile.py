@@ -73,3 +73,51 @@ def test_inductor_compiled_latte_matches_eager():
 def test_compile_needs_a_transformed_model():
     with pytest.raises(ax.NotTransformedError):
         ax.compile(ZOO["dit"].build())
+
+
+# -- scope="model": the whole model as one graph, each cached branch a torch.cond -------------------
+def _run_whole(name, make_policy):
+    entry = ZOO[name]
+    eager = entry.build()
+    model = entry.build()
+    model.load_state_dict(eager.state_dict())
+    ax.transform(eager, make_policy())
+    compiled = ax.compile(ax.transform(model, make_policy()), scope="model")
+    torch._dynamo.reset()
+    counters.clear()
+    diffs, graphs_after_warmup = [], None
+    try:
+        for gen in range(2):
+            if gen == 1:
+                graphs_after_warmup = counters["stats"]["unique_graphs"]
+                torch._dynamo.config.error_on_recompile = True
+            with torch.no_grad(), ax.generation(eager, num_steps=STEPS), ax.generation(model, num_steps=STEPS):
+                for i in range(STEPS):
+                    inputs = entry.inputs(timestep=999.0 - i * (999.0 / STEPS))
+                    diffs.append(max_abs(_sample(eager(**inputs)), _sample(compiled(**inputs))))
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    return eager, model, diffs, graphs_after_warmup
+
+
+@pytest.mark.parametrize(
+    "name, policy_name",
+    [("dit", "static"), ("latte", "static"), ("wan", "static"), ("flux", "static"), ("latte", "adacache")],
+)
+def test_whole_model_compiles_to_one_graph_with_decisions_inside(name, policy_name):
+    eager, model, diffs, graphs_after_warmup = _run_whole(name, POLICIES[policy_name])
+    assert dict(counters["graph_break"]) == {}
+    # One graph for every plan of both generations: plans change the reuse inputs, not the graph.
+    assert counters["stats"]["unique_graphs"] == graphs_after_warmup == 1
+    assert max(diffs) <= 1e-4
+    plans = [(s.computed, s.reused) for s in ax.report(eager).steps]
+    assert plans == [(s.computed, s.reused) for s in ax.report(model).steps]
+    assert any(reused for _, reused in plans) and not all(reused for _, reused in plans)
+
+
+def test_whole_model_scope_refuses_in_step_policies_and_bad_scopes():
+    entry = ZOO["dit"]
+    with pytest.raises(ax.PolicyError, match="scope='blocks'"):
+        ax.compile(ax.transform(entry.build(), ax.FirstBlockCache()), scope="model")
+    with pytest.raises(ValueError, match="scope="):
+        ax.compile(ax.transform(entry.build(), ax.Static(2)), scope="graph")

@@ -28,7 +28,8 @@ import torch.utils._pytree as pytree
 from ..api import get_runtime, reset
 from ..errors import AdaCacheError, PolicyError
 from ..policies.base import BranchInfo, Plan, Policy, StepContext
-from ..runtime.engine import FixedPlan, TensorPlan
+from ..runtime.engine import FixedPlan
+from ..runtime.whole_model import ConditionalModel
 
 logger = logging.getLogger("adacache_fx")
 
@@ -164,47 +165,11 @@ class _PlanModule(nn.Module):
         return (first, *[stored[branch][i] for branch, i in layout])
 
 
-class _ConditionalModule(nn.Module):
-    """``model`` with every cached branch deciding at run time from a boolean input (ONNX ``If``):
-    ``(*model tensors, *[reuse_b, *cache_b]) -> (output, *new cache_b)`` over ``decisions``."""
-
-    def __init__(self, model: nn.Module, kwargs: dict, decisions: list[str], residuals: dict[str, int]) -> None:
-        super().__init__()
-        self.model = model
-        self.decisions = decisions
-        self.residuals = residuals
-        self._leaves, self._spec = pytree.tree_flatten(kwargs)
-        self._is_tensor = [isinstance(leaf, torch.Tensor) for leaf in self._leaves]
-
-    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        count = sum(self._is_tensor)
-        given = iter(tensors[:count])
-        leaves = [next(given) if is_tensor else leaf for leaf, is_tensor in zip(self._leaves, self._is_tensor)]
-        kwargs = pytree.tree_unflatten(leaves, self._spec)
-        rest = iter(tensors[count:])
-        reuse, cache_in = {}, {}
-        for branch in self.decisions:
-            reuse[branch] = next(rest)
-            cache_in[branch] = tuple(next(rest) for _ in range(self.residuals[branch]))
-        runtime = get_runtime(self.model)
-        runtime.fixed = TensorPlan(reuse, cache_in)
-        try:
-            output = self.model(**kwargs)
-            stored = runtime.fixed.cache_out
-        finally:
-            runtime.fixed = None
-        missing = [b for b in self.decisions if b not in stored]
-        if missing:
-            raise AdaCacheError(f"branches {missing[:3]} did not run in the conditional export: a capture bug")
-        first = next(t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor))
-        return (first, *[v for branch in self.decisions for v in stored[branch]])
-
-
 def _export_conditional(model, example_kwargs, directory: Path, names, tensors, stored, exported, opset_version):
     """Form (a): one graph, every cached branch an ONNX ``If`` on its ``reuse.<branch>`` input."""
     decisions = sorted(stored)
     residuals = {b: len(stored[b]) for b in decisions}
-    module = _ConditionalModule(model, example_kwargs, decisions, residuals)
+    module = ConditionalModel(model, get_runtime(model), example_kwargs, decisions, residuals, first_output_only=True)
     inputs, input_names, cache_in = list(tensors), list(names), []
     for branch in decisions:
         inputs.append(torch.tensor(False))
