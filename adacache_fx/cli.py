@@ -193,9 +193,56 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Latte configs for ``bench --kernels``: the CPU mid size, and Latte-1's own size (for a GPU).
+KERNEL_SIZES = {
+    "mid": {},  # zoo.latte's defaults: 8 + 8 blocks, hidden 384, 16 frames x 16x16 patches
+    "full": dict(num_layers=28, heads=16, head_dim=72, frames=16, sample_size=64, text_dim=4096),
+}
+
+
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from .kernels import measure
+    from .zoo import ZOO, latte
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.model == "latte":
+        model, make_inputs = latte(**KERNEL_SIZES[args.size])
+        inputs = make_inputs(timestep=500.0, batch=2)
+        label = f"latte ({args.size}: {KERNEL_SIZES[args.size] or 'zoo.latte defaults'})"
+    elif args.model in ZOO:
+        model, inputs, label = ZOO[args.model].build(), ZOO[args.model].inputs(timestep=500.0, batch=2), args.model
+    else:
+        raise SystemExit(f"unknown model {args.model!r}: latte or one of {', '.join(sorted(ZOO))}")
+    dtype = torch.float16 if args.fp16 else torch.float32
+    model = model.to(device=device, dtype=dtype).eval()
+    inputs = {k: (v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+                  if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    api.transform(model, parse_policy(args.policy))
+    report = measure(model, inputs, min_run_time=args.min_run_time)
+    print(report)
+    by_kind = report.by_kind()
+    print("\nsaved per model call by reusing each kind (ms):",
+          ", ".join(f"{k} {1e3 * v:.3f}" for k, v in sorted(by_kind.items())))
+    record = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+                   + (f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""),
+        "command": "adacache-fx bench --kernels " + " ".join(sys.argv[3:]),
+        "model": label, "dtype": str(dtype), "policy": args.policy, **report.to_dict(),
+    }
+    out = Path(args.out or f"benchmarks/results/kernels_{device.split(':')[0]}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.kernels:
+        return cmd_bench_kernels(args)
     from .reference.bench import run_bench
 
+    args.out = args.out or "benchmarks/results/reference_bench"
     record = run_bench(args.out, weights=args.weights, clips=args.clips, num_steps=args.steps,
                        command="adacache-fx bench " + " ".join(sys.argv[2:]))
     rows = sorted(record["rows"], key=lambda r: (r["family"], -r["compute_fraction"]))
@@ -244,11 +291,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=None, help="a reference model file (default: the bundled one)")
     p.add_argument("--out", default="outputs")
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("bench", help="sweep policies and thresholds on the bundled model: JSON + Pareto plot")
+    p = sub.add_parser("bench", help="sweep policies and thresholds on the bundled model: JSON + Pareto plot; "
+                                     "--kernels: time each branch kind, the cached region and the dispatch")
     p.add_argument("--clips", type=int, default=24)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--weights", default=None, help="a reference model file (default: the bundled one)")
-    p.add_argument("--out", default="benchmarks/results/reference_bench", help="path stem of the JSON and PNG")
+    p.add_argument("--out", default=None, help="path stem of the JSON and PNG (default: "
+                   "benchmarks/results/reference_bench); --kernels: the JSON path")
+    p.add_argument("--kernels", action="store_true", help="kernel-level timings instead of the quality sweep")
+    p.add_argument("--model", default="latte", help="--kernels: latte (see --size) or a zoo model at its tiny config")
+    p.add_argument("--size", choices=sorted(KERNEL_SIZES), default="mid", help="--kernels: the latte config")
+    p.add_argument("--policy", default="adacache", help="--kernels: the policy whose plan and metric are timed")
+    p.add_argument("--device", default=None, help="--kernels: cpu or cuda (default: cuda when available)")
+    p.add_argument("--fp16", action="store_true", help="--kernels: half precision")
+    p.add_argument("--min-run-time", type=float, default=0.2, help="--kernels: seconds behind each median")
     p.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
