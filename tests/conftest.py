@@ -15,3 +15,22 @@ def max_diff(a, b) -> float:
 
 
 ALL_MODELS = sorted(ZOO)
+
+
+@pytest.fixture(scope="session")
+def static_exports(tmp_path_factory):
+    """Zoo models transformed with Static(2) and exported per plan variant, once per session and
+    shared by the ONNX and TensorRT tests: ``static_exports(name) -> ExportedModel`` (zoo builders
+    are seeded, so a fresh ``ZOO[name].build()`` has the exported weights)."""
+    import adacache_fx as ax
+
+    exports = {}
+
+    def get(name):
+        if name not in exports:
+            entry = ZOO[name]
+            model = ax.transform(entry.build(), ax.Static(2))
+            exports[name] = ax.export.onnx(model, entry.inputs(timestep=500.0), tmp_path_factory.mktemp(name))
+        return exports[name]
+
+    return get

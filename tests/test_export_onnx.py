@@ -2,6 +2,7 @@
 Runtime: the same per-step plans as the eager transformed model, outputs within 1e-4."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,17 +31,21 @@ def _sample(out):
     [("dit", "static"), ("latte", "static"), ("wan", "static"), ("flux", "static"), ("cogvideox", "static"),
      ("latte", "adacache"), ("dit", "taylorseer")],
 )
-def test_runner_reproduces_eager_plans_and_outputs(name, policy_name, tmp_path):
+def test_runner_reproduces_eager_plans_and_outputs(name, policy_name, tmp_path, static_exports):
     entry = ZOO[name]
     eager = entry.build()
-    deployed = entry.build()
-    deployed.load_state_dict(eager.state_dict())
     ax.transform(eager, POLICIES[policy_name]())
-    ax.transform(deployed, POLICIES[policy_name]())
-    exported = ax.export.onnx(deployed, entry.inputs(timestep=500.0), tmp_path)
+    if policy_name == "static":  # the session's shared export (the TensorRT tests use it too)
+        exported = static_exports(name)
+    else:
+        deployed = entry.build()
+        deployed.load_state_dict(eager.state_dict())
+        ax.transform(deployed, POLICIES[policy_name]())
+        exported = ax.export.onnx(deployed, entry.inputs(timestep=500.0), tmp_path)
+    directory = Path(exported.directory)
     assert [len(v.reuse) for v in exported.variants] == [0, len(exported.branches)]
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert len(manifest["variants"]) == 2 and all((tmp_path / f"variant_{i}.onnx").exists() for i in range(2))
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert len(manifest["variants"]) == 2 and all((directory / f"variant_{i}.onnx").exists() for i in range(2))
 
     runner = ax.export.Runner(exported, POLICIES[policy_name]())
     runner.start(STEPS)

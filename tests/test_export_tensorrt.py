@@ -207,14 +207,9 @@ class HostRunner(ax.export.TensorRTRunner):
 
 
 @pytest.fixture(scope="module")
-def zoo_exports(tmp_path_factory):
+def zoo_exports(static_exports):
     """Each model transformed with Static(2) and exported (compute-all and reuse-all variants)."""
-    exports = {}
-    for name in MODELS:
-        entry = ZOO[name]
-        model = ax.transform(entry.build(), ax.Static(2))
-        exports[name] = ax.export.onnx(model, entry.inputs(timestep=500.0), tmp_path_factory.mktemp(name))
-    return exports
+    return {name: static_exports(name) for name in MODELS}
 
 
 def _input_shapes(path) -> dict[str, tuple[int, ...]]:
