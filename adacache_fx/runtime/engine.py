@@ -170,6 +170,14 @@ class CacheRuntime:
         # Token indices of this step's plan, moved to each device once per step.
         self._tokens_on_device: dict[tuple[int, Any], torch.Tensor] = {}
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether block graphs run as CUDA graphs (``ax.compile(mode="reduce-overhead")``): their
+        outputs live in buffers that the next replay overwrites, so stored residuals are copied."""
+        options = self.compile_options or {}
+        return options.get("mode") in ("reduce-overhead", "max-autotune") or bool(
+            (options.get("options") or {}).get("triton.cudagraphs"))
+
     def compiled(self, graph: Any) -> Any:
         """``graph`` compiled with the options of :func:`adacache_fx.compile`, or as is."""
         if self.compile_options is None:
@@ -181,6 +189,8 @@ class CacheRuntime:
         self.cond_only = False
         if self.fixed is not None:
             return None
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new model call: earlier outputs are done with
         timestep = self.read_timestep(args, kwargs) if self.read_timestep else None
         event = self.tracker.on_call(timestep)
         if event.new_generation:
@@ -444,6 +454,8 @@ class CacheRuntime:
                     record.flops_computed += flops // 2 if cache.view else flops
             if state in (RegionState.STORE, RegionState.PARTIAL):
                 new = tuple(t.detach() for t in stored[offset:offset + info.num_residuals])
+                if self.cuda_graphs:  # the next replay of this graph reuses its output buffers
+                    new = tuple(t.clone() for t in new)
                 offset += info.num_residuals
                 previous = cache.values.get(info.id)
                 if self.policy.watches(info) and self.context is not None:
