@@ -22,13 +22,17 @@ def _sample(out):
     return out[0] if isinstance(out, tuple) else out.sample
 
 
-def _run_pair(name, make_policy, backend):
+def _run_pair(name, make_policy, backend=None, compile_model=None):
+    """Two 20-step generations, eager transformed vs compiled; returns (eager, transformed model
+    that was compiled, per-step output differences, dynamo's graph count after the first one)."""
     entry = ZOO[name]
     eager = entry.build()
     compiled = entry.build()
     compiled.load_state_dict(eager.state_dict())
     ax.transform(eager, make_policy())
-    ax.compile(ax.transform(compiled, make_policy()), backend=backend)
+    ax.transform(compiled, make_policy())
+    model = compiled
+    compiled = compile_model(compiled) if compile_model else ax.compile(compiled, backend=backend)
     torch._dynamo.reset()
     counters.clear()
     diffs, graphs_after_warmup = [], None
@@ -37,13 +41,13 @@ def _run_pair(name, make_policy, backend):
             if gen == 1:  # warm: every variant this loop uses has compiled once
                 graphs_after_warmup = counters["stats"]["unique_graphs"]
                 torch._dynamo.config.error_on_recompile = True
-            with torch.no_grad(), ax.generation(eager, num_steps=STEPS), ax.generation(compiled, num_steps=STEPS):
+            with torch.no_grad(), ax.generation(eager, num_steps=STEPS), ax.generation(model, num_steps=STEPS):
                 for i in range(STEPS):
                     inputs = entry.inputs(timestep=999.0 - i * (999.0 / STEPS))
                     diffs.append(max_abs(_sample(eager(**inputs)), _sample(compiled(**inputs))))
     finally:
         torch._dynamo.config.error_on_recompile = False
-    return eager, compiled, diffs, graphs_after_warmup
+    return eager, model, diffs, graphs_after_warmup
 
 
 def max_abs(a, b):
@@ -77,27 +81,7 @@ def test_compile_needs_a_transformed_model():
 
 # -- scope="model": the whole model as one graph, each cached branch a torch.cond -------------------
 def _run_whole(name, make_policy):
-    entry = ZOO[name]
-    eager = entry.build()
-    model = entry.build()
-    model.load_state_dict(eager.state_dict())
-    ax.transform(eager, make_policy())
-    compiled = ax.compile(ax.transform(model, make_policy()), scope="model")
-    torch._dynamo.reset()
-    counters.clear()
-    diffs, graphs_after_warmup = [], None
-    try:
-        for gen in range(2):
-            if gen == 1:
-                graphs_after_warmup = counters["stats"]["unique_graphs"]
-                torch._dynamo.config.error_on_recompile = True
-            with torch.no_grad(), ax.generation(eager, num_steps=STEPS), ax.generation(model, num_steps=STEPS):
-                for i in range(STEPS):
-                    inputs = entry.inputs(timestep=999.0 - i * (999.0 / STEPS))
-                    diffs.append(max_abs(_sample(eager(**inputs)), _sample(compiled(**inputs))))
-    finally:
-        torch._dynamo.config.error_on_recompile = False
-    return eager, model, diffs, graphs_after_warmup
+    return _run_pair(name, make_policy, compile_model=lambda model: ax.compile(model, scope="model"))
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,11 @@ def test_runner_reproduces_eager_plans_and_outputs(name, policy_name, tmp_path, 
     manifest = json.loads((directory / "manifest.json").read_text())
     assert len(manifest["variants"]) == 2 and all((directory / f"variant_{i}.onnx").exists() for i in range(2))
 
-    runner = ax.export.Runner(exported, POLICIES[policy_name]())
+    _replay_matches_eager(entry, eager, ax.export.Runner(exported, POLICIES[policy_name]()))
+
+
+def _replay_matches_eager(entry, eager, runner):
+    """A 20-step loop on the runner and the eager model: same per-step plans, outputs within 1e-4."""
     runner.start(STEPS)
     diffs = []
     with torch.no_grad(), ax.generation(eager, num_steps=STEPS):
@@ -85,17 +89,7 @@ def test_single_graph_with_if_nodes_reproduces_eager(name, policy_name, tmp_path
     assert not [e for g in trt.graphs for e in g.errors], str(trt)
 
     # The runner works from the manifest alone, as on a deployment machine.
-    runner = ax.export.Runner(ax.export.ExportedModel.load(tmp_path), POLICIES[policy_name]())
-    runner.start(STEPS)
-    diffs = []
-    with torch.no_grad(), ax.generation(eager, num_steps=STEPS):
-        for i in range(STEPS):
-            inputs = entry.inputs(timestep=999.0 - i * (999.0 / STEPS))
-            diffs.append((_sample(eager(**inputs)) - runner(**inputs)).abs().max().item())
-    assert max(diffs) <= 1e-4
-    eager_plans = [s.reused for s in ax.report(eager).steps]
-    assert [len(p) for p in runner.plans] == eager_plans
-    assert any(eager_plans) and not all(eager_plans)
+    _replay_matches_eager(entry, eager, ax.export.Runner(ax.export.ExportedModel.load(tmp_path), POLICIES[policy_name]()))
 
 
 def test_export_refuses_in_step_policies_and_unexported_plans(tmp_path):

@@ -76,6 +76,14 @@ class BlockCache:
     parent: "BlockCache | None" = None
     view: bool = False
 
+    def keep(self, branch_id: str, step: int, values: tuple[torch.Tensor, ...], history: int) -> None:
+        """Store a branch's new residuals, and the last ``history`` of them for forecasts."""
+        self.values[branch_id] = values
+        if history > 1:
+            past = self.history.setdefault(branch_id, [])
+            past.append((step, values))
+            del past[:-history]
+
 
 def _timestep_reader(model: nn.Module):
     """Return ``f(args, kwargs) -> float | None`` reading the model's timestep argument."""
@@ -468,12 +476,7 @@ class CacheRuntime:
                         continue
                     new = guidance.merge_rows(target.values[info.id], new, self.guidance_layout)
                 if self.policy.caches(info):
-                    target.values[info.id] = new
-                    keep = self.policy.history(info)
-                    if keep > 1:
-                        past = target.history.setdefault(info.id, [])
-                        past.append((self.tracker.step, new))
-                        del past[:-keep]
+                    target.keep(info.id, self.tracker.step, new, self.policy.history(info))
 
     def reuse_values(self, info: BranchInfo, cache: BlockCache) -> tuple[torch.Tensor, ...]:
         """What a reused branch adds: the policy's forecast, or the last computed residuals."""

@@ -210,9 +210,4 @@ class CompiledModel(nn.Module):
             new = tuple(t.detach() for t in cache_out[info.id])
             if runtime.policy.watches(info) and runtime.context is not None:
                 runtime.policy.observe(runtime.context, info, new, cache.values.get(info.id))
-            cache.values[info.id] = new
-            keep = runtime.policy.history(info)
-            if keep > 1:
-                past = cache.history.setdefault(info.id, [])
-                past.append((runtime.tracker.step, new))
-                del past[:-keep]
+            cache.keep(info.id, runtime.tracker.step, new, runtime.policy.history(info))
