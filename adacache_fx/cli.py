@@ -66,10 +66,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     entry = ZOO[args.model]
     policy = parse_policy(args.policy, args.steps)
     model = api.transform(entry.build(), policy)
-    exported = export.onnx(model, entry.inputs(timestep=500.0), out)
+    exported = export.onnx(model, entry.inputs(timestep=500.0), out, form=args.form)
     for variant in exported.variants:
-        print(f"{variant.path}: reuses {len(variant.reuse)} of {len(exported.branches)} branches, "
-              f"{len(variant.cache_in)} cache inputs, {len(variant.cache_out)} cache outputs")
+        what = (f"an If per cached branch ({len(variant.decisions)})" if variant.decisions
+                else f"reuses {len(variant.reuse)} of {len(exported.branches)} branches")
+        print(f"{variant.path}: {what}, {len(variant.cache_in)} cache inputs, {len(variant.cache_out)} cache outputs")
     print(f"wrote {out / 'manifest.json'}")
     if args.check:
         report = export.check_tensorrt_support(exported)
@@ -246,10 +247,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     record = run_bench(args.out, weights=args.weights, clips=args.clips, num_steps=args.steps,
                        command="adacache-fx bench " + " ".join(sys.argv[2:]))
     rows = sorted(record["rows"], key=lambda r: (r["family"], -r["compute_fraction"]))
-    print(f"{'policy':28s} {'computed':>8s} {'speed-up':>8s} {'PSNR':>7s} {'SSIM':>6s} {'judge':>6s}")
+    print(f"{'policy':28s} {'computed':>8s} {'FLOPs':>6s} {'speed-up':>8s} {'PSNR':>7s} {'SSIM':>6s} {'judge':>6s}")
     for r in rows:
-        print(f"{r['label']:28s} {r['compute_fraction']:8.3f} {r['speedup']:7.2f}x {min(r['psnr'], 99.99):7.2f} "
-              f"{r['ssim']:6.3f} {r['attribute_accuracy']:6.3f}")
+        print(f"{r['label']:28s} {r['compute_fraction']:8.3f} {r['flops_fraction']:6.3f} {r['speedup']:7.2f}x "
+              f"{min(r['psnr'], 99.99):7.2f} {r['ssim']:6.3f} {r['attribute_accuracy']:6.3f}")
     print("\nclaims:", json.dumps(record["claims"], indent=1))
     print(f"wrote {Path(args.out).with_suffix('.json')} and {Path(args.out).with_suffix('.png')}")
     return 0
@@ -274,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="print the graphs' operators against TensorRT's ONNX operator table and build nothing "
                         "(exit 1 if the table flags a problem); works without TensorRT")
     p.add_argument("--fp16", action="store_true", help="tensorrt: allow FP16 kernels")
+    p.add_argument("--form", choices=("variants", "if"), default="variants",
+                   help="variants: one graph per plan variant (for engine builders); if: one graph whose "
+                        "cached branches are ONNX If nodes on reuse.<branch> inputs")
     p.add_argument("--out", default=None, help="output directory (default: outputs/<format>)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("calibrate", help="fit a policy's threshold to a target compute fraction")

@@ -47,3 +47,6 @@ def test_export_command_writes_variants_and_manifest(tmp_path, capsys):
     assert len(manifest["variants"]) == 2
     assert (tmp_path / "variant_1.onnx").stat().st_size > 0
     assert "reuses" in capsys.readouterr().out
+    assert main(["export", "dit", "--policy", "static:2", "--form", "if", "--out", str(tmp_path / "if")]) == 0
+    assert json.loads((tmp_path / "if" / "manifest.json").read_text())["form"] == "if"
+    assert "an If per cached branch (4)" in capsys.readouterr().out
