@@ -194,22 +194,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Latte configs for ``bench --kernels``: the CPU mid size, and Latte-1's own size (for a GPU).
-KERNEL_SIZES = {
-    "mid": {},  # zoo.latte's defaults: 8 + 8 blocks, hidden 384, 16 frames x 16x16 patches
-    "full": dict(num_layers=28, heads=16, head_dim=72, frames=16, sample_size=64, text_dim=4096),
-}
-
-
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
     from .kernels import measure
-    from .zoo import ZOO, latte
+    from .zoo import LATTE_SIZES, ZOO, latte
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.model == "latte":
-        model, make_inputs = latte(**KERNEL_SIZES[args.size])
+        model, make_inputs = latte(**LATTE_SIZES[args.size])
         inputs = make_inputs(timestep=500.0, batch=2)
-        label = f"latte ({args.size}: {KERNEL_SIZES[args.size] or 'zoo.latte defaults'})"
+        label = f"latte ({args.size}: {LATTE_SIZES[args.size] or 'zoo.latte defaults'})"
     elif args.model in ZOO:
         model, inputs, label = ZOO[args.model].build(), ZOO[args.model].inputs(timestep=500.0, batch=2), args.model
     else:
@@ -304,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                    "benchmarks/results/reference_bench); --kernels: the JSON path")
     p.add_argument("--kernels", action="store_true", help="kernel-level timings instead of the quality sweep")
     p.add_argument("--model", default="latte", help="--kernels: latte (see --size) or a zoo model at its tiny config")
-    p.add_argument("--size", choices=sorted(KERNEL_SIZES), default="mid", help="--kernels: the latte config")
+    p.add_argument("--size", choices=("small", "mid", "full"), default="mid",
+                   help="--kernels: the latte config (full: Latte-1's size, for a GPU)")
     p.add_argument("--policy", default="adacache", help="--kernels: the policy whose plan and metric are timed")
     p.add_argument("--device", default=None, help="--kernels: cpu or cuda (default: cuda when available)")
     p.add_argument("--fp16", action="store_true", help="--kernels: half precision")

@@ -761,6 +761,16 @@ ZOO: dict[str, ZooEntry] = {
 }
 
 
+#: Sizes of :func:`latte` used by the benchmarks: a small one for quick runs, the CPU mid size (the
+#: defaults), and Latte-1's own size (28 + 28 blocks, hidden 1152, 16 frames of 64x64 latents,
+#: 16384 tokens, T5-sized captions) for a GPU.
+LATTE_SIZES: dict[str, dict] = {
+    "small": dict(num_layers=2, heads=4, head_dim=32, frames=4, sample_size=16),
+    "mid": {},
+    "full": dict(num_layers=28, heads=16, head_dim=72, frames=16, sample_size=64, text_dim=4096),
+}
+
+
 def latte(
     num_layers: int = 8,
     heads: int = 6,

@@ -1,4 +1,4 @@
-"""Compiled cached vs compiled uncached vs eager, mid-size Latte on this CPU.
+"""Compiled cached vs compiled uncached vs eager: mid-size Latte on a CPU, Latte-1's size on a GPU.
 
 Three models from one config and weights, run as interleaved 10-step loops (fastest of ``--loops``
 at each step position):
@@ -12,7 +12,11 @@ uncached step's time scaled by the FLOPs that still run (``FlopCounterMode`` on 
 the report's FLOPs of the reused branches). Compiled time tracks FLOPs closely at this size, so this is
 the bar the target (measured / ideal >= 0.95) sets.
 
-    python benchmarks/bench_compile.py [--steps 10] [--loops 2] [--small]
+    python benchmarks/bench_compile.py [--steps 10] [--loops 2] [--size small|mid|full]
+        [--device cuda] [--fp16] [--mode reduce-overhead]
+
+``--mode reduce-overhead`` runs the compiled plan variants as CUDA graphs. Results go to
+``benchmarks/results/compile_<device>[_<size>][_<mode>].json``.
 """
 
 from __future__ import annotations
@@ -31,9 +35,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import adacache_fx as ax
-from adacache_fx.zoo import latte
+from adacache_fx.zoo import LATTE_SIZES, latte
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def run_loop(model, inputs, timesteps, num_steps: int | None) -> list[float]:
@@ -45,8 +54,10 @@ def run_loop(model, inputs, timesteps, num_steps: int | None) -> list[float]:
         try:
             for t in timesteps:
                 kwargs = inputs(timestep=t)
+                _sync()
                 start = time.perf_counter()
                 model(**kwargs)
+                _sync()
                 seconds.append(time.perf_counter() - start)
         finally:
             if context is not None:
@@ -58,17 +69,30 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--loops", type=int, default=2)
-    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--small", action="store_true", help="same as --size small")
+    parser.add_argument("--size", choices=sorted(LATTE_SIZES), default="mid")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--fp16", action="store_true")
+    parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     args = parser.parse_args()
-    config = dict(num_layers=2, heads=4, head_dim=32, frames=4, sample_size=16) if args.small else {}
-    eager, inputs = latte(**config)
+    size = "small" if args.small else args.size
+    config = LATTE_SIZES[size]
+    dtype = torch.float16 if args.fp16 else torch.float32
+    eager, make_inputs = latte(**config)
     compiled_nocache, _ = latte(**config)
     compiled_static, _ = latte(**config)
     for m in (compiled_nocache, compiled_static):
         m.load_state_dict(eager.state_dict())
+    for m in (eager, compiled_nocache, compiled_static):
+        m.to(device=args.device, dtype=dtype)
+
+    def inputs(**kwargs):
+        return {k: (v.to(device=args.device, dtype=dtype if v.is_floating_point() else v.dtype)
+                    if isinstance(v, torch.Tensor) else v) for k, v in make_inputs(**kwargs).items()}
+
     ax.transform(eager, ax.NoCache())
-    ax.compile(ax.transform(compiled_nocache, ax.NoCache()))
-    ax.compile(ax.transform(compiled_static, ax.Static(interval=2, warmup=1, cooldown=1)))
+    ax.compile(ax.transform(compiled_nocache, ax.NoCache()), mode=args.mode)
+    ax.compile(ax.transform(compiled_static, ax.Static(interval=2, warmup=1, cooldown=1)), mode=args.mode)
     timesteps = [999.0 - i * (999.0 / args.steps) for i in range(args.steps)]
     models = {"eager": eager, "compiled_nocache": compiled_nocache, "compiled_static2": compiled_static}
 
@@ -102,10 +126,12 @@ def main() -> None:
     ideal = total["compiled_nocache"] / ideal_loop
     result = {
         "date": date.today().isoformat(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+                   + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
         "command": "python benchmarks/bench_compile.py " + " ".join(sys.argv[1:]),
         "model": f"LatteTransformer3DModel {config or '8 spatial + 8 temporal blocks, hidden 384, 4096 tokens'}",
-        "backend": "inductor, fullgraph=True per plan variant (ax.compile)",
+        "dtype": str(dtype),
+        "backend": f"inductor, fullgraph=True per plan variant (ax.compile), mode={args.mode}",
         "warmup_seconds_all_three_models": round(warmup_seconds, 1),
         "compiled_graphs": graphs,
         "graph_breaks": sum(counters["graph_break"].values()),
@@ -120,7 +146,8 @@ def main() -> None:
         "speedup_compiled_static2_over_eager_uncached": round(total["eager"] / total["compiled_static2"], 3),
     }
     RESULTS.mkdir(exist_ok=True)
-    name = "compile_cpu_small.json" if args.small else "compile_cpu.json"
+    device = args.device.split(":")[0]
+    name = f"compile_{device}" + ("" if size == "mid" else f"_{size}") + (f"_{args.mode}" if args.mode else "") + ".json"
     (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "step_s"}, indent=2))
 
