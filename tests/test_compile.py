@@ -86,7 +86,10 @@ def _run_whole(name, make_policy):
 
 @pytest.mark.parametrize(
     "name, policy_name",
-    [("dit", "static"), ("latte", "static"), ("wan", "static"), ("latte", "adacache")],
+    [("dit", "static"), ("latte", "static"), ("wan", "static"), ("latte", "adacache"),
+     # In-step: First-Block-Cache decides inside the graph (torch.cond on a computed flag, its
+     # reference residual as explicit state); on Flux its decisions change from step to step.
+     ("flux", "first_block_cache")],
 )
 def test_whole_model_compiles_to_one_graph_with_decisions_inside(name, policy_name):
     eager, model, diffs, graphs_after_warmup = _run_whole(name, POLICIES[policy_name])
@@ -99,9 +102,9 @@ def test_whole_model_compiles_to_one_graph_with_decisions_inside(name, policy_na
     assert any(reused for _, reused in plans) and not all(reused for _, reused in plans)
 
 
-def test_whole_model_scope_refuses_in_step_policies_and_bad_scopes():
+def test_whole_model_scope_refuses_in_step_policies_without_an_in_graph_decision():
     entry = ZOO["dit"]
     with pytest.raises(ax.PolicyError, match="scope='blocks'"):
-        ax.compile(ax.transform(entry.build(), ax.FirstBlockCache()), scope="model")
+        ax.compile(ax.transform(entry.build(), ax.TeaCache()), scope="model")
     with pytest.raises(ValueError, match="scope="):
         ax.compile(ax.transform(entry.build(), ax.Static(2)), scope="graph")

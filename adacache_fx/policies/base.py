@@ -210,6 +210,27 @@ class Policy:
         """The signal :meth:`decide` needs, for policies that decide inside a step."""
         return None
 
+    def decide_in_graph(
+        self, signal: torch.Tensor, state: torch.Tensor, allow: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tensor form of :meth:`decide` for whole-model graphs (``ax.compile(scope="model")``):
+        from this call's signal, the policy's state tensor (what it compares against) and ``allow``
+        (a boolean scalar: False on steps that must compute), return ``(reuse, new_state)``, ``reuse``
+        a boolean scalar covering :meth:`in_graph_branches`. Only tensor operations: it is traced."""
+        raise NotImplementedError(f"{type(self).__name__} has no in-graph decision")
+
+    def in_graph_branches(self, branches: tuple[BranchInfo, ...]) -> frozenset[str]:
+        """The branches an in-graph ``reuse`` decision covers."""
+        raise NotImplementedError(f"{type(self).__name__} has no in-graph decision")
+
+    def in_graph_allow(self, ctx: StepContext) -> bool:
+        """Whether the in-graph decision may reuse at this step (False: the step must compute)."""
+        return True
+
+    def in_graph_state(self, slot: int) -> torch.Tensor | None:
+        """The state tensor :meth:`decide` left for call slot ``slot`` (after an eager call)."""
+        raise NotImplementedError(f"{type(self).__name__} has no in-graph decision")
+
     def decide(self, ctx: StepContext, slot: int, signal: torch.Tensor) -> Plan:
         """Plan the rest of one model call from this call's signal.
 

@@ -124,6 +124,25 @@ class FirstBlockCache(Policy):
             flags.append(compute)
         return flags
 
+    # -- in-graph path (ax.compile(scope="model")) ------------------------------------------------
+    def decide_in_graph(self, signal, state, allow):
+        """:meth:`advance` as tensor operations: reuse when allowed and the relative L1 change of
+        the first blocks' residual since the reference ``state`` is below the threshold."""
+        previous = state.float()
+        change = (signal.float() - previous).abs().mean()
+        scale = previous.abs().mean()
+        reuse = allow & (change < self.threshold * scale)
+        return reuse, torch.where(reuse, state, signal)
+
+    def in_graph_branches(self, branches: tuple[BranchInfo, ...]) -> frozenset[str]:
+        return self._reuse_plan(branches).reuse
+
+    def in_graph_allow(self, ctx: StepContext) -> bool:
+        return not self.forced(ctx.step, ctx.num_steps)
+
+    def in_graph_state(self, slot: int) -> torch.Tensor | None:
+        return self._previous.get(slot)
+
     # -- live path ------------------------------------------------------------------------------
     def reset(self) -> None:
         self._previous.clear()

@@ -311,7 +311,18 @@ class CachedBlock(nn.Module):
             if is_cached:
                 inputs.append(plan.reuse[info.id])
                 inputs.extend(plan.cache_in[info.id])
+        in_step = plan.in_step
+        if in_step is not None and self.depth == 0:
+            in_index, _ = spec.shared.main_stream()
+            in_step["start"] = inputs[in_index]
         outputs = spec.shared.conditional(cached)(*inputs)
+        if in_step is not None and self.depth == self.runtime.signal.blocks - 1:
+            _, out_index = spec.shared.main_stream()
+            reuse, new_state = policy.decide_in_graph(outputs[out_index] - in_step["start"], in_step["state"],
+                                                      in_step["allow"])
+            in_step.update(reuse=reuse, new_state=new_state)
+            for branch in in_step["covered"]:  # the blocks after this one decide on the graph's own value
+                plan.reuse[branch] = reuse
         num_user = spec.shared.captured.num_user_outputs
         offset = num_user
         for info, is_cached in zip(spec.branches, cached):

@@ -63,6 +63,9 @@ class TensorPlan:
     reuse: dict[str, torch.Tensor]
     cache_in: dict[str, tuple[torch.Tensor, ...]]
     cache_out: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    # In-graph decision of an in-step policy (First-Block-Cache): its state and allow inputs, and,
+    # once the signal's block has run, "reuse" and "new_state" (see Policy.decide_in_graph).
+    in_step: dict[str, Any] | None = None
 
 
 @dataclass

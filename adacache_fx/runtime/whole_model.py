@@ -19,6 +19,7 @@ import torch.utils._pytree as pytree
 
 from ..errors import PolicyError
 from ..passes.capture import call_signature
+from ..policies.base import Policy
 from .engine import BlockCache, CacheRuntime, TensorPlan
 
 
@@ -33,9 +34,13 @@ class ConditionalModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, runtime: CacheRuntime, kwargs: dict, decisions: list[str],
-                 residuals: dict[str, int], first_output_only: bool = False) -> None:
+                 residuals: dict[str, int], first_output_only: bool = False,
+                 in_step_branches: frozenset[str] | None = None) -> None:
         super().__init__()
         self.model = model
+        # An in-step policy deciding inside the graph: two more inputs (its state, allow) and two more
+        # outputs (reuse, new state); the decision covers these branches.
+        self.in_step_branches = in_step_branches
         self.__dict__["runtime"] = runtime
         self.decisions = decisions
         self.residuals = residuals
@@ -56,13 +61,18 @@ class ConditionalModel(nn.Module):
         for branch in self.decisions:
             reuse[branch] = next(rest)
             cache_in[branch] = tuple(next(rest) for _ in range(self.residuals[branch]))
+        in_step = None
+        if self.in_step_branches is not None:
+            in_step = {"state": next(rest), "allow": next(rest), "covered": self.in_step_branches}
         runtime = self.runtime
-        runtime.fixed = TensorPlan(reuse, cache_in)
+        runtime.fixed = TensorPlan(reuse, cache_in, in_step=in_step)
         try:
             output = self.model(**kwargs)
             stored = runtime.fixed.cache_out
         finally:
             runtime.fixed = None
+        if in_step is not None and "reuse" not in in_step:
+            raise PolicyError("the in-step signal's block did not run in the conditional graph: a capture bug")
         missing = [b for b in self.decisions if b not in stored]
         if missing:
             raise PolicyError(f"branches {missing[:3]} did not run in the conditional graph: a capture bug")
@@ -75,7 +85,8 @@ class ConditionalModel(nn.Module):
         )
         if self.first_output_only:
             tensors_out = tensors_out[:1]
-        return (*tensors_out, *[v for branch in self.decisions for v in stored[branch]])
+        extra = (in_step["reuse"], in_step["new_state"]) if in_step is not None else ()
+        return (*tensors_out, *[v for branch in self.decisions for v in stored[branch]], *extra)
 
     def unflatten_output(self, tensors: list[torch.Tensor]) -> Any:
         """The model's output structure around the graph's output tensors."""
@@ -90,11 +101,15 @@ class CompiledModel(nn.Module):
 
     def __init__(self, model: nn.Module, runtime: CacheRuntime, compile_options: dict) -> None:
         super().__init__()
-        if runtime.policy.decides_in_step:
+        policy = runtime.policy
+        self.in_step = policy.decides_in_step
+        if self.in_step and (runtime.signal is None or runtime.signal.kind != "first_blocks_residual"
+                             or type(policy).decide_in_graph is Policy.decide_in_graph):
             raise PolicyError(
-                f"{type(runtime.policy).__name__} decides inside each step from data of that step; "
-                "ax.compile(scope='model') runs schedule-driven policies (the step's plan is an input "
-                "of the graph). Use ax.compile(model) (scope='blocks') for in-step policies."
+                f"{type(policy).__name__} decides inside each step and has no in-graph decision "
+                "(Policy.decide_in_graph over the first blocks' residual); ax.compile(scope='model') "
+                "runs schedule-driven policies and First-Block-Cache. Use ax.compile(model) "
+                "(scope='blocks') for it."
             )
         self.model = model
         self.__dict__["runtime"] = runtime
@@ -104,6 +119,9 @@ class CompiledModel(nn.Module):
         self._caches: dict[tuple[int, str], BlockCache] = {}
         self._generation = -1
         self._graphs: dict[Any, tuple[Any, ConditionalModel]] = {}  # call signature -> compiled graph
+        self._covered: frozenset[str] = frozenset()  # branches the in-graph decision covers
+        self._state: dict[int, torch.Tensor] = {}  # in-step policy state per call slot
+        self._state_zeros: torch.Tensor | None = None
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -122,6 +140,7 @@ class CompiledModel(nn.Module):
         runtime.on_model_call(self.model, (), kwargs)
         if runtime.tracker.generation != self._generation:
             self._caches.clear()  # a new generation starts from empty caches, as in eager
+            self._state.clear()
             self._generation = runtime.tracker.generation
         plan = runtime.plan
         if plan.partial or plan.skip_uncond:
@@ -141,8 +160,19 @@ class CompiledModel(nn.Module):
             # A branch that computes ignores its cache input: any tensor of the right shape does.
             feeds.extend(runtime.reuse_values(info, cache) if do_reuse
                          else cache.values.get(info.id, self._zeros[info.id]))
+        if self.in_step:
+            state = self._state.get(slot)
+            allow = state is not None and runtime.policy.in_graph_allow(runtime.context)
+            feeds += [state if state is not None else self._state_zeros, torch.tensor(allow)]
         graph, traced = self._graph_for(kwargs)
         results = list(graph(*feeds))
+        if self.in_step:
+            in_graph_reuse, self._state[slot] = results[-2:]
+            del results[-2:]
+            if bool(in_graph_reuse):  # one read after the step, for the host's caches and report
+                reused |= {b for b in self._covered if b in self._caches.get((slot, runtime.branches[b].block),
+                                                                              BlockCache(None)).values}
+                runtime.records[-1].in_step_reuse += 1
         count = len(results) - sum(info.num_residuals for info in self._conditional)
         output = traced.unflatten_output(results[:count])
         rest = iter(results[count:])
@@ -158,11 +188,14 @@ class CompiledModel(nn.Module):
         if entry is None:
             decisions = [info.id for info in self._conditional]
             residuals = {info.id: info.num_residuals for info in self._conditional}
-            traced = ConditionalModel(self.model, self.runtime, kwargs, decisions, residuals)
+            traced = ConditionalModel(self.model, self.runtime, kwargs, decisions, residuals,
+                                      in_step_branches=self._covered if self.in_step else None)
             example = [leaf for leaf in pytree.tree_leaves(kwargs) if isinstance(leaf, torch.Tensor)]
             for info in self._conditional:
                 example.append(torch.tensor(False))
                 example.extend(t.clone() for t in self._zeros[info.id])  # distinct storages: no aliasing
+            if self.in_step:
+                example += [self._state_zeros.clone(), torch.tensor(False)]
             with torch.no_grad():
                 traced(*example)  # eagerly once: records the output structure (export keeps no record)
                 program = torch.export.export(traced, tuple(example), strict=False)
@@ -190,6 +223,13 @@ class CompiledModel(nn.Module):
         self._zeros = {info.id: tuple(torch.zeros_like(t) for t in stored[info.id]) for info in self._conditional}
         self._caches = dict(runtime.caches)
         self._generation = runtime.tracker.generation
+        if self.in_step:
+            self._covered = policy.in_graph_branches(tuple(runtime.branches.values()))
+            state = policy.in_graph_state(runtime.tracker.slot)
+            if state is None:
+                raise PolicyError(f"{type(policy).__name__} kept no state after the first call")
+            self._state = {runtime.tracker.slot: state}
+            self._state_zeros = torch.zeros_like(state)
 
     def _account(self, reused: set[str], cache_out: dict, slot: int) -> None:
         """What the eager runtime does after each block: count, let watchers observe, store."""
