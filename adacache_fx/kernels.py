@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from .api import get_runtime
-from .passes.capture import _leaf_key
+from .passes.capture import call_signature
 from .passes.rewrite import RegionState
 from .policies.base import StepContext
 
@@ -126,8 +126,7 @@ def measure(model: nn.Module, kwargs: dict, *, min_run_time: float = 0.2, progre
             hook.remove()
     groups: dict[int, list[tuple[nn.Module, tuple, dict, Any]]] = {}
     for block, args, kw in calls.values():
-        leaves, tree = pytree.tree_flatten((args, kw))
-        spec = block._specialisations.get((tree, tuple(_leaf_key(leaf) for leaf in leaves)))
+        spec = block._specialisations.get(call_signature(args, kw))
         if spec is None or not getattr(spec, "branches", None):
             continue
         groups.setdefault(id(spec.shared), []).append((block, args, kw, spec))
@@ -178,8 +177,8 @@ def _dispatch(block: nn.Module, args: tuple, kw: dict, spec: Any, min_run_time: 
     """The wrapper's own cost per call (signature lookup, plan, cache bookkeeping, output tree): a
     wrapper call whose graph is swapped for one returning precomputed outputs."""
     runtime, shared = block.runtime, spec.shared
-    leaves, tree = pytree.tree_flatten((args, kw))
-    cache = runtime.block_cache(block.path, (tree, tuple(_leaf_key(leaf) for leaf in leaves)))
+    leaves = pytree.tree_leaves((args, kw))
+    cache = runtime.block_cache(block.path, call_signature(args, kw))
     states, tokens = runtime.region_plan(spec.branches, cache, shared.analysis.regions)
     if any(state in (RegionState.REUSE, RegionState.PARTIAL) for state in states):
         raise RuntimeError("the dispatch timing expects the plan of a compute step")

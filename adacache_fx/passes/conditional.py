@@ -18,12 +18,7 @@ import torch.fx as fx
 
 from .capture import eliminate_dead_code
 from .residuals import Region
-
-
-def _attr(module: torch.nn.Module, target: str):
-    for atom in target.split("."):
-        module = getattr(module, atom)
-    return module
+from .rewrite import set_branch_value
 
 
 def _region_function(
@@ -150,10 +145,7 @@ def build_conditional(
             )
             values = [graph.call_function(operator.getitem, (decided, i)) for i in range(len(outputs))]
         for res, value in zip(region.residuals, values):
-            add = by_name[res.add_node]
-            args = list(add.args)
-            args[res.branch_index] = value
-            add.args = tuple(args)
+            set_branch_value(by_name[res.add_node], res, value)
         new_outputs.extend(values)
 
     outputs = list(output_value) if isinstance(output_value, (list, tuple)) else [output_value]
@@ -161,24 +153,9 @@ def build_conditional(
     eliminate_dead_code(graph)
     graph.lint()
 
-    root = torch.nn.Module()
-    for node in graph.nodes:
-        if node.op == "get_attr" and node.target not in branches:
-            *path, leaf = node.target.split(".")
-            owner = root
-            for atom in path:
-                if not hasattr(owner, atom):
-                    owner.add_module(atom, torch.nn.Module())
-                owner = getattr(owner, atom)
-            value = _attr(graph_module, node.target)
-            if isinstance(value, torch.nn.Module):
-                owner.add_module(leaf, value)
-            elif isinstance(value, torch.nn.Parameter):
-                owner.register_parameter(leaf, value)
-            elif isinstance(value, torch.Tensor):
-                owner.register_buffer(leaf, value)
-            else:
-                setattr(owner, leaf, value)
-    for name, branch_graph in branches.items():
-        root.add_module(name, fx.GraphModule(graph_module, branch_graph, class_name="CachedRegionBranch"))
+    # Attributes the graph reads, by qualified name, plus the branch graphs torch.cond calls.
+    root = {node.target: operator.attrgetter(node.target)(graph_module)
+            for node in graph.nodes if node.op == "get_attr" and node.target not in branches}
+    root.update({name: fx.GraphModule(graph_module, branch_graph, class_name="CachedRegionBranch")
+                 for name, branch_graph in branches.items()})
     return fx.GraphModule(root, graph, class_name="CachedBlockConditional")

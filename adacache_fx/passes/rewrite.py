@@ -26,7 +26,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 
 from .capture import eliminate_dead_code
-from .residuals import Region
+from .residuals import Region, Residual
 from .tokens import PartialComputeError, insert_partial
 
 
@@ -35,6 +35,13 @@ class RegionState(enum.IntEnum):
     STORE = 1
     REUSE = 2
     PARTIAL = 3
+
+
+def set_branch_value(add: fx.Node, residual: Residual, value: fx.Node) -> None:
+    """Make the residual ``add`` take ``value`` as its branch operand (the stream operand stays)."""
+    args = list(add.args)
+    args[residual.branch_index] = value
+    add.args = tuple(args)
 
 
 def build_variant(
@@ -86,9 +93,7 @@ def build_variant(
                     cache = graph.placeholder(f"cache_{region.name}_{i}")
                 cache.meta = dict(branch.meta)
                 new_inputs.append(cache)
-                args = list(add.args)
-                args[res.branch_index] = cache
-                add.args = tuple(args)
+                set_branch_value(add, res, cache)
             elif state == RegionState.STORE:
                 new_outputs.append(branch)
             elif state == RegionState.PARTIAL:
@@ -107,9 +112,7 @@ def build_variant(
                 scattered = insert_partial(
                     graph, by_name, region.token_flow, count, tokens, cache, add, region.name
                 )
-                args = list(add.args)
-                args[res.branch_index] = scattered
-                add.args = tuple(args)
+                set_branch_value(add, res, scattered)
                 new_outputs.append(scattered)
 
     outputs = list(output_value) if isinstance(output_value, (list, tuple)) else [output_value]
