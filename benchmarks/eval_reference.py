@@ -43,7 +43,7 @@ def main() -> None:
     real, real_specs = make_dataset(2000, seed=7_777_777)
     model = load(args.weights)
     config = model.config
-    _, specs = make_dataset(args.clips, seed=4242, frames=config.frames, size=config.size)
+    _, specs = make_dataset(args.clips, seed=4242, frames=config.frames, size=config.size, grid=config.grid_layout)
     tokens, mask = encode_captions(specs, max_len=config.max_tokens)
     start = time.perf_counter()
     videos = torch.cat([

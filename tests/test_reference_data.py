@@ -20,9 +20,9 @@ def _single(shape="square", colour="white", size="medium", **motion) -> D.ClipSp
     return D.ClipSpec(spec.shapes, motion_amount=D.motion_amount(spec))
 
 
-def _specs(n: int, seed: int) -> list[D.ClipSpec]:
+def _specs(n: int, seed: int, grid: bool = False) -> list[D.ClipSpec]:
     rng = np.random.default_rng(seed)
-    return [D.sample_spec(rng) for _ in range(n)]
+    return [D.sample_spec(rng, grid=grid) for _ in range(n)]
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -72,7 +72,7 @@ def test_captions_contain_attributes(dataset):
     where = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
     for s in specs:
         c = s.caption
-        assert c.startswith(f"a {s.size} {s.colour} {s.shape}")
+        assert c.startswith(f"a {s.size} {s.colour} {s.shape} at the {s.main.zone} ")
         if s.speed == "static":
             assert "standing still" in c and "moving" not in c
         else:
@@ -83,7 +83,22 @@ def test_captions_contain_attributes(dataset):
             assert f"a {e.size} {e.colour} {e.shape}" in c.split("with", 1)[1]
     spec = D.ClipSpec((D.ShapeSpec("circle", "red", "large", "fast", "left", bounce=True, velocity=0.06),
                        D.ShapeSpec("square", "blue", "small")))
-    assert spec.caption == "a large red circle moving fast to the left, bouncing, with a small blue square"
+    assert spec.caption == ("a large red circle at the centre moving fast to the left, bouncing, "
+                            "with a small blue square")
+
+
+def test_zone_is_the_start_ninth_of_the_frame():
+    def zone(x: float, y: float) -> str:
+        return D.ShapeSpec("circle", "red", "small", start=(x, y)).zone
+
+    assert [zone(0.1, 0.1), zone(0.5, 0.1), zone(0.9, 0.1)] == ["top-left", "top-centre", "top-right"]
+    assert [zone(0.1, 0.5), zone(0.5, 0.5), zone(0.9, 0.5)] == ["middle-left", "centre", "middle-right"]
+    assert [zone(0.1, 0.9), zone(0.5, 0.9), zone(0.9, 0.9)] == ["bottom-left", "bottom-centre", "bottom-right"]
+    assert zone(0.34, 0.32) == "top-centre"  # x is the column, y the row
+    assert zone(0.0, 1.0) == "bottom-left"  # the borders belong to the outer ninths
+    # a zone is one caption token, not "left" as a direction word
+    tokens, mask = D.encode_captions(["a small red circle at the top-left standing still"])
+    assert D.VOCAB[int(tokens[0, 6])] == "top-left" and int(mask.sum()) == 9
 
 
 def test_motion_amount_static_zero_and_fast_above_slow(dataset):
@@ -226,3 +241,23 @@ def test_judge_rejects_wrong_geometry():
         judge.predict(torch.zeros(2, 3, 12, 32, 32))
     with pytest.raises(ValueError):
         judge.accuracy(torch.zeros(2, 3, 8, 32, 32), [])
+
+
+def test_grid_layout_makes_the_main_shapes_clip_a_function_of_its_caption():
+    def starts_per_caption(grid: bool) -> list[int]:
+        specs = _specs(1500, seed=3, grid=grid)
+        groups: dict[str, set] = {}
+        for s in specs:
+            main_caption = s.caption.split(", with")[0]
+            groups.setdefault(main_caption, set()).add((s.main.start, s.main.velocity))
+        return [len(v) for v in groups.values()]
+
+    grid = starts_per_caption(True)
+    assert sum(n == 1 for n in grid) / len(grid) > 0.95  # a few zones clamp two ways to one label
+    assert max(starts_per_caption(False)) > 3  # the free layout leaves place and speed to chance
+    for s in _specs(500, seed=4, grid=True):
+        path = D.trajectory(s.main, 8)
+        r = s.main.radius
+        assert (path >= r - 1e-9).all() and (path <= 1 - r + 1e-9).all()
+        lo, hi = D.SPEED_RANGE[s.speed]
+        assert s.main.velocity == pytest.approx((lo + hi) / 2)

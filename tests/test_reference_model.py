@@ -56,3 +56,21 @@ def test_generate_and_nocache_transform_equal_the_plain_model():
     cached = generate(model, tokens, mask, num_steps=4)
     assert (cached - plain).abs().max() <= 1e-5
     assert ax.report(model.transformer).branches
+
+
+def test_video_noise_shares_the_configured_part_across_frames():
+    from adacache_fx.reference.model import video_noise
+
+    config = ReferenceConfig(frame_noise_correlation=0.5)
+    noise = video_noise((64, 3, 8, 16, 16), config, torch.Generator().manual_seed(0))
+    assert abs(float(noise.std()) - 1.0) < 0.02
+    frames = noise.permute(2, 0, 1, 3, 4).reshape(8, -1)
+    correlation = torch.corrcoef(frames)
+    off_diagonal = correlation[~torch.eye(8, dtype=torch.bool)]
+    assert abs(float(off_diagonal.mean()) - 0.5) < 0.02
+    independent = video_noise((64, 3, 8, 16, 16), ReferenceConfig(frame_noise_correlation=0.0),
+                              torch.Generator().manual_seed(0))
+    frames = independent.permute(2, 0, 1, 3, 4).reshape(8, -1)
+    assert float(torch.corrcoef(frames)[~torch.eye(8, dtype=torch.bool)].abs().max()) < 0.02
+    with pytest.raises(ValueError, match="frame_noise_correlation"):
+        video_noise((1, 3, 2, 4, 4), ReferenceConfig(frame_noise_correlation=1.0))

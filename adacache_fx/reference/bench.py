@@ -76,9 +76,11 @@ def default_points() -> list[Point]:
     return points
 
 
-def bench_prompts(count: int, frames: int = 8, size: int = 32, seed: int = 31337) -> list[ClipSpec]:
-    """``count`` clip specs, a third each static, slow and fast (held out from training's seeds)."""
-    _, pool = make_dataset(max(300, 10 * count), seed=seed, frames=frames, size=size)
+def bench_prompts(count: int, frames: int = 8, size: int = 32, seed: int = 31337, grid: bool = False
+                  ) -> list[ClipSpec]:
+    """``count`` clip specs, a third each static, slow and fast (held out from training's seeds);
+    ``grid`` as the model was trained (``ReferenceConfig.grid_layout``)."""
+    _, pool = make_dataset(max(300, 10 * count), seed=seed, frames=frames, size=size, grid=grid)
     by_speed = {s: [c for c in pool if c.speed == s] for s in ("static", "slow", "fast")}
     return [by_speed[("static", "slow", "fast")[i % 3]][i // 3] for i in range(count)]
 
@@ -160,7 +162,7 @@ def run_bench(
     points = list(points) if points is not None else default_points()
     judge = load_judge(judge_path)
     config = load(weights).config
-    specs = bench_prompts(clips, config.frames, config.size)
+    specs = bench_prompts(clips, config.frames, config.size, grid=config.grid_layout)
     motions = [s.motion_amount for s in specs]
     bar = tqdm(total=len(points) * clips, desc="bench", disable=not progress)
     rows: list[dict] = []

@@ -38,10 +38,12 @@ PSNR_IDENTICAL = 100.0
 REFERENCE_MOREG_SCALE = 0.1
 
 
-def demo_prompts(count: int, frames: int = 8, size: int = 32, seed: int = 2024) -> list[ClipSpec]:
+def demo_prompts(count: int, frames: int = 8, size: int = 32, seed: int = 2024, grid: bool = False
+                 ) -> list[ClipSpec]:
     """``count`` fixed clip specs from static to fast motion (round robin over the speed classes,
-    the last fast one bouncing when available), so the demo spans the motion range."""
-    _, pool = make_dataset(400, seed=seed, frames=frames, size=size)
+    the last fast one bouncing when available), so the demo spans the motion range; ``grid`` as the
+    model was trained (``ReferenceConfig.grid_layout``)."""
+    _, pool = make_dataset(400, seed=seed, frames=frames, size=size, grid=grid)
     wanted = ["static", "slow", "fast"]
     chosen: list[ClipSpec] = []
     for i in range(count):
@@ -207,7 +209,7 @@ def run_demo(
     out_dir.mkdir(parents=True, exist_ok=True)
     judge = load_judge(judge_path)
     config = load(weights).config
-    specs = demo_prompts(clips, config.frames, config.size)
+    specs = demo_prompts(clips, config.frames, config.size, grid=config.grid_layout)
     bar = tqdm(total=len(policies) * clips, desc="generating", disable=not progress)
     results: list[tuple[str, list[ClipRun]]] = []
     for label, factory in policies:

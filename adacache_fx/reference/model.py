@@ -35,6 +35,13 @@ class ReferenceConfig:
     #: hidden size is 128, so the model cannot output white noise per patch: epsilon- or
     #: v-prediction leave visible noise in the samples, while clean clips are low-rank enough.
     prediction_type: str = "sample"
+    #: Share of the diffusion noise common to all frames (the rest is drawn per frame), in training and
+    #: sampling alike (PYoCo's "mixed" noise prior, Ge et al. 2023). With independent noise per frame, a
+    #: model this small decides per frame where the object goes and draws it flickering in several places.
+    frame_noise_correlation: float = 0.5
+    #: Train on clips whose main shape starts at a zone's centre at its speed class's middle speed
+    #: (``data.sample_spec(grid=True)``), so a caption determines its main shape's clip.
+    grid_layout: bool = True
 
     @property
     def hidden(self) -> int:
@@ -98,7 +105,7 @@ def build(config: ReferenceConfig = ReferenceConfig()) -> ReferenceModel:
     return ReferenceModel(transformer, encoder, config)
 
 
-_FORMAT = "adacache_fx-reference-2"
+_FORMAT = "adacache_fx-reference-3"
 
 
 def save(path: str | Path, model: ReferenceModel) -> None:
@@ -133,6 +140,19 @@ def load(path: str | Path) -> ReferenceModel:
     return model.eval()
 
 
+def video_noise(shape: tuple[int, ...], config: ReferenceConfig, generator: torch.Generator | None = None,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """Unit-variance noise for videos ``(B, C, T, H, W)`` whose frames correlate by
+    ``config.frame_noise_correlation``."""
+    rho = config.frame_noise_correlation
+    if not 0.0 <= rho < 1.0:
+        raise ValueError(f"frame_noise_correlation must be in [0, 1), got {rho}")
+    b, c, _, h, w = shape
+    shared = torch.randn((b, c, 1, h, w), generator=generator, device=device)
+    own = torch.randn(shape, generator=generator, device=device)
+    return rho ** 0.5 * shared + (1.0 - rho) ** 0.5 * own
+
+
 def empty_caption(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The unconditional caption (classifier-free guidance): all padding, first position attended
     (an all-masked sequence would make attention undefined)."""
@@ -161,10 +181,14 @@ def generate(
     seed: int = 0,
     progress: bool = False,
     on_step=None,
+    eta: float = 0.0,
 ) -> torch.Tensor:
     """DDIM sampling with batched classifier-free guidance; returns videos (B, 3, T, H, W) in [-1, 1].
 
     ``on_step(index, timestep)``, if given, is called before each transformer call (e.g. to time steps).
+    ``eta``: DDIM's stochasticity (0 deterministic, 1 as ancestral DDPM sampling); its noise comes
+    from the same seeded generator and correlates across frames as the training noise does, so a call
+    stays a pure function of its arguments.
     """
     from tqdm.auto import tqdm
 
@@ -172,8 +196,7 @@ def generate(
     sched = scheduler(config, num_steps)
     batch = tokens.shape[0]
     generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn(batch, config.channels, config.frames, config.size, config.size,
-                          generator=generator)
+    latents = video_noise((batch, config.channels, config.frames, config.size, config.size), config, generator)
     empty, empty_mask = empty_caption(tokens, mask)
     text = model.encoder(torch.cat([tokens, empty]), torch.cat([mask, empty_mask]))
     for index, t in enumerate(tqdm(sched.timesteps, desc="sampling", disable=not progress, leave=False)):
@@ -187,5 +210,9 @@ def generate(
             return_dict=False,
         )[0]
         cond, uncond = out.chunk(2)
-        latents = sched.step(uncond + guidance_scale * (cond - uncond), t, latents).prev_sample
+        # Ancestral noise correlates across frames like the training noise (drawn only when used,
+        # so eta=0 stays bit-identical to plain DDIM).
+        variance_noise = video_noise(tuple(latents.shape), config, generator) if eta > 0 else None
+        latents = sched.step(uncond + guidance_scale * (cond - uncond), t, latents, eta=eta,
+                             variance_noise=variance_noise).prev_sample
     return latents.clamp(-1, 1)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import encode_captions, make_dataset
-from .model import ReferenceConfig, build, empty_caption, save
+from .model import ReferenceConfig, build, empty_caption, save, video_noise
 
 
 def train(
@@ -67,14 +67,15 @@ def train(
     bar = tqdm(total=steps, desc="training", disable=not progress)
     step = 0
     while step < total and (minutes is None or time.perf_counter() - start < 60 * minutes):
-        videos, specs = make_dataset(batch, seed=seed * 1_000_003 + step, frames=config.frames, size=config.size)
+        videos, specs = make_dataset(batch, seed=seed * 1_000_003 + step, frames=config.frames, size=config.size,
+                                     grid=config.grid_layout)
         tokens, mask = encode_captions(specs, max_len=config.max_tokens)
         videos, tokens, mask = videos.to(device), tokens.to(device), mask.to(device)
         drop = torch.rand(batch, device=device) < 0.1
         empty_tokens, empty_mask = empty_caption(tokens, mask)
         tokens = torch.where(drop[:, None], empty_tokens, tokens)
         mask = torch.where(drop[:, None], empty_mask, mask)
-        noise = torch.randn_like(videos)
+        noise = video_noise(tuple(videos.shape), config, device=device)
         t = torch.randint(0, config.train_timesteps, (batch,), device=device)
         noisy = scheduler.add_noise(videos, noise, t)
         prediction = transformer(
