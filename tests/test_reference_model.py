@@ -10,7 +10,8 @@ from adacache_fx.reference.data import encode_captions, make_dataset
 from adacache_fx.reference.model import ReferenceConfig, build, generate, load, save
 from adacache_fx.reference.train import train
 
-SMALL = ReferenceConfig(num_layers=1, heads=2, head_dim=16, text_dim=32, frames=4, size=16, patch_size=4)
+SMALL = ReferenceConfig(num_layers=1, heads=2, head_dim=16, text_dim=32, frames=4, size=16, patch_size=2,
+                        latent_channels=4, autoencoder_width=8)
 
 
 def test_save_load_round_trip_is_exact(tmp_path):
@@ -35,7 +36,8 @@ def test_load_names_the_problem(tmp_path):
 
 def test_two_step_training_smoke_run(tmp_path):
     record = train(tmp_path / "w.safetensors", SMALL, steps=2, minutes=None, batch=2, save_every=1,
-                   progress=False)
+                   progress=False, autoencoder_steps=2)
+    assert record["autoencoder"]["steps"] == 2
     assert record["steps"] == 2 and all(torch.isfinite(torch.tensor(record["losses"])))
     assert (tmp_path / "w.safetensors").stat().st_size > 0
     assert (tmp_path / "w.step1.safetensors").stat().st_size > 0  # EMA snapshot
@@ -74,3 +76,56 @@ def test_video_noise_shares_the_configured_part_across_frames():
     assert float(torch.corrcoef(frames)[~torch.eye(8, dtype=torch.bool)].abs().max()) < 0.02
     with pytest.raises(ValueError, match="frame_noise_correlation"):
         video_noise((1, 3, 2, 4, 4), ReferenceConfig(frame_noise_correlation=1.0))
+
+
+def test_autoencoder_shapes_range_and_learning():
+    from adacache_fx.reference.autoencoder import FrameAutoencoder, train_autoencoder
+
+    torch.manual_seed(0)
+    autoencoder = FrameAutoencoder(latent_channels=4, width=8)
+    videos, _ = make_dataset(4, seed=1, frames=4, size=16)
+    with torch.no_grad():
+        latents = autoencoder.encode(videos)
+        assert latents.shape == (4, 4, 4, 4, 4)  # (B, latent channels, T, H/4, W/4)
+        assert latents.abs().max() <= 1.0  # tanh: the range DDIM's clip_sample keeps
+        assert autoencoder.decode(latents).shape == videos.shape
+        before = float(((autoencoder.decode(latents) - videos) ** 2).mean())
+    record = train_autoencoder(autoencoder, steps=60, clips=4, frames=4, size=16, progress=False)
+    assert record["held_out_mse"] < 0.5 * before
+    with pytest.raises(ValueError, match="divisible by 4"):
+        autoencoder.encode(torch.zeros(1, 3, 2, 18, 18))
+    with pytest.raises(ValueError, match=r"\(B, C, T, H, W\)"):
+        autoencoder.encode(torch.zeros(3, 2, 16, 16))
+
+
+def test_training_with_a_passed_autoencoder_equals_training_it_inline(tmp_path):
+    # The shipped weights were trained with the autoencoder phase run separately and passed in; the
+    # one-command path must give the same weights.
+    from adacache_fx.reference.autoencoder import train_autoencoder
+
+    inline = train(tmp_path / "a.safetensors", SMALL, steps=2, minutes=None, batch=2, progress=False,
+                   autoencoder_steps=3)
+    torch.manual_seed(0)
+    separate = build(SMALL)
+    train_autoencoder(separate.autoencoder, steps=3, frames=SMALL.frames, size=SMALL.size, seed=0, progress=False)
+    passed = train(tmp_path / "b.safetensors", SMALL, steps=2, minutes=None, batch=2, progress=False,
+                   autoencoder=separate.autoencoder)
+    assert inline["losses"] == passed["losses"]
+    a, b = load(tmp_path / "a.safetensors"), load(tmp_path / "b.safetensors")
+    for name, module in a.modules().items():
+        for (key, x), y in zip(module.state_dict().items(), b.modules()[name].state_dict().values()):
+            assert torch.equal(x, y), f"{name}.{key}"
+
+
+def test_two_process_data_parallel_smoke_run(tmp_path):
+    record = train(tmp_path / "w.safetensors", SMALL, steps=2, minutes=None, batch=2, progress=False,
+                   autoencoder_steps=2, processes=2)
+    assert record["steps"] == 2 and record["processes"] == 2
+    assert all(torch.isfinite(torch.tensor(record["losses"])))
+    single = train(tmp_path / "one.safetensors", SMALL, steps=2, minutes=None, batch=2, progress=False,
+                   autoencoder_steps=2)
+    # Rank 0 sees the single-process run's clips; the averaged loss includes rank 1's as well.
+    assert record["losses"] != single["losses"]
+    load(tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="processes"):
+        train(tmp_path / "x.safetensors", SMALL, steps=1, processes=0)

@@ -1,5 +1,6 @@
-"""The reference video DiT: diffusers' ``LatteTransformer3DModel`` at a small config, in pixel space
-(8x8-pixel patches), conditioned on our caption tokens through a small learned caption encoder.
+"""The reference video DiT: diffusers' ``LatteTransformer3DModel`` at a small config, on the latents of
+our own per-frame autoencoder (:mod:`.autoencoder`, 4x downsampling; 2x2-latent patches cover 8x8
+pixels), conditioned on our caption tokens through a small learned caption encoder.
 
 Caching quality can only be judged on a trained model; this one is small enough to train on a CPU
 (``adacache_fx.reference.train``) and ships as one safetensors file (``weights.safetensors``).
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .autoencoder import FrameAutoencoder
 from .data import MAX_TOKENS, PAD_ID, VOCAB
 
 
@@ -22,19 +24,21 @@ class ReferenceConfig:
     frames: int = 8
     size: int = 32  # pixel frames are size x size RGB
     channels: int = 3
-    #: 8x8-pixel patches: 16 tokens per frame, 128 per clip. A training step costs a quarter of
-    #: what 4x4 patches cost, which is what lets an hour of two CPU cores train a usable model.
-    patch_size: int = 8
+    #: Channels of the autoencoder's latents (size / 4 square per frame): what the DiT denoises.
+    latent_channels: int = 8
+    autoencoder_width: int = 32
+    #: In latent pixels: 2x2 latents = 8x8 pixels, 16 tokens per frame, 128 per clip. A training step
+    #: costs a quarter of what 4x4-pixel tokens cost, which is what lets an hour of two CPU cores train
+    #: a usable model.
+    patch_size: int = 2
     num_layers: int = 4  # spatial + as many temporal blocks
     heads: int = 4
     head_dim: int = 32
     text_dim: int = 64
     max_tokens: int = MAX_TOKENS
     train_timesteps: int = 1000
-    #: What the network predicts: the clean clip ("sample"). An 8x8x3 patch has 192 values and the
-    #: hidden size is 128, so the model cannot output white noise per patch: epsilon- or
-    #: v-prediction leave visible noise in the samples, while clean clips are low-rank enough.
-    prediction_type: str = "sample"
+    #: What the network predicts (diffusers' ``prediction_type``).
+    prediction_type: str = "v_prediction"
     #: Share of the diffusion noise common to all frames (the rest is drawn per frame), in training and
     #: sampling alike (PYoCo's "mixed" noise prior, Ge et al. 2023). With independent noise per frame, a
     #: model this small decides per frame where the object goes and draws it flickering in several places.
@@ -46,6 +50,10 @@ class ReferenceConfig:
     @property
     def hidden(self) -> int:
         return self.heads * self.head_dim
+
+    @property
+    def latent_size(self) -> int:
+        return self.size // FrameAutoencoder.downsample
 
 
 class CaptionEncoder(nn.Module):
@@ -64,15 +72,16 @@ class CaptionEncoder(nn.Module):
 
 @dataclass
 class ReferenceModel:
-    """What a generation needs: the DiT (the module to ``ax.transform``), the caption encoder and
-    the config."""
+    """What a generation needs: the DiT (the module to ``ax.transform``), the caption encoder, the
+    autoencoder whose latents the DiT denoises, and the config."""
 
     transformer: nn.Module
     encoder: CaptionEncoder
+    autoencoder: FrameAutoencoder
     config: ReferenceConfig
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"transformer": self.transformer, "encoder": self.encoder}
+        return {"transformer": self.transformer, "encoder": self.encoder, "autoencoder": self.autoencoder}
 
     def eval(self) -> "ReferenceModel":
         for module in self.modules().values():
@@ -87,11 +96,11 @@ def build(config: ReferenceConfig = ReferenceConfig()) -> ReferenceModel:
     transformer = LatteTransformer3DModel(
         num_attention_heads=config.heads,
         attention_head_dim=config.head_dim,
-        in_channels=config.channels,
-        out_channels=config.channels,
+        in_channels=config.latent_channels,
+        out_channels=config.latent_channels,
         num_layers=config.num_layers,
         cross_attention_dim=config.hidden,
-        sample_size=config.size,
+        sample_size=config.latent_size,
         patch_size=config.patch_size,
         activation_fn="gelu-approximate",
         num_embeds_ada_norm=config.train_timesteps,
@@ -102,10 +111,11 @@ def build(config: ReferenceConfig = ReferenceConfig()) -> ReferenceModel:
         video_length=config.frames,
     )
     encoder = CaptionEncoder(len(VOCAB), config.text_dim, config.max_tokens)
-    return ReferenceModel(transformer, encoder, config)
+    autoencoder = FrameAutoencoder(config.channels, config.latent_channels, config.autoencoder_width)
+    return ReferenceModel(transformer, encoder, autoencoder, config)
 
 
-_FORMAT = "adacache_fx-reference-3"
+_FORMAT = "adacache_fx-reference-4"
 
 
 def save(path: str | Path, model: ReferenceModel) -> None:
@@ -183,7 +193,8 @@ def generate(
     on_step=None,
     eta: float = 0.0,
 ) -> torch.Tensor:
-    """DDIM sampling with batched classifier-free guidance; returns videos (B, 3, T, H, W) in [-1, 1].
+    """DDIM sampling of latents with batched classifier-free guidance, then the autoencoder's decoder;
+    returns videos (B, 3, T, H, W) in [-1, 1].
 
     ``on_step(index, timestep)``, if given, is called before each transformer call (e.g. to time steps).
     ``eta``: DDIM's stochasticity (0 deterministic, 1 as ancestral DDPM sampling); its noise comes
@@ -196,7 +207,8 @@ def generate(
     sched = scheduler(config, num_steps)
     batch = tokens.shape[0]
     generator = torch.Generator().manual_seed(seed)
-    latents = video_noise((batch, config.channels, config.frames, config.size, config.size), config, generator)
+    latents = video_noise((batch, config.latent_channels, config.frames, config.latent_size, config.latent_size),
+                          config, generator)
     empty, empty_mask = empty_caption(tokens, mask)
     text = model.encoder(torch.cat([tokens, empty]), torch.cat([mask, empty_mask]))
     for index, t in enumerate(tqdm(sched.timesteps, desc="sampling", disable=not progress, leave=False)):
@@ -215,4 +227,4 @@ def generate(
         variance_noise = video_noise(tuple(latents.shape), config, generator) if eta > 0 else None
         latents = sched.step(uncond + guidance_scale * (cond - uncond), t, latents, eta=eta,
                              variance_noise=variance_noise).prev_sample
-    return latents.clamp(-1, 1)
+    return model.autoencoder.decode(latents.clamp(-1, 1))
