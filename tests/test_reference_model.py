@@ -129,3 +129,15 @@ def test_two_process_data_parallel_smoke_run(tmp_path):
     load(tmp_path / "w.safetensors")
     with pytest.raises(ValueError, match="processes"):
         train(tmp_path / "x.safetensors", SMALL, steps=1, processes=0)
+
+
+def test_pixel_space_config_has_no_autoencoder(tmp_path):
+    pixels = ReferenceConfig(num_layers=1, heads=2, head_dim=16, text_dim=32, frames=4, size=16, patch_size=8,
+                             latent_channels=0, prediction_type="sample")
+    record = train(tmp_path / "p.safetensors", pixels, steps=2, minutes=None, batch=2, progress=False)
+    assert record["autoencoder"] is None
+    model = load(tmp_path / "p.safetensors")
+    assert model.autoencoder is None and set(model.modules()) == {"transformer", "encoder"}
+    _, specs = make_dataset(1, seed=3, frames=4, size=16)
+    tokens, mask = encode_captions(specs, max_len=pixels.max_tokens)
+    assert generate(model, tokens, mask, num_steps=2).shape == (1, 3, 4, 16, 16)

@@ -25,6 +25,7 @@ class ReferenceConfig:
     size: int = 32  # pixel frames are size x size RGB
     channels: int = 3
     #: Channels of the autoencoder's latents (size / 4 square per frame): what the DiT denoises.
+    #: 0: no autoencoder, the DiT denoises pixels (and ``patch_size`` counts pixels).
     latent_channels: int = 8
     autoencoder_width: int = 32
     #: In latent pixels: 2x2 latents = 8x8 pixels, 16 tokens per frame, 128 per clip. A training step
@@ -53,7 +54,13 @@ class ReferenceConfig:
 
     @property
     def latent_size(self) -> int:
-        return self.size // FrameAutoencoder.downsample
+        """Side of what the DiT denoises per frame."""
+        return self.size // FrameAutoencoder.downsample if self.latent_channels else self.size
+
+    @property
+    def dit_channels(self) -> int:
+        """Channels of what the DiT denoises."""
+        return self.latent_channels or self.channels
 
 
 class CaptionEncoder(nn.Module):
@@ -77,11 +84,12 @@ class ReferenceModel:
 
     transformer: nn.Module
     encoder: CaptionEncoder
-    autoencoder: FrameAutoencoder
+    autoencoder: FrameAutoencoder | None
     config: ReferenceConfig
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"transformer": self.transformer, "encoder": self.encoder, "autoencoder": self.autoencoder}
+        modules = {"transformer": self.transformer, "encoder": self.encoder}
+        return modules if self.autoencoder is None else {**modules, "autoencoder": self.autoencoder}
 
     def eval(self) -> "ReferenceModel":
         for module in self.modules().values():
@@ -96,8 +104,8 @@ def build(config: ReferenceConfig = ReferenceConfig()) -> ReferenceModel:
     transformer = LatteTransformer3DModel(
         num_attention_heads=config.heads,
         attention_head_dim=config.head_dim,
-        in_channels=config.latent_channels,
-        out_channels=config.latent_channels,
+        in_channels=config.dit_channels,
+        out_channels=config.dit_channels,
         num_layers=config.num_layers,
         cross_attention_dim=config.hidden,
         sample_size=config.latent_size,
@@ -111,7 +119,8 @@ def build(config: ReferenceConfig = ReferenceConfig()) -> ReferenceModel:
         video_length=config.frames,
     )
     encoder = CaptionEncoder(len(VOCAB), config.text_dim, config.max_tokens)
-    autoencoder = FrameAutoencoder(config.channels, config.latent_channels, config.autoencoder_width)
+    autoencoder = (FrameAutoencoder(config.channels, config.latent_channels, config.autoencoder_width)
+                   if config.latent_channels else None)
     return ReferenceModel(transformer, encoder, autoencoder, config)
 
 
@@ -207,7 +216,7 @@ def generate(
     sched = scheduler(config, num_steps)
     batch = tokens.shape[0]
     generator = torch.Generator().manual_seed(seed)
-    latents = video_noise((batch, config.latent_channels, config.frames, config.latent_size, config.latent_size),
+    latents = video_noise((batch, config.dit_channels, config.frames, config.latent_size, config.latent_size),
                           config, generator)
     empty, empty_mask = empty_caption(tokens, mask)
     text = model.encoder(torch.cat([tokens, empty]), torch.cat([mask, empty_mask]))
@@ -227,4 +236,5 @@ def generate(
         variance_noise = video_noise(tuple(latents.shape), config, generator) if eta > 0 else None
         latents = sched.step(uncond + guidance_scale * (cond - uncond), t, latents, eta=eta,
                              variance_noise=variance_noise).prev_sample
-    return model.autoencoder.decode(latents.clamp(-1, 1))
+    latents = latents.clamp(-1, 1)
+    return latents if model.autoencoder is None else model.autoencoder.decode(latents)

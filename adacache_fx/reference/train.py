@@ -2,11 +2,12 @@
 
     python -m adacache_fx.reference.train --out adacache_fx/reference/weights.safetensors
 
-First the per-frame autoencoder (:mod:`.autoencoder`), then the DiT on its latents. Fresh clips every
-step (the generator is cheap), ``ReferenceConfig.prediction_type`` with diffusers' DDPM scheduler
-(cosine betas), learning rate decayed along a cosine to a tenth over the fixed step count, captions dropped 10% of the time for classifier-free
-guidance, and an exponential moving average of the weights (diffusers' ``EMAModel``), which is what is
-saved. A fixed step count makes a run reproducible; ``--minutes`` only caps it. Writes the weights as
+First the per-frame autoencoder (:mod:`.autoencoder`; skipped when ``latent_channels=0``), then the
+DiT on its latents (or pixels). Fresh clips every step (the generator is cheap),
+``ReferenceConfig.prediction_type`` with diffusers' DDPM scheduler (cosine betas), the learning rate
+decayed along a cosine to a tenth over a fixed step count, captions dropped 10% of the time for
+classifier-free guidance, and an exponential moving average of the weights (diffusers' ``EMAModel``),
+which is what is saved. ``--processes 2`` trains the DiT on two data-parallel CPU processes. A fixed step count makes a run reproducible; ``--minutes`` only caps it. Writes the weights as
 safetensors, and the loss curve as JSON and PNG beside them.
 """
 
@@ -62,15 +63,19 @@ def train(
         raise ValueError("processes > 1 is for CPU training; on a GPU use processes=1")
     torch.manual_seed(seed)
     model = build(config)
-    if autoencoder is not None:
+    autoencoder_record = None
+    if model.autoencoder is None:  # pixel space
+        if autoencoder is not None:
+            raise ValueError("config.latent_channels=0 trains on pixels; do not pass an autoencoder")
+    elif autoencoder is not None:
         model.autoencoder.load_state_dict(autoencoder.state_dict())
-        autoencoder_record = None
     else:
         autoencoder_record = train_autoencoder(model.autoencoder, steps=autoencoder_steps, frames=config.frames,
                                                size=config.size, seed=seed, progress=progress)
     settings = dict(batch=batch, processes=processes, lr=lr, ema_decay=ema_decay, seed=seed,
                     autoencoder={k: v for k, v in (autoencoder_record or {}).items() if k != "losses"} or None)
-    job = dict(out=str(out), config=config, autoencoder_state=model.autoencoder.state_dict(), steps=steps,
+    autoencoder_state = None if model.autoencoder is None else model.autoencoder.state_dict()
+    job = dict(out=str(out), config=config, autoencoder_state=autoencoder_state, steps=steps,
                minutes=minutes, batch=batch, lr=lr, ema_decay=ema_decay, seed=seed, save_every=save_every,
                progress=progress, device=str(device), settings=settings)
     if processes == 1:
@@ -101,8 +106,9 @@ def _train_dit(rank: int, world: int, job: dict) -> dict:
     device = torch.device(job["device"])
     torch.manual_seed(seed)
     model = build(config)  # the same initial weights on every rank
-    model.autoencoder.load_state_dict(job["autoencoder_state"])
-    model.autoencoder.eval().requires_grad_(False).to(device)
+    if model.autoencoder is not None:
+        model.autoencoder.load_state_dict(job["autoencoder_state"])
+        model.autoencoder.eval().requires_grad_(False).to(device)
     # The DiT phase draws from a fresh seed (its own per rank), so it is the same whether the
     # autoencoder was trained here or passed in.
     torch.manual_seed(seed + 1 + 7919 * rank)
@@ -131,8 +137,9 @@ def _train_dit(rank: int, world: int, job: dict) -> dict:
                                      size=config.size, grid=config.grid_layout)
         tokens, mask = encode_captions(specs, max_len=config.max_tokens)
         videos, tokens, mask = videos.to(device), tokens.to(device), mask.to(device)
-        with torch.no_grad():
-            videos = model.autoencoder.encode(videos)  # the DiT's data: latents in [-1, 1]
+        if model.autoencoder is not None:
+            with torch.no_grad():
+                videos = model.autoencoder.encode(videos)  # the DiT's data: latents in [-1, 1]
         drop = torch.rand(batch, device=device) < 0.1
         empty_tokens, empty_mask = empty_caption(tokens, mask)
         tokens = torch.where(drop[:, None], empty_tokens, tokens)
