@@ -18,7 +18,7 @@ import torch
 
 from ..errors import PolicyError
 from .base import BranchInfo, InStepSignal, Plan, Policy, StepContext
-from .teacache import relative_l1
+from .teacache import l1_change, relative_l1
 
 
 @dataclass
@@ -128,9 +128,7 @@ class FirstBlockCache(Policy):
     def decide_in_graph(self, signal, state, allow):
         """:meth:`advance` as tensor operations: reuse when allowed and the relative L1 change of
         the first blocks' residual since the reference ``state`` is below the threshold."""
-        previous = state.float()
-        change = (signal.float() - previous).abs().mean()
-        scale = previous.abs().mean()
+        change, scale = l1_change(signal, state)
         reuse = allow & (change < self.threshold * scale)
         return reuse, torch.where(reuse, state, signal)
 
