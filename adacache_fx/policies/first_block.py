@@ -129,7 +129,12 @@ class FirstBlockCache(Policy):
         """:meth:`advance` as tensor operations: reuse when allowed and the relative L1 change of
         the first blocks' residual since the reference ``state`` is below the threshold."""
         change, scale = l1_change(signal, state)
-        reuse = allow & (change < self.threshold * scale)
+        below = change < self.threshold * scale
+        if self.threshold > 0:
+            # relative_l1 calls 0/0 a change of 0: an all-zero residual equal to an all-zero reference
+            # reuses on the eager path, so here too.
+            below = below | ((change == 0) & (scale == 0))
+        reuse = allow & below
         return reuse, torch.where(reuse, state, signal)
 
     def in_graph_branches(self, branches: tuple[BranchInfo, ...]) -> frozenset[str]:
