@@ -18,7 +18,7 @@ import torch
 
 from ..errors import PolicyError
 from .base import BranchInfo, InStepSignal, Plan, Policy, StepContext
-from .teacache import l1_change, relative_l1
+from .teacache import relative_l1, relative_l1_below
 
 
 @dataclass
@@ -128,13 +128,7 @@ class FirstBlockCache(Policy):
     def decide_in_graph(self, signal, state, allow):
         """:meth:`advance` as tensor operations: reuse when allowed and the relative L1 change of
         the first blocks' residual since the reference ``state`` is below the threshold."""
-        change, scale = l1_change(signal, state)
-        below = change < self.threshold * scale
-        if self.threshold > 0:
-            # relative_l1 calls 0/0 a change of 0: an all-zero residual equal to an all-zero reference
-            # reuses on the eager path, so here too.
-            below = below | ((change == 0) & (scale == 0))
-        reuse = allow & below
+        reuse = allow & relative_l1_below(signal, state, self.threshold)
         return reuse, torch.where(reuse, state, signal)
 
     def in_graph_branches(self, branches: tuple[BranchInfo, ...]) -> frozenset[str]:

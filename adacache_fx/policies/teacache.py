@@ -60,6 +60,16 @@ def l1_change(current: torch.Tensor, previous: torch.Tensor) -> tuple[torch.Tens
     return (current.float() - prev).abs().mean(), prev.abs().mean()
 
 
+def relative_l1_below(current: torch.Tensor, previous: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``relative_l1(current, previous) < threshold`` as a bool tensor, for traced graphs: compared
+    without dividing, with :func:`relative_l1`'s conventions (0/0 is 0, x/0 is inf)."""
+    num, den = l1_change(current, previous)
+    below = num < threshold * den
+    if threshold > 0:
+        below = below | ((num == 0) & (den == 0))
+    return below
+
+
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
     """``mean|current - previous| / mean|previous|`` over the whole tensor, in float32.
 
