@@ -250,6 +250,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .zoo import LATTE_SIZES  # torch only, no diffusers: cheap at start-up
+
     parser = argparse.ArgumentParser(prog="adacache-fx", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what transform() does")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                    "benchmarks/results/reference_bench); --kernels: the JSON path")
     p.add_argument("--kernels", action="store_true", help="kernel-level timings instead of the quality sweep")
     p.add_argument("--model", default="latte", help="--kernels: latte (see --size) or a zoo model at its tiny config")
-    p.add_argument("--size", choices=("small", "mid", "full"), default="mid",
+    p.add_argument("--size", choices=sorted(LATTE_SIZES), default="mid",
                    help="--kernels: the latte config (full: Latte-1's size, for a GPU)")
     p.add_argument("--policy", default="adacache", help="--kernels: the policy whose plan and metric are timed")
     p.add_argument("--device", default=None, help="--kernels: cpu or cuda (default: cuda when available)")

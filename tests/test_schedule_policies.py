@@ -423,3 +423,23 @@ def test_in_step_policies_plan_compute_all_at_step_start():
     for policy in (TeaCache(), FirstBlockCache()):
         assert policy.decides_in_step
         assert policy.plan(ctx(3)) == Plan.compute_all()
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.1])
+@pytest.mark.parametrize("pair", ["both zero", "zero reference", "equal", "small change", "large change"])
+def test_first_block_in_graph_rule_agrees_with_the_eager_rule(pair, threshold):
+    # decide_in_graph is the traced form of advance(); they must agree on every input, including
+    # the 0/0 case (an all-zero residual against an all-zero reference).
+    reference = torch.linspace(-1, 1, 64).reshape(4, 16)
+    residual = {"both zero": torch.zeros(4, 16), "zero reference": torch.ones(4, 16),
+                "equal": reference.clone(), "small change": reference * 1.01,
+                "large change": reference * 2.0}[pair]
+    if pair in ("both zero", "zero reference"):
+        reference = torch.zeros(4, 16)
+    policy = FirstBlockCache(threshold=threshold)
+    compute, _ = policy.advance(reference, residual, step=5, num_steps=30)
+    reuse, state = policy.decide_in_graph(residual, reference, torch.tensor(True))
+    assert bool(reuse) == (not compute)
+    assert torch.equal(state, reference if bool(reuse) else residual)
+    no_reuse, _ = policy.decide_in_graph(residual, reference, torch.tensor(False))
+    assert not bool(no_reuse)

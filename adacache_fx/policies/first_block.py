@@ -18,7 +18,7 @@ import torch
 
 from ..errors import PolicyError
 from .base import BranchInfo, InStepSignal, Plan, Policy, StepContext
-from .teacache import relative_l1
+from .teacache import relative_l1, relative_l1_below
 
 
 @dataclass
@@ -128,10 +128,7 @@ class FirstBlockCache(Policy):
     def decide_in_graph(self, signal, state, allow):
         """:meth:`advance` as tensor operations: reuse when allowed and the relative L1 change of
         the first blocks' residual since the reference ``state`` is below the threshold."""
-        previous = state.float()
-        change = (signal.float() - previous).abs().mean()
-        scale = previous.abs().mean()
-        reuse = allow & (change < self.threshold * scale)
+        reuse = allow & relative_l1_below(signal, state, self.threshold)
         return reuse, torch.where(reuse, state, signal)
 
     def in_graph_branches(self, branches: tuple[BranchInfo, ...]) -> frozenset[str]:

@@ -53,15 +53,30 @@ def _table_key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
+def l1_change(current: torch.Tensor, previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean|current - previous|, mean|previous|)`` as float32 tensors: :func:`relative_l1`'s two
+    terms, kept as tensors where the comparison must stay in a traced graph."""
+    prev = previous.float()
+    return (current.float() - prev).abs().mean(), prev.abs().mean()
+
+
+def relative_l1_below(current: torch.Tensor, previous: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``relative_l1(current, previous) < threshold`` as a bool tensor, for traced graphs: compared
+    without dividing, with :func:`relative_l1`'s conventions (0/0 is 0, x/0 is inf)."""
+    num, den = l1_change(current, previous)
+    below = num < threshold * den
+    if threshold > 0:
+        below = below | ((num == 0) & (den == 0))
+    return below
+
+
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
     """``mean|current - previous| / mean|previous|`` over the whole tensor, in float32.
 
     The indicator of TeaCache and First-Block-Cache; 0 when both are zero, inf when only
     ``previous`` is (so a policy computes rather than trusting a zero reference).
     """
-    prev = previous.detach().float()
-    num = (current.detach().float() - prev).abs().mean()
-    den = prev.abs().mean()
+    num, den = l1_change(current.detach(), previous.detach())
     num_f, den_f = torch.stack((num, den)).tolist()  # one device sync for both
     if den_f == 0.0:
         return 0.0 if num_f == 0.0 else math.inf
