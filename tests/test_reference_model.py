@@ -141,3 +141,25 @@ def test_pixel_space_config_has_no_autoencoder(tmp_path):
     _, specs = make_dataset(1, seed=3, frames=4, size=16)
     tokens, mask = encode_captions(specs, max_len=pixels.max_tokens)
     assert generate(model, tokens, mask, num_steps=2).shape == (1, 3, 4, 16, 16)
+
+
+def test_loader_workers_render_the_same_clips_and_train_the_same_weights(tmp_path):
+    from adacache_fx.reference.train import ClipStream
+
+    stream = ClipStream(SMALL, batch=2, seed=0, steps=5)
+    serial = list(stream)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
+    parallel = list(loader)
+    assert len(parallel) == len(serial) == 5
+    for (v, t, m), (pv, pt, pm) in zip(serial, parallel):
+        assert torch.equal(v, pv) and torch.equal(t, pt) and torch.equal(m, pm)
+    assert not torch.equal(serial[0][0], serial[1][0])  # a fresh batch every step
+
+    pixels = ReferenceConfig(num_layers=1, heads=2, head_dim=16, text_dim=32, frames=4, size=16, patch_size=8,
+                             latent_channels=0, prediction_type="sample")
+    inline = train(tmp_path / "a.safetensors", pixels, steps=3, minutes=None, batch=2, progress=False)
+    workers = train(tmp_path / "b.safetensors", pixels, steps=3, minutes=None, batch=2, progress=False,
+                    loader_workers=2)
+    assert inline["losses"] == workers["losses"] and len(inline["losses"]) == 3
+    with pytest.raises(ValueError, match="loader_workers"):
+        train(tmp_path / "x.safetensors", pixels, steps=1, loader_workers=-1)

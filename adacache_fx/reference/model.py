@@ -215,9 +215,12 @@ def generate(
     config = model.config
     sched = scheduler(config, num_steps)
     batch = tokens.shape[0]
+    # Noise is drawn on the CPU and moved, so a seed gives the same start on every device.
+    device = next(model.transformer.parameters()).device
+    tokens, mask = tokens.to(device), mask.to(device)
     generator = torch.Generator().manual_seed(seed)
     latents = video_noise((batch, config.dit_channels, config.frames, config.latent_size, config.latent_size),
-                          config, generator)
+                          config, generator).to(device)
     empty, empty_mask = empty_caption(tokens, mask)
     text = model.encoder(torch.cat([tokens, empty]), torch.cat([mask, empty_mask]))
     for index, t in enumerate(tqdm(sched.timesteps, desc="sampling", disable=not progress, leave=False)):
@@ -233,7 +236,7 @@ def generate(
         cond, uncond = out.chunk(2)
         # Ancestral noise correlates across frames like the training noise (drawn only when used,
         # so eta=0 stays bit-identical to plain DDIM).
-        variance_noise = video_noise(tuple(latents.shape), config, generator) if eta > 0 else None
+        variance_noise = video_noise(tuple(latents.shape), config, generator).to(device) if eta > 0 else None
         latents = sched.step(uncond + guidance_scale * (cond - uncond), t, latents, eta=eta,
                              variance_noise=variance_noise).prev_sample
     latents = latents.clamp(-1, 1)

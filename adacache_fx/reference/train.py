@@ -44,6 +44,7 @@ def train(
     autoencoder_steps: int = 2000,
     autoencoder: FrameAutoencoder | None = None,
     processes: int = 1,
+    loader_workers: int = 0,
 ) -> dict:
     """Train until ``steps`` or ``minutes`` (whichever comes first); returns the loss record.
 
@@ -56,11 +57,16 @@ def train(
     step; each draws its own ``batch`` clips). This model does not train faster with more torch
     threads, but two processes on two cores take about as long per step as one, so two process twice
     the clips per hour. ``processes=1`` is the single-process run, unchanged.
+    ``loader_workers``: processes that render the clips ahead of the training step (a DataLoader over
+    :class:`ClipStream`). On a GPU, rendering on the main process is the bottleneck; the clips, and
+    so the run, are the same for any number of workers.
     """
     if processes < 1:
         raise ValueError(f"processes must be >= 1, got {processes}")
     if processes > 1 and torch.device(device).type != "cpu":
         raise ValueError("processes > 1 is for CPU training; on a GPU use processes=1")
+    if loader_workers < 0:
+        raise ValueError(f"loader_workers must be >= 0, got {loader_workers}")
     torch.manual_seed(seed)
     model = build(config)
     autoencoder_record = None
@@ -77,7 +83,7 @@ def train(
     autoencoder_state = None if model.autoencoder is None else model.autoencoder.state_dict()
     job = dict(out=str(out), config=config, autoencoder_state=autoencoder_state, steps=steps,
                minutes=minutes, batch=batch, lr=lr, ema_decay=ema_decay, seed=seed, save_every=save_every,
-               progress=progress, device=str(device), settings=settings)
+               progress=progress, device=str(device), settings=settings, loader_workers=loader_workers)
     if processes == 1:
         return _train_dit(0, 1, job)
     import socket
@@ -132,11 +138,18 @@ def _train_dit(rank: int, world: int, job: dict) -> dict:
     bar = tqdm(total=steps, desc="training", disable=not job["progress"] or rank > 0)
     step = 0
     stop = False
-    while step < total and not stop:
-        videos, specs = make_dataset(batch, seed=seed * 1_000_003 + step * world + rank, frames=config.frames,
-                                     size=config.size, grid=config.grid_layout)
-        tokens, mask = encode_captions(specs, max_len=config.max_tokens)
-        videos, tokens, mask = videos.to(device), tokens.to(device), mask.to(device)
+    clips = ClipStream(config, batch, seed, rank, world, total)
+    workers = job.get("loader_workers", 0)
+    if workers:
+        # Its own generator: the workers' base seed must not be drawn from the global RNG, which
+        # draws the training noise (the clips themselves are seeded by step).
+        clips = torch.utils.data.DataLoader(clips, batch_size=None, num_workers=workers, prefetch_factor=4,
+                                            pin_memory=device.type == "cuda", generator=torch.Generator())
+    for videos, tokens, mask in clips:
+        if step >= total or stop:
+            break
+        videos = videos.to(device, non_blocking=True)
+        tokens, mask = tokens.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         if model.autoencoder is not None:
             with torch.no_grad():
                 videos = model.autoencoder.encode(videos)  # the DiT's data: latents in [-1, 1]
@@ -187,6 +200,32 @@ def _train_dit(rank: int, world: int, job: dict) -> dict:
 
         dist.destroy_process_group()
     return record
+
+
+class ClipStream(torch.utils.data.IterableDataset):
+    """The training clips of one process, step by step: step ``s`` of ``rank`` renders
+    ``make_dataset(batch, seed * 1_000_003 + s * world + rank)`` with its encoded captions.
+
+    Under a DataLoader with ``W`` workers, worker ``w`` renders steps ``w, w + W, ...``; the loader
+    hands them back in step order, so the stream is the same for any ``W``.
+    """
+
+    def __init__(self, config: ReferenceConfig, batch: int, seed: int, rank: int = 0, world: int = 1,
+                 steps: int = 10**9) -> None:
+        self.config, self.batch, self.seed, self.rank, self.world, self.steps = config, batch, seed, rank, world, steps
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        first, stride = (0, 1) if info is None else (info.id, info.num_workers)
+        for step in range(first, self.steps, stride):
+            yield self.clips(step)
+
+    def clips(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        config = self.config
+        videos, specs = make_dataset(self.batch, seed=self.seed * 1_000_003 + step * self.world + self.rank,
+                                     frames=config.frames, size=config.size, grid=config.grid_layout)
+        tokens, mask = encode_captions(specs, max_len=config.max_tokens)
+        return videos, tokens, mask
 
 
 def _average_gradients(params: list[torch.Tensor], loss: torch.Tensor, stop: bool, world: int
@@ -250,12 +289,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu (the shipped weights) or cuda")
     parser.add_argument("--autoencoder-steps", type=int, default=2000, help="the shipped weights: 2000")
+    parser.add_argument("--loader-workers", type=int, default=0,
+                        help="processes rendering clips ahead of the step (use several on a GPU)")
     parser.add_argument("--processes", type=int, default=1,
                         help="data-parallel CPU processes for the DiT (2 on a 2-core CPU: twice the clips per hour)")
     args = parser.parse_args()
     record = train(args.out, steps=args.steps, minutes=args.minutes, batch=args.batch, lr=args.lr, seed=args.seed,
                    save_every=args.save_every, device=args.device, autoencoder_steps=args.autoencoder_steps,
-                   processes=args.processes)
+                   processes=args.processes, loader_workers=args.loader_workers)
     print(f"{record['steps']} steps in {record['seconds']} s; mean loss of the last 100: {record['final_loss_mean_100']}")
 
 
