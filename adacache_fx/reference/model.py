@@ -229,7 +229,7 @@ def generate(
         out = model.transformer(
             hidden_states=torch.cat([latents, latents]),
             encoder_hidden_states=text,
-            timestep=t.expand(2 * batch),
+            timestep=t.to(device).expand(2 * batch),
             enable_temporal_attentions=True,
             return_dict=False,
         )[0]

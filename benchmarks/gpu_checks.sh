@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The checks and benchmarks that need a CUDA GPU, in one call of the device tool (logs and result
+# JSONs under $OUT/gpu_results.tar.gz). Each step has its own time limit so one slow step cannot
+# take the others' output with it.
+#   bash benchmarks/gpu_checks.sh
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT/logs"
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $((SECONDS - t0)) s"; tail -n 12 "$OUT/logs/$name.log"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
+step test_cuda 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step compile_full_fp16 170 python3 benchmarks/bench_compile.py --device cuda --size full --fp16 --steps 10 --loops 3
+step compile_full_fp16_cudagraphs 140 python3 benchmarks/bench_compile.py --device cuda --size full --fp16 --steps 10 --loops 3 --mode reduce-overhead
+step kernels_full_fp16 90 python3 benchmarks/bench_kernels.py --device cuda --size full --fp16
+tar czf "$OUT/gpu_results.tar.gz" -C "$OUT" logs $(cd benchmarks && ls results/*cuda* 2>/dev/null | sed 's|^|../benchmarks/|') 2>/dev/null || tar czf "$OUT/gpu_results.tar.gz" -C "$OUT" logs
+cp benchmarks/results/*cuda* "$OUT/" 2>/dev/null
+ls "$OUT"
