@@ -17,6 +17,8 @@ from .policies.base import Policy
 from .policies.static import NoCache, Static
 
 
+GUIDANCE_HELP = ("classifier-free guidance scale (1: none, the bundled model's best: it predicts the clean "
+                 "clip, and guidance over-saturates it)")
 POLICY_HELP = (
     "nocache | static[:INTERVAL] | adacache[:fast|slow] | teacache[:DELTA] | fbcache[:THRESHOLD] | pab"
 )
@@ -187,10 +189,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .reference.demo import run_demo
 
+    guidance = f" with guidance {args.guidance:g}" if args.guidance != 1.0 else " (no guidance)"
     print(f"adacache_fx demo: the bundled reference video DiT (diffusers LatteTransformer3DModel, trained on "
-          f"procedural clips), {args.clips} prompts, {args.steps} DDIM steps with CFG, each clip uncached and "
+          f"procedural clips), {args.clips} prompts, {args.steps} DDIM steps{guidance}, each clip uncached and "
           f"with AdaCache (fast preset + MoReg), {torch.get_num_threads()} CPU threads.\n")
-    run_demo(args.out, weights=args.weights, num_steps=args.steps, clips=args.clips)
+    run_demo(args.out, weights=args.weights, num_steps=args.steps, clips=args.clips, guidance_scale=args.guidance)
     return 0
 
 
@@ -238,7 +241,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     args.out = args.out or "benchmarks/results/reference_bench"
     record = run_bench(args.out, weights=args.weights, clips=args.clips, num_steps=args.steps,
-                       command="adacache-fx bench " + " ".join(sys.argv[2:]))
+                       command="adacache-fx bench " + " ".join(sys.argv[2:]), guidance_scale=args.guidance)
     rows = sorted(record["rows"], key=lambda r: (r["family"], -r["compute_fraction"]))
     print(f"{'policy':28s} {'computed':>8s} {'FLOPs':>6s} {'speed-up':>8s} {'PSNR':>7s} {'SSIM':>6s} {'judge':>6s}")
     for r in rows:
@@ -286,9 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_calibrate)
     p = sub.add_parser("demo", help="the main job: cached vs uncached generation on the bundled model")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--clips", type=int, default=4)
+    p.add_argument("--clips", type=int, default=6)
     p.add_argument("--weights", default=None, help="a reference model file (default: the bundled one)")
     p.add_argument("--out", default="outputs")
+    p.add_argument("--guidance", type=float, default=1.0, help=GUIDANCE_HELP)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("bench", help="sweep policies and thresholds on the bundled model: JSON + Pareto plot; "
                                      "--kernels: time each branch kind, the cached region and the dispatch")
@@ -297,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=None, help="a reference model file (default: the bundled one)")
     p.add_argument("--out", default=None, help="path stem of the JSON and PNG (default: "
                    "benchmarks/results/reference_bench); --kernels: the JSON path")
+    p.add_argument("--guidance", type=float, default=1.0, help=GUIDANCE_HELP)
     p.add_argument("--kernels", action="store_true", help="kernel-level timings instead of the quality sweep")
     p.add_argument("--model", default="latte", help="--kernels: latte (see --size) or a zoo model at its tiny config")
     p.add_argument("--size", choices=sorted(LATTE_SIZES), default="mid",

@@ -32,7 +32,8 @@ def main() -> None:
     parser.add_argument("--judge", default="adacache_fx/reference/judge.safetensors")
     parser.add_argument("--clips", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--guidance", type=float, default=1.0, help="1: no classifier-free guidance (the bundled "
+                        "model's best; it predicts the clean clip, and guidance over-saturates it)")
     args = parser.parse_args()
     judge_path = Path(args.judge)
     if judge_path.exists():

@@ -36,9 +36,11 @@ class Point:
     make: Callable[[int], Policy]  # num_steps -> policy
 
 
-def default_points() -> list[Point]:
+def default_points(guidance_scale: float = 1.0) -> list[Point]:
     """The sweep: each family over its knob. The ranges were chosen on the bundled model (they span
-    compute fractions from about 0.27, AdaCache's largest rate, to 1); other models may need others."""
+    compute fractions from about 0.27, AdaCache's largest rate, to 1); other models may need others.
+    FasterCache's CFG-Cache points need classifier-free guidance (``guidance_scale`` above 1): at 1 the
+    sampler runs no unconditional half for it to cache."""
     from ..policies.adacache import AdaCache, MoReg
     from ..policies.duca import DuCa
     from ..policies.fastercache import FasterCache
@@ -68,7 +70,7 @@ def default_points() -> list[Point]:
                for k in (2, 3, 4)]
     points += [Point("FasterCache", "FasterCache", lambda n: FasterCache(num_steps=n))]
     # CFG-Cache on the reference sampler's batched guidance, which puts the cond half first.
-    points += [Point("FasterCache", f"FasterCache+CFG-Cache /{k}",
+    points += [] if guidance_scale <= 1.0 else [Point("FasterCache", f"FasterCache+CFG-Cache /{k}",
                      lambda n, k=k: FasterCache(num_steps=n, cfg_cache=True, cfg_layout="cond_first", cfg_interval=k))
                for k in (3, 5)]
     points += [Point("DuCa", f"DuCa({k})", lambda n, k=k: DuCa(interval=k)) for k in (2, 3, 4)]
@@ -152,6 +154,7 @@ def run_bench(
     points: Sequence[Point] | None = None,
     progress: bool = True,
     command: str = "adacache-fx bench",
+    guidance_scale: float = 1.0,
 ) -> dict:
     """Run the sweep; write ``out``.json and ``out``.png; return the record."""
     from tqdm.auto import tqdm
@@ -159,7 +162,7 @@ def run_bench(
     from .judge import load_judge
 
     weights = weights or DEFAULT_WEIGHTS
-    points = list(points) if points is not None else default_points()
+    points = list(points) if points is not None else default_points(guidance_scale)
     judge = load_judge(judge_path)
     config = load(weights).config
     specs = bench_prompts(clips, config.frames, config.size, grid=config.grid_layout)
@@ -169,7 +172,7 @@ def run_bench(
     reference: list[ClipRun] | None = None
     for point in points:
         bar.set_postfix_str(point.label)
-        runs = generate_clips(load(weights), point.make(num_steps), specs, num_steps,
+        runs = generate_clips(load(weights), point.make(num_steps), specs, num_steps, guidance_scale,
                               progress=lambda: bar.update(1))
         if reference is None:
             reference = runs
@@ -196,7 +199,7 @@ def run_bench(
         "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "command": command,
         "weights": str(weights),
-        "clips": clips, "steps": num_steps,
+        "clips": clips, "steps": num_steps, "guidance_scale": guidance_scale,
         "prompts": [s.caption for s in specs],
         "motion_px_per_frame": motions,
         "note": f"psnr is {PSNR_IDENTICAL:g} dB for identical clips (the uncached reference itself)",

@@ -24,22 +24,23 @@ class ReferenceConfig:
     frames: int = 8
     size: int = 32  # pixel frames are size x size RGB
     channels: int = 3
-    #: Channels of the autoencoder's latents (size / 4 square per frame): what the DiT denoises.
-    #: 0: no autoencoder, the DiT denoises pixels (and ``patch_size`` counts pixels).
-    latent_channels: int = 8
+    #: 0 (the bundled model): no autoencoder, the DiT denoises pixels and ``patch_size`` counts pixels.
+    #: Otherwise the channels of our per-frame autoencoder's latents (size / 4 square per frame), which
+    #: the DiT then denoises; on 2 CPU cores that trained worse than pixels (benchmarks/experiments).
+    latent_channels: int = 0
     autoencoder_width: int = 32
-    #: In latent pixels: 2x2 latents = 8x8 pixels, 16 tokens per frame, 128 per clip. A training step
-    #: costs a quarter of what 4x4-pixel tokens cost, which is what lets an hour of two CPU cores train
-    #: a usable model.
-    patch_size: int = 2
+    #: 8x8 pixels (or latent pixels): 16 tokens per frame, 128 per clip, which keeps the demo's
+    #: sampling on 2 CPU cores within its time.
+    patch_size: int = 8
     num_layers: int = 4  # spatial + as many temporal blocks
     heads: int = 4
     head_dim: int = 32
     text_dim: int = 64
     max_tokens: int = MAX_TOKENS
     train_timesteps: int = 1000
-    #: What the network predicts (diffusers' ``prediction_type``).
-    prediction_type: str = "v_prediction"
+    #: What the network predicts (diffusers' ``prediction_type``): the clean clip ("sample") trained
+    #: better in pixel space than epsilon or v on 2 CPU cores (benchmarks/experiments/README.md).
+    prediction_type: str = "sample"
     #: Share of the diffusion noise common to all frames (the rest is drawn per frame), in training and
     #: sampling alike (PYoCo's "mixed" noise prior, Ge et al. 2023). With independent noise per frame, a
     #: model this small decides per frame where the object goes and draws it flickering in several places.
@@ -196,14 +197,18 @@ def generate(
     tokens: torch.Tensor,
     mask: torch.Tensor,
     num_steps: int = 20,
-    guidance_scale: float = 4.0,
+    guidance_scale: float = 1.0,
     seed: int = 0,
     progress: bool = False,
     on_step=None,
     eta: float = 0.0,
 ) -> torch.Tensor:
-    """DDIM sampling of latents with batched classifier-free guidance, then the autoencoder's decoder;
-    returns videos (B, 3, T, H, W) in [-1, 1].
+    """DDIM sampling, then the autoencoder's decoder (if any); returns videos (B, 3, T, H, W) in [-1, 1].
+
+    ``guidance_scale`` above 1 runs classifier-free guidance with the conditional and unconditional
+    halves batched (conditional first); at 1 only the conditional half runs, as in diffusers'
+    pipelines. The bundled model predicts the clean clip and samples best at 1: guidance on that
+    prediction over-saturates (its judge accuracy falls from over 0.9 to about 0.3 at 2).
 
     ``on_step(index, timestep)``, if given, is called before each transformer call (e.g. to time steps).
     ``eta``: DDIM's stochasticity (0 deterministic, 1 as ancestral DDPM sampling); its noise comes
@@ -221,23 +226,29 @@ def generate(
     generator = torch.Generator().manual_seed(seed)
     latents = video_noise((batch, config.dit_channels, config.frames, config.latent_size, config.latent_size),
                           config, generator).to(device)
-    empty, empty_mask = empty_caption(tokens, mask)
-    text = model.encoder(torch.cat([tokens, empty]), torch.cat([mask, empty_mask]))
+    guided = guidance_scale != 1.0
+    if guided:
+        empty, empty_mask = empty_caption(tokens, mask)
+        tokens, mask = torch.cat([tokens, empty]), torch.cat([mask, empty_mask])
+    text = model.encoder(tokens, mask)
+    copies = 2 if guided else 1
     for index, t in enumerate(tqdm(sched.timesteps, desc="sampling", disable=not progress, leave=False)):
         if on_step is not None:
             on_step(index, t)
         out = model.transformer(
-            hidden_states=torch.cat([latents, latents]),
+            hidden_states=torch.cat([latents] * copies),
             encoder_hidden_states=text,
-            timestep=t.to(device).expand(2 * batch),
+            timestep=t.to(device).expand(copies * batch),
             enable_temporal_attentions=True,
             return_dict=False,
         )[0]
-        cond, uncond = out.chunk(2)
+        if guided:
+            cond, uncond = out.chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
         # Ancestral noise correlates across frames like the training noise (drawn only when used,
         # so eta=0 stays bit-identical to plain DDIM).
         variance_noise = video_noise(tuple(latents.shape), config, generator).to(device) if eta > 0 else None
-        latents = sched.step(uncond + guidance_scale * (cond - uncond), t, latents, eta=eta,
+        latents = sched.step(out, t, latents, eta=eta,
                              variance_noise=variance_noise).prev_sample
     latents = latents.clamp(-1, 1)
     return latents if model.autoencoder is None else model.autoencoder.decode(latents)
