@@ -44,7 +44,8 @@ def main() -> None:
     real, real_specs = make_dataset(2000, seed=7_777_777)
     model = load(args.weights)
     config = model.config
-    _, specs = make_dataset(args.clips, seed=4242, frames=config.frames, size=config.size, grid=config.grid_layout)
+    # Training draws its clips from seeds 0 .. steps x processes (seed 0): these prompts are held out.
+    _, specs = make_dataset(args.clips, seed=9_004_242, frames=config.frames, size=config.size, grid=config.grid_layout)
     tokens, mask = encode_captions(specs, max_len=config.max_tokens)
     start = time.perf_counter()
     videos = torch.cat([

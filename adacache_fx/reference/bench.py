@@ -53,15 +53,16 @@ def default_points(guidance_scale: float = 1.0) -> list[Point]:
 
     points = [Point("no cache", "no cache", lambda n: NoCache())]
     points += [Point("Static", f"Static({k})", lambda n, k=k: Static(interval=k)) for k in (2, 3, 4, 6)]
-    scales = (0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.8, 1.0)
+    scales = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
     points += [Point("AdaCache", f"AdaCache x{s:g}", lambda n, s=s: AdaCache.fast(n).with_threshold_scale(s))
                for s in scales]
     moreg = MoReg(scale=REFERENCE_MOREG_SCALE)
-    # MoReg multiplies the metric by up to hundreds on this model (demo trace), so its thresholds
-    # need larger scales to reach the same compute fractions.
+    # MoReg multiplies the metric by ~0 on static clips and by hundreds to thousands on fast ones
+    # (demo trace), so its thresholds need a much wider range of scales to reach the same compute
+    # fractions.
     points += [Point("AdaCache+MoReg", f"AdaCache+MoReg x{s:g}",
                      lambda n, s=s: AdaCache.fast(n, moreg=moreg).with_threshold_scale(s))
-               for s in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)]
+               for s in (0.5, 1.0, 2.0, 4.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)]
     points += [Point("TeaCache", f"TeaCache {d:g}", lambda n, d=d: TeaCache(delta=d)) for d in (0.07, 0.1, 0.15, 0.2, 0.3, 0.4)]
     points += [Point("FirstBlockCache", f"FBCache {t:g}", lambda n, t=t: FirstBlockCache(threshold=t))
                for t in (0.1, 0.15, 0.2, 0.3, 0.4)]
