@@ -8,7 +8,8 @@ The bundled weights (6.5 minutes on one H100, sharing it with a second run; 4900
 On a 2-core CPU the same run would take an estimated 11 hours (a 32-clip step takes about 1 s there).
 The best CPU run within an hour (``--device cpu --processes 2 --batch 32 --steps 2600``: 49 minutes,
 166k clips) gave clips whose shape the judge reads 44% and direction 35% of the time
-(benchmarks/experiments/README.md), against 92% and 98% for the bundled weights.
+(benchmarks/experiments/README.md), against 91% and 98% for the bundled weights
+(``benchmarks/results/reference_eval.json``).
 
 First the per-frame autoencoder (:mod:`.autoencoder`; skipped when ``latent_channels=0``, the
 default), then the DiT on its latents (or pixels). Fresh clips every step (rendered ahead by
