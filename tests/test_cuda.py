@@ -1,5 +1,6 @@
-"""CUDA graphs (ax.compile(mode="reduce-overhead")) with cached steps: outputs equal to eager and
-cached residuals never overwritten by a later replay. Needs a CUDA GPU; skipped elsewhere."""
+"""What needs a CUDA GPU (skipped elsewhere): CUDA graphs (ax.compile(mode="reduce-overhead")) with
+cached steps, whose outputs equal eager and whose cached residuals are never overwritten by a later
+replay; and the reference model's training and sampling on the device."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import adacache_fx as ax
 from adacache_fx.zoo import ZOO
 
 pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs are captured and replayed on the device"
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs, training and sampling run on the device"
 )
 
 STEPS = 20
@@ -47,3 +48,27 @@ def test_cuda_graph_replay_keeps_cached_residuals_and_matches_eager():
     plans = [(s.computed, s.reused) for s in ax.report(eager).steps]
     assert plans == [(s.computed, s.reused) for s in ax.report(graphed).steps]
     assert any(reused for _, reused in plans)
+
+
+def test_reference_model_trains_and_samples_on_cuda(tmp_path):
+    # The bundled weights were trained with device="cuda" and loader workers; sampling on the GPU
+    # must start from the same (CPU-drawn) noise as on the CPU and give the same clips.
+    from adacache_fx.reference.data import encode_captions, make_dataset
+    from adacache_fx.reference.model import ReferenceConfig, generate, load
+    from adacache_fx.reference.train import train
+
+    config = ReferenceConfig(num_layers=1, heads=2, head_dim=16, text_dim=32, frames=4, size=16, patch_size=8,
+                             latent_channels=0, prediction_type="sample")
+    record = train(tmp_path / "w.safetensors", config, steps=3, minutes=None, batch=4, progress=False,
+                   device="cuda", loader_workers=2)
+    assert len(record["losses"]) == 3 and all(torch.isfinite(torch.tensor(record["losses"])))
+    model = load(tmp_path / "w.safetensors")
+    _, specs = make_dataset(2, seed=5, frames=4, size=16, grid=True)
+    tokens, mask = encode_captions(specs, max_len=config.max_tokens)
+    on_cpu = generate(model, tokens, mask, num_steps=3, guidance_scale=2.0, seed=1)
+    for module in model.modules().values():
+        module.cuda()
+    on_gpu = generate(model, tokens, mask, num_steps=3, guidance_scale=2.0, seed=1)
+    assert on_gpu.device.type == "cuda"
+    # cuDNN convolutions (the patch embedding) use TF32 by default: close, not equal.
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=2e-2, rtol=0)
