@@ -39,8 +39,8 @@ class Point:
 def default_points(guidance_scale: float = 1.0) -> list[Point]:
     """The sweep: each family over its knob. The ranges were chosen on the bundled model (they span
     compute fractions from about 0.27, AdaCache's largest rate, to 1); other models may need others.
-    FasterCache's CFG-Cache points need classifier-free guidance (``guidance_scale`` above 1): at 1 the
-    sampler runs no unconditional half for it to cache."""
+    FasterCache's CFG-Cache points need classifier-free guidance (any ``guidance_scale`` but 1): at 1
+    the sampler runs no unconditional half for them to cache."""
     from ..policies.adacache import AdaCache, MoReg
     from ..policies.duca import DuCa
     from ..policies.fastercache import FasterCache
@@ -71,7 +71,7 @@ def default_points(guidance_scale: float = 1.0) -> list[Point]:
                for k in (2, 3, 4)]
     points += [Point("FasterCache", "FasterCache", lambda n: FasterCache(num_steps=n))]
     # CFG-Cache on the reference sampler's batched guidance, which puts the cond half first.
-    points += [] if guidance_scale <= 1.0 else [Point("FasterCache", f"FasterCache+CFG-Cache /{k}",
+    points += [] if guidance_scale == 1.0 else [Point("FasterCache", f"FasterCache+CFG-Cache /{k}",
                      lambda n, k=k: FasterCache(num_steps=n, cfg_cache=True, cfg_layout="cond_first", cfg_interval=k))
                for k in (3, 5)]
     points += [Point("DuCa", f"DuCa({k})", lambda n, k=k: DuCa(interval=k)) for k in (2, 3, 4)]

@@ -1,6 +1,6 @@
-"""The reference video DiT: diffusers' ``LatteTransformer3DModel`` at a small config, on the latents of
-our own per-frame autoencoder (:mod:`.autoencoder`, 4x downsampling; 2x2-latent patches cover 8x8
-pixels), conditioned on our caption tokens through a small learned caption encoder.
+"""The reference video DiT: diffusers' ``LatteTransformer3DModel`` at a small config, in pixel space
+(8x8-pixel patches; optionally on the latents of our own per-frame autoencoder, :mod:`.autoencoder`),
+conditioned on our caption tokens through a small learned caption encoder.
 
 Caching quality can only be judged on a trained model; this one is small enough to train on a CPU
 (``adacache_fx.reference.train``) and ships as one safetensors file (``weights.safetensors``).

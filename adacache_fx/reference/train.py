@@ -149,17 +149,14 @@ def _train_dit(rank: int, world: int, job: dict) -> dict:
     start = time.perf_counter()
     bar = tqdm(total=steps, desc="training", disable=not job["progress"] or rank > 0)
     step = 0
-    stop = False
     clips = ClipStream(config, batch, seed, rank, world, total)
-    workers = job.get("loader_workers", 0)
+    workers = job["loader_workers"]
     if workers:
         # Its own generator: the workers' base seed must not be drawn from the global RNG, which
         # draws the training noise (the clips themselves are seeded by step).
         clips = torch.utils.data.DataLoader(clips, batch_size=None, num_workers=workers, prefetch_factor=4,
                                             pin_memory=device.type == "cuda", generator=torch.Generator())
-    for videos, tokens, mask in clips:
-        if step >= total or stop:
-            break
+    for videos, tokens, mask in clips:  # ClipStream ends after `total` steps
         videos = videos.to(device, non_blocking=True)
         tokens, mask = tokens.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         if model.autoencoder is not None:
@@ -201,6 +198,8 @@ def _train_dit(rank: int, world: int, job: dict) -> dict:
             ema.copy_to(params)
             _write(out.with_suffix(f".step{step}.safetensors"), model, losses, time.perf_counter() - start, settings)
             ema.restore(params)
+        if stop:
+            break
     bar.close()
     ema.copy_to(params)
     for module in model.modules().values():
@@ -301,7 +300,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda (the bundled weights; the default where there is one) or cpu")
-    parser.add_argument("--autoencoder-steps", type=int, default=2000, help="the shipped weights: 2000")
+    parser.add_argument("--autoencoder-steps", type=int, default=2000, help="latent configs only (latent_channels > 0)")
     parser.add_argument("--loader-workers", type=int, default=None,
                         help="processes rendering clips ahead of the step (default: on a GPU, one per CPU "
                              "core but one, at most 8; on a CPU none). The clips are the same for any number")
