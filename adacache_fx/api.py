@@ -12,15 +12,17 @@ from .errors import AlreadyTransformedError, NotTransformedError
 from .passes.find_blocks import find_block_lists
 from .policies.base import Policy
 from .runtime.cached_block import CachedBlock
-from .runtime.engine import CacheRuntime
+from .runtime.executor import GraphRunner
 from .runtime.report import Report, build_report
+from .runtime.runtime import RECAPTURE_LIMIT, ModelRuntime
+from .runtime.session import Session
 
 logger = logging.getLogger("adacache_fx")
 
 _RUNTIME_ATTR = "_adacache_fx_runtime"
 
 
-def get_runtime(model: nn.Module) -> CacheRuntime:
+def get_runtime(model: nn.Module) -> ModelRuntime:
     """The runtime state of a transformed model (caches, steps, statistics)."""
     runtime = model.__dict__.get(_RUNTIME_ATTR)
     if runtime is None:
@@ -40,10 +42,17 @@ def transform(
     *,
     blocks: list[str] | None = None,
     on_capture_error: str = "raise",
+    recapture_limit: int = RECAPTURE_LIMIT,
 ) -> nn.Module:
     """Rewrite every residual branch of the model's transformer blocks into a cached region.
 
-    In place; returns ``model``. Blocks are captured on the first call at each input shape.
+    In place; returns ``model``. Blocks are captured on the first call at each input shape, and
+    again whenever the live model changes under them (adapters added, switched or fused, weights
+    replaced or quantized, attention processors or backends switched, hooks added): the transformed
+    model always computes what the untransformed one would.
+
+    >>> import adacache_fx as ax  # doctest: +SKIP
+    >>> pipe.transformer = ax.transform(pipe.transformer, ax.Static(interval=2))  # doctest: +SKIP
 
     Args:
         model: any DiT, e.g. a diffusers transformer (``pipe.transformer``).
@@ -52,6 +61,9 @@ def transform(
         blocks: paths of the ModuleLists holding the transformer blocks; found automatically if None.
         on_capture_error: ``"raise"`` (default) or ``"skip"`` to run blocks that cannot be captured
             uncached (listed in :func:`report`).
+        recapture_limit: captures one block may go through because the model keeps changing under
+            it (a LoRA scale changed every step, say); beyond it the block runs uncached, with a
+            warning, as dynamo falls back after its recompile limit.
     """
     if is_transformed(model):
         raise AlreadyTransformedError(
@@ -64,8 +76,10 @@ def transform(
         )
     if on_capture_error not in ("raise", "skip"):
         raise ValueError(f"on_capture_error must be 'raise' or 'skip', got {on_capture_error!r}")
+    if isinstance(recapture_limit, bool) or not isinstance(recapture_limit, int) or recapture_limit < 1:
+        raise ValueError(f"recapture_limit must be an int >= 1, got {recapture_limit!r}")
     search = find_block_lists(model, blocks)
-    runtime = CacheRuntime(model, policy)
+    runtime = ModelRuntime(model, policy, recapture_limit)
     runtime.left_alone = list(search.left_alone)
     for block_list in search.chosen:
         module_list = model.get_submodule(block_list.name)
@@ -90,12 +104,14 @@ def transform(
         model.register_forward_hook(runtime.after_model_call, with_kwargs=True),
     ]
     model.__dict__[_RUNTIME_ATTR] = runtime
+    runtime.attach_pipeline_signals(model)
     return model
 
 
 def restore(model: nn.Module) -> nn.Module:
     """Undo :func:`transform`: the original block objects go back in place. Returns ``model``."""
     runtime = get_runtime(model)
+    runtime.detach_pipeline_signals(model)
     for wrapper in runtime.blocks:
         model.get_submodule(wrapper.list_name)[wrapper.index] = wrapper.original
         wrapper.original.training = wrapper.training
@@ -106,20 +122,26 @@ def restore(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def generation(model: nn.Module, num_steps: int | None = None) -> Iterator[CacheRuntime]:
+def generation(model: nn.Module, num_steps: int | None = None) -> Iterator[Session]:
     """Mark one generation explicitly: caches start empty, and policies know ``num_steps``.
 
-    Optional: without it, generations are detected from the timestep. Inside it, only the context
-    starts and ends the generation; caches are freed on exit.
+    Optional: without it, generations are found from the calls (see :mod:`adacache_fx.runtime.steps`:
+    diffusers pipelines' end of call, the timestep, whether a latent continues the last step).
+    Inside it, only the context starts and ends the generation; caches are freed on exit. It applies
+    to the calling thread.
+
+    >>> with ax.generation(model, num_steps=20):  # doctest: +SKIP
+    ...     for t in timesteps:
+    ...         latents = scheduler.step(model(latents, t, context).sample, t, latents).prev_sample
     """
-    if num_steps is not None and (not isinstance(num_steps, int) or num_steps < 1):
+    if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
-    runtime = get_runtime(model)
-    runtime.begin_generation(num_steps)
+    session = get_runtime(model).session()
+    session.start_generation(num_steps, explicit=True)
     try:
-        yield runtime
+        yield session
     finally:
-        runtime.end_generation()
+        session.end_generation()
 
 
 def compile(  # noqa: A001 - mirrors torch.compile, which it applies
@@ -154,6 +176,8 @@ def compile(  # noqa: A001 - mirrors torch.compile, which it applies
     supported: the runtime's host-side step tracking breaks the graph. Use one of the two scopes.
     """
     runtime = get_runtime(model)
+    if scope not in ("blocks", "model"):
+        raise ValueError(f"ax.compile(scope={scope!r}): 'blocks' (each plan-variant block graph) or 'model' (one graph)")
     if backend is None:
         backend = "aot_eager" if scope == "model" else "inductor"
     options_ = {"backend": backend, "mode": mode, "dynamic": dynamic, **({"options": options} if options else {})}
@@ -161,18 +185,25 @@ def compile(  # noqa: A001 - mirrors torch.compile, which it applies
         from .runtime.whole_model import CompiledModel
 
         return CompiledModel(model, runtime, options_)
-    if scope != "blocks":
-        raise ValueError(f"ax.compile(scope={scope!r}): 'blocks' (each plan-variant block graph) or 'model' (one graph)")
-    runtime.compile_options = {**options_, "fullgraph": True}
-    for shared in runtime.shared_captures.values():
-        shared.variants.clear()  # built eagerly before; rebuilt compiled on next use
-        shared.compiled_probe = None
+    runtime.use_graphs(GraphRunner({**options_, "fullgraph": True}))
     return model
 
 
-def reset(model: nn.Module) -> None:
-    """Drop caches, step position and statistics of a transformed model (captures are kept)."""
-    get_runtime(model).reset()
+def reset(model: nn.Module, *, captures: bool = False) -> None:
+    """Drop caches, step positions and statistics of a transformed model (every thread's).
+
+    ``captures=True`` also drops every captured block graph, so each block is captured again on
+    its next call: for changes the guards cannot see (a global a block's forward reads).
+    """
+    runtime = get_runtime(model)
+    runtime.reset()
+    if captures:
+        runtime.forget_captures()
+
+
+def policy_state(model: nn.Module):
+    """The policy's state for the calling thread's current generation (e.g. AdaCache's ``trace``)."""
+    return get_runtime(model).session().policy_state
 
 
 def report(model: nn.Module) -> Report:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .api import generation, get_runtime, is_transformed, report, restore, transform
 from .errors import PolicyError
 from .policies.adacache import AdaCache
-from .policies.base import BranchInfo, InStepSignal, Plan, Policy, StepContext
+from .policies.base import BranchInfo, InStepDecider, InStepSignal, Observer, Plan, Policy, StepContext
 from .policies.first_block import FirstBlockCache
 from .policies.teacache import TeaCache, relative_l1
 
@@ -71,50 +71,65 @@ class Calibration:
         return "\n".join(lines)
 
 
+@dataclass
+class _Recording:
+    """What the calibration runs recorded: generation -> step -> value (slot 0's call only)."""
+
+    frames: int | None = None  # the model's latent frames, for MoReg in the replay
+    residuals: dict[int, dict[int, tuple[torch.Tensor, ...]]] = field(default_factory=dict)
+    signals: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class _RecorderState:
+    target: Any  # the target policy's state (its layout tells which branches it watches)
+    ready: bool = False  # the model's branches are known
+
+
+@dataclass(frozen=True)
 class _Recorder(Policy):
-    """Computes everything and records the signals that ``target`` would decide from."""
+    """Computes everything and records, into ``recording``, the signals ``target`` decides from."""
 
-    def __init__(self, target: Policy) -> None:
-        self.target = target
-        self.signal: InStepSignal | None = target.in_step_signal()
-        self.decides_in_step = self.signal is not None
-        self.ready = False
-        self.frames: int | None = None  # the model's latent frames, for MoReg in the replay
-        # generation -> step -> recorded value (first call of each step only: slot 0)
-        self.residuals: dict[int, dict[int, tuple[torch.Tensor, ...]]] = {}
-        self.signals: dict[int, dict[int, torch.Tensor]] = {}
+    target: Policy
+    recording: _Recording = field(default_factory=_Recording, compare=False)
 
-    def caches(self, branch: BranchInfo) -> bool:
+    def new_state(self) -> _RecorderState:
+        return _RecorderState(self.target.new_state())
+
+    def validate(self, branches: tuple[BranchInfo, ...]) -> None:
+        self.target.validate(branches)
+
+    def caches(self, branch: BranchInfo, state: _RecorderState | None = None) -> bool:
         # Keep residuals so that step 1 sees step 0's as ``previous`` (the target can say which
-        # branches it watches only once set up, after the first call). Nothing is ever reused.
-        return not self.ready or self.target.watches(branch)
+        # branches it watches only once the branches are known). Nothing is ever reused.
+        return state is None or not state.ready or self.watches(branch, state)
 
-    def watches(self, branch: BranchInfo) -> bool:
-        return self.ready and self.target.watches(branch)
-
-    def setup(self, branches: tuple[BranchInfo, ...]) -> None:
-        self.target.setup(branches)
-        self.ready = True
+    def watches(self, branch: BranchInfo, state: _RecorderState) -> bool:
+        return (state is not None and state.ready and isinstance(self.target, Observer)
+                and self.target.watches(branch, state.target))
 
     def in_step_signal(self) -> InStepSignal | None:
-        return self.signal
+        return self.target.in_step_signal() if isinstance(self.target, InStepDecider) else None
 
-    def plan(self, ctx: StepContext) -> Plan:
+    def plan(self, ctx: StepContext, state: _RecorderState) -> Plan:
+        if ctx.branches:
+            self.target.plan(ctx, state.target)  # for what it derives from the branches (AdaCache's layout)
+            state.ready = True
         return Plan.compute_all()
 
-    def observe(self, ctx, branch, new, previous) -> None:
+    def observe(self, ctx, state, branch, new, previous) -> None:
         # Per-layer AdaCache watches more branches; the replay models the global schedule only.
-        if branch.id not in getattr(self.target, "metric_branches", frozenset((branch.id,))):
+        if branch.id not in getattr(state.target, "metric_branches", frozenset((branch.id,))):
             return
-        self.frames = ctx.frames
-        steps = self.residuals.setdefault(ctx.generation, {})
+        self.recording.frames = ctx.frames
+        steps = self.recording.residuals.setdefault(ctx.generation, {})
         if previous is not None and ctx.step - 1 not in steps:
             steps[ctx.step - 1] = tuple(t.float().cpu() for t in previous)
         steps.setdefault(ctx.step, tuple(t.float().cpu() for t in new))
 
-    def decide(self, ctx: StepContext, slot: int, signal: torch.Tensor) -> Plan:
+    def decide(self, ctx: StepContext, state: _RecorderState, slot: int, signal: torch.Tensor) -> Plan:
         if slot == 0:
-            self.signals.setdefault(ctx.generation, {})[ctx.step] = signal.detach().float().cpu()
+            self.recording.signals.setdefault(ctx.generation, {})[ctx.step] = signal.detach().float().cpu()
         return Plan.compute_all()
 
 
@@ -214,7 +229,7 @@ def calibrate(
     runtime = get_runtime(model)
 
     def keep_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        record = runtime.records[-1] if runtime.records else None
+        record = runtime.session().record
         tensor = _first_tensor(output)
         if record is not None and tensor is not None and record.calls == 1:
             outputs.setdefault(record.generation, {})[record.step] = tensor.detach().float().cpu()
@@ -225,19 +240,19 @@ def calibrate(
             for i in tqdm(range(runs), desc="calibration runs", disable=not progress):
                 with generation(model):
                     run(model, i)
-        branches = tuple(runtime.branches.values())
+        branches = runtime.branch_tuple
     finally:
         hook.remove()
         restore(model)
 
     if isinstance(policy, AdaCache):
-        fitted = _fit_adacache(policy, recorder, branches, target, points)
+        fitted = _fit_adacache(policy, recorder.recording, branches, target, points)
         with_knob = policy.with_threshold_scale  # scales the thresholds the user gave
     elif isinstance(policy, TeaCache):
-        fitted = _fit_teacache(policy, recorder, outputs, target, points, fit_coefficients)
+        fitted = _fit_teacache(policy, recorder.recording, outputs, target, points, fit_coefficients)
         with_knob = fitted.policy.with_delta  # keeps the fitted coefficients
     else:
-        fitted = _fit_first_block(policy, recorder, branches, target, points)
+        fitted = _fit_first_block(policy, recorder.recording, branches, target, points)
         with_knob = fitted.policy.with_threshold
     if refine:
         _refine(fitted, with_knob, model, run, refine, progress)
@@ -284,7 +299,7 @@ def _steps(record: dict[int, Any]) -> list[Any]:
     return [record[s] for s in sorted(record)]
 
 
-def _fit_adacache(policy: AdaCache, recorder: _Recorder, branches, target: float, points: int) -> Calibration:
+def _fit_adacache(policy: AdaCache, recorder: _Recording, branches, target: float, points: int) -> Calibration:
     sequences = [_steps(r) for r in recorder.residuals.values() if r]
     if not sequences:
         raise PolicyError("calibrate(): the AdaCache metric branch never computed during the runs")
@@ -308,7 +323,7 @@ def _indicators(signals: Sequence[torch.Tensor]) -> list[float]:
 
 def _fit_teacache(
     policy: TeaCache,
-    recorder: _Recorder,
+    recorder: _Recording,
     outputs: dict[int, dict[int, torch.Tensor]],
     target: float,
     points: int,
@@ -346,7 +361,7 @@ def _fit_teacache(
 
 
 def _fit_first_block(
-    policy: FirstBlockCache, recorder: _Recorder, branches, target: float, points: int
+    policy: FirstBlockCache, recorder: _Recording, branches, target: float, points: int
 ) -> Calibration:
     runs = [_steps(s) for s in recorder.signals.values() if s]
     if not runs:

@@ -156,14 +156,15 @@ def test_dtype_change_recaptures():
 
 
 def test_separate_cond_uncond_calls_get_separate_caches():
-    """A pipeline that calls the transformer twice per step (cond, uncond) must not mix their caches."""
+    """A pipeline that calls the transformer twice per step (cond, uncond: the same latent, other
+    text) must not mix their caches."""
     entry = ZOO["pixart"]
     both = ax.transform(entry.build(), ax.Static(interval=2))
     cond_only = ax.transform(entry.build(), ax.Static(interval=2))
     uncond_only = ax.transform(entry.build(), ax.Static(interval=2))
     for step, t in enumerate((999.0, 900.0, 800.0, 700.0)):
         cond = entry.inputs(timestep=t, seed=1)
-        uncond = entry.inputs(timestep=t, seed=2)
+        uncond = {**entry.inputs(timestep=t, seed=2), "hidden_states": cond["hidden_states"]}
         with torch.no_grad():
             a_cond, a_uncond = entry.output(both(**cond)), entry.output(both(**uncond))
             b = entry.output(cond_only(**cond))
@@ -204,12 +205,12 @@ def test_structurally_identical_blocks_share_one_capture():
     model = ax.transform(entry.build(), ax.NoCache())
     _run(model, entry, (500.0,))
     runtime = ax.get_runtime(model)
-    shared = {b.path: id(next(iter(b._specialisations.values())).shared) for b in runtime.blocks}
+    shared = {b.path: id(next(iter(b.bindings.values())).program) for b in runtime.blocks}
     # The double blocks see identical inputs: one capture. Single block 1 gets strided slices of
     # block 0's output (other strides), so it is captured for its own layout: three in all.
     assert shared["transformer_blocks.0"] == shared["transformer_blocks.1"]
     assert shared["single_transformer_blocks.0"] != shared["single_transformer_blocks.1"]
-    assert len(runtime.shared_captures) == 3
+    assert len(runtime.programs) == 3
 
 
 class _DropoutBlock(torch.nn.Module):

@@ -27,8 +27,10 @@ import torch.utils._pytree as pytree
 
 from ..api import get_runtime, reset
 from ..errors import AdaCacheError, PolicyError
-from ..policies.base import BranchInfo, Plan, Policy, StepContext
-from ..runtime.engine import FixedPlan
+from ..passes.rewrite import RegionState
+from ..policies.base import BranchInfo, Capabilities, Plan, Policy
+from ..runtime.executor import Executor
+from ..runtime.session import FixedSession, Session
 from ..runtime.whole_model import ConditionalModel
 
 logger = logging.getLogger("adacache_fx")
@@ -132,9 +134,11 @@ class _PlanModule(nn.Module):
     """``model`` under one fixed plan, as a function of tensors only (what ONNX export traces)."""
 
     def __init__(self, model: nn.Module, kwargs: dict, reuse: frozenset[str],
-                 cache_in: list[tuple[str, int]], cache_out: list[tuple[str, int]] | None) -> None:
+                 cache_in: list[tuple[str, int]], cache_out: list[tuple[str, int]] | None,
+                 policy_state: Any = None) -> None:
         super().__init__()
         self.model = model
+        self.__dict__["policy_state"] = policy_state
         self.reuse = reuse
         self.cache_in = cache_in
         self.cache_out = cache_out
@@ -151,12 +155,12 @@ class _PlanModule(nn.Module):
         for (branch, _index), value in zip(self.cache_in, tensors[count:]):
             caches.setdefault(branch, []).append(value)
         runtime = get_runtime(self.model)
-        runtime.fixed = FixedPlan(self.reuse, {b: tuple(v) for b, v in caches.items()})
-        try:
+        session = FixedSession(runtime.policy, runtime.caps, Plan.reuse_only(self.reuse), self.policy_state)
+        for branch, values in caches.items():
+            session.caches.keep(0, branch, None, 0, tuple(values), 1)  # owner None: any block may read it
+        with runtime.using(session):
             output = self.model(**kwargs)
-            stored = runtime.fixed.cache_out
-        finally:
-            runtime.fixed = None
+        stored = session.stored
         self.stored = stored
         first = next(t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor))
         layout = self.cache_out if self.cache_out is not None else [
@@ -169,7 +173,9 @@ def _export_conditional(model, example_kwargs, directory: Path, names, tensors, 
     """Form (a): one graph, every cached branch an ONNX ``If`` on its ``reuse.<branch>`` input."""
     decisions = sorted(stored)
     residuals = {b: len(stored[b]) for b in decisions}
-    module = ConditionalModel(model, get_runtime(model), example_kwargs, decisions, residuals, first_output_only=True)
+    runtime = get_runtime(model)
+    module = ConditionalModel(model, runtime, example_kwargs, decisions, residuals, first_output_only=True,
+                              policy_state=runtime.session().policy_state)
     inputs, input_names, cache_in = list(tensors), list(names), []
     for branch in decisions:
         inputs.append(torch.tensor(False))
@@ -221,7 +227,7 @@ def onnx(
         raise ValueError(f"form={form!r}: 'variants' (one graph per plan variant) or 'if' (one graph with If nodes)")
     runtime = get_runtime(model)
     policy = runtime.policy
-    if policy.decides_in_step:
+    if runtime.caps.decides_in_step:
         raise PolicyError(
             f"{type(policy).__name__} decides inside each step; one-graph-per-variant export needs a "
             "schedule-driven policy (Static, AdaCache, PAB)"
@@ -231,11 +237,12 @@ def onnx(
     with torch.no_grad():
         model(**example_kwargs)  # capture the blocks at these shapes
     reset(model)
-    branches = list(runtime.branches.values())
+    branches = list(runtime.branch_tuple)
     names, tensors, _ = _tensor_inputs(example_kwargs)
+    state = runtime.session().policy_state
 
     # A compute-everything call gives the layout and shapes of every stored residual.
-    probe = _PlanModule(model, example_kwargs, frozenset(), [], None)
+    probe = _PlanModule(model, example_kwargs, frozenset(), [], None, state)
     with torch.no_grad():
         probe(*tensors)
     stored = probe.stored
@@ -254,12 +261,12 @@ def onnx(
         if unknown:
             raise PolicyError(f"cannot reuse {sorted(unknown)[:3]}: the policy does not cache them")
         cache_in = [(b, i) for b in sorted(reuse) for i in range(len(stored[b]))]
-        dry = _PlanModule(model, example_kwargs, reuse, cache_in, None)
+        dry = _PlanModule(model, example_kwargs, reuse, cache_in, None, state)
         cache_values = [stored[b][i] for b, i in cache_in]
         with torch.no_grad():
             dry(*tensors, *cache_values)
         cache_out = [(b, i) for b in sorted(dry.stored) for i in range(len(dry.stored[b]))]
-        module = _PlanModule(model, example_kwargs, reuse, cache_in, cache_out)
+        module = _PlanModule(model, example_kwargs, reuse, cache_in, cache_out, state)
         input_names = names + [f"cache_in.{b}.{i}" for b, i in cache_in]
         output_names = ["output"] + [f"cache_out.{b}.{i}" for b, i in cache_out]
         path = directory / f"variant_{index}.onnx"
@@ -280,11 +287,12 @@ def onnx(
 class VariantRunner:
     """The host side of a deployed denoising loop, shared by every engine that runs the variants.
 
-    Each call is one step: the policy plans on the host, the plan picks the exported variant, the
-    variant is fed the model inputs and the caches of the branches it reuses, and the residuals it
-    stores go back to the policy (watched branches) and into the caches, as the eager runtime does.
-    Reuse of a branch with no cache yet computes instead. Subclasses only say how one variant runs
-    (:meth:`_execute`), so ONNX Runtime and TensorRT replay exactly the same plans.
+    Each call is one model call: the session tracks the step and the policy plans it, the plan
+    picks the exported variant, the variant is fed the model inputs and the caches of the branches
+    it reuses (or the policy's forecast), and what it stores goes back through the same executor as
+    in eager (watched branches to the policy, residuals to the caches). Reuse of a branch with no
+    cache yet computes instead. Subclasses only say how one variant runs (:meth:`_execute`), so
+    ONNX Runtime and TensorRT replay exactly the same plans.
     """
 
     def __init__(self, exported: ExportedModel, policy: Policy) -> None:
@@ -292,25 +300,20 @@ class VariantRunner:
         self.policy = policy
         self.branches = tuple(exported.branches)
         self._info = {b.id: b for b in self.branches}
-        self.policy.setup(self.branches)
-        self.plans: list[tuple[str, ...]] = []  # the reuse set actually run at each step
-        self.caches: dict[str, tuple[torch.Tensor, ...]] = {}
-        # (step, residuals) of earlier computes, for policies that forecast reused residuals.
-        self.history: dict[str, list[tuple[int, tuple[torch.Tensor, ...]]]] = {}
+        policy.validate(self.branches)
+        self.executor = Executor(Capabilities.of(policy))
+        self.session = Session(policy, self.executor.caps)
+        self.plans: list[tuple[str, ...]] = []  # the reuse set actually run at each call
         self._warned: set[str] = set()
-        self.step = -1
-        self.generation = -1
-        self.num_steps: int | None = None
+
+    @property
+    def step(self) -> int:
+        return self.session.tracker.step
 
     def start(self, num_steps: int | None = None) -> None:
         """Begin a generation: fresh caches and policy state."""
-        self.policy.reset()
-        self.caches = {}
-        self.history = {}
+        self.session.start_generation(num_steps, explicit=True)
         self.plans = []
-        self.step = -1
-        self.generation += 1
-        self.num_steps = num_steps
 
     def _execute(self, variant: ExportedVariant, feeds: dict[str, torch.Tensor]) -> Sequence[torch.Tensor]:
         """Run ``variant`` on ``feeds`` (every name of ``variant.input_names``) and return its outputs
@@ -318,22 +321,23 @@ class VariantRunner:
         raise NotImplementedError
 
     def __call__(self, **kwargs: Any) -> torch.Tensor:
-        if self.generation < 0:
+        session, executor = self.session, self.executor
+        if session.tracker.generation < 0:
             self.start()
-        self.step += 1
         timestep = kwargs.get("timestep")
-        ctx = StepContext(
-            step=self.step, num_steps=self.num_steps,
-            timestep=float(torch.as_tensor(timestep).reshape(-1)[0]) if timestep is not None else None,
-            generation=self.generation, branches=self.branches, frames=self.exported.frames,
+        session.begin_call(
+            self.branches,
+            float(torch.as_tensor(timestep).reshape(-1)[0]) if timestep is not None else None,
+            frames=self.exported.frames,
         )
-        plan: Plan = self.policy.plan(ctx)
+        plan = session.plan
         self._warn_unsupported(plan)
-        reuse = tuple(sorted(b for b in plan.reuse if b in self.caches))
+        entries = {b.id: executor.entry(session, None, b) for b in self.branches}
+        reuse = tuple(sorted(b for b in plan.reuse if entries.get(b) is not None))
         variant = self.exported.variant(reuse)
         _, tensors, _ = _tensor_inputs(kwargs)
         feeds = dict(zip(self.exported.input_names, tensors))
-        added = {branch: self._reused(ctx, branch) for branch in reuse}
+        added = {branch: executor.reuse_values(session, self._info[branch], entries[branch]) for branch in reuse}
         if variant.decisions:  # one graph: a decision input per cached branch, every cache fed
             for branch in variant.decisions:
                 feeds[f"reuse.{branch}"] = torch.tensor(branch in added)
@@ -349,26 +353,15 @@ class VariantRunner:
         for (branch, _), value in zip(variant.cache_out, results[1:]):
             if branch not in added:  # a reused branch returns its input cache: nothing new
                 stored.setdefault(branch, []).append(value)
-        for branch, values in stored.items():
-            new = tuple(values)
-            info = self._info[branch]
-            if self.policy.watches(info):
-                self.policy.observe(ctx, info, new, self.caches.get(branch))
-            if self.policy.caches(info):
-                self.caches[branch] = new
-                keep = self.policy.history(info)
-                if keep > 1:
-                    past = self.history.setdefault(branch, [])
-                    past.append((self.step, new))
-                    del past[:-keep]
+        for info in self.branches:
+            if info.id in added:
+                executor.commit(session, info, RegionState.REUSE, (), None, entries[info.id])
+            elif info.id in stored:
+                executor.commit(session, info, RegionState.STORE, tuple(stored[info.id]), None, entries[info.id])
+            else:
+                executor.commit(session, info, RegionState.COMPUTE, (), None, None)
         self.plans.append(reuse)
         return results[0]
-
-    def _reused(self, ctx: StepContext, branch: str) -> tuple[torch.Tensor, ...]:
-        """What a reused branch adds: the policy's forecast (as in eager), or its last residuals."""
-        history = self.history.get(branch) or [(-1, self.caches[branch])]
-        forecast = self.policy.forecast(ctx, self._info[branch], history)
-        return tuple(forecast) if forecast is not None else self.caches[branch]
 
     def _warn_unsupported(self, plan: Plan) -> None:
         """Plan parts the exported variants cannot run yet: computed in full (exact, no saving)."""

@@ -12,7 +12,7 @@ one graph can serve every structurally identical block of a ModuleList.
 
 from __future__ import annotations
 
-import enum
+import dataclasses
 import operator
 import warnings
 from dataclasses import dataclass
@@ -41,18 +41,38 @@ def eliminate_dead_code(graph: fx.Graph) -> None:
     graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure(impure_random=False))
 
 
-def _drop_inference_noops(graph: fx.Graph) -> None:
-    """Remove export's runtime checks and eval-mode dropouts (identities)."""
-    for node in list(graph.nodes):
-        if node.op != "call_function":
-            continue
-        if node.target in _CHECK_OPS:
-            graph.erase_node(node)
-        elif node.target is torch.ops.aten.dropout.default and (
+def copy_graph_module(graph_module: fx.GraphModule, class_name: str = "CapturedBlock") -> fx.GraphModule:
+    """A new graph module with a copy of ``graph_module``'s graph (node metadata included): what a
+    pass edits, so that the graph it was given stays as it was."""
+    graph = fx.Graph()
+    output = graph.graph_copy(graph_module.graph, {})
+    graph.output(output)
+    return fx.GraphModule(graph_module, graph, class_name=class_name)
+
+
+def drop_runtime_checks(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """Pass: remove the shape and metadata checks export inserts. FX's dead-code elimination takes
+    them for side effects and would keep a reused region's operations alive; the runtime's
+    signature-keyed captures guarantee what they check."""
+    out = copy_graph_module(graph_module)
+    for node in list(out.graph.nodes):
+        if node.op == "call_function" and node.target in _CHECK_OPS:
+            out.graph.erase_node(node)
+    out.recompile()
+    return out
+
+
+def drop_eval_dropout(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """Pass: replace eval-mode (or zero-probability) dropouts, identities, by their inputs."""
+    out = copy_graph_module(graph_module)
+    for node in list(out.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.dropout.default and (
             node.args[2] is False or node.args[1] == 0.0
         ):
             node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
+            out.graph.erase_node(node)
+    out.recompile()
+    return out
 
 
 def _returns_alias(node: fx.Node) -> bool:
@@ -65,13 +85,15 @@ def _returns_alias(node: fx.Node) -> bool:
     return schema is not None and any(r.alias_info is not None for r in schema.returns)
 
 
-def _drop_redundant_clones(graph: fx.Graph) -> None:
-    """Remove ``clone`` of an already contiguous value inside the (functional) graph.
+def drop_redundant_clones(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """Pass: remove ``clone`` of an already contiguous value inside the (functional) graph.
 
     Export turns eval-mode dropout and ``.contiguous()`` on a contiguous tensor, both free in eager,
     into full copies. In a functional graph an inner copy is a pure identity; a clone is kept only
     where an output could otherwise alias another value (reached from an output through views).
     """
+    out = copy_graph_module(graph_module)
+    graph = out.graph
     output = next(n for n in graph.nodes if n.op == "output")
     may_alias_output: set[fx.Node] = set()
     stack = [n for n in pytree.tree_leaves(output.args) if isinstance(n, fx.Node)]
@@ -95,6 +117,21 @@ def _drop_redundant_clones(graph: fx.Graph) -> None:
         ):
             node.replace_all_uses_with(source)
             graph.erase_node(node)
+    out.recompile()
+    return out
+
+
+def drop_dead_code(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """Pass: :func:`eliminate_dead_code` on a copy."""
+    out = copy_graph_module(graph_module)
+    eliminate_dead_code(out.graph)
+    out.graph.lint()
+    out.recompile()
+    return out
+
+
+#: What :func:`capture_block` runs on the exported graph, in order: each pass graph -> new graph.
+CLEANUP_PASSES = (drop_runtime_checks, drop_eval_dropout, drop_redundant_clones, drop_dead_code)
 
 
 def _leaf_key(leaf: Any) -> Any:
@@ -112,7 +149,7 @@ def call_signature(args: tuple, kwargs: dict) -> tuple:
     return (spec, tuple(_leaf_key(leaf) for leaf in leaves))
 
 
-@dataclass
+@dataclass(frozen=True)
 class InputBinding:
     """Where each graph placeholder's value comes from on a call."""
 
@@ -120,12 +157,12 @@ class InputBinding:
     target: str | int | torch.Tensor  # attribute path in the block, user leaf index, or the constant
 
 
-@dataclass
+@dataclass(frozen=True)
 class CapturedGraph:
     """One block call captured as a flat graph: ``(*bound_inputs) -> (*user_outputs)``."""
 
     graph_module: fx.GraphModule
-    bindings: list[InputBinding]
+    bindings: tuple[InputBinding, ...]
     in_spec: pytree.TreeSpec
     out_spec: pytree.TreeSpec
     num_user_outputs: int
@@ -171,11 +208,20 @@ class BoundInputs:
 
 
 def capture_block(block: nn.Module, args: tuple, kwargs: dict, name: str) -> CapturedGraph:
-    """Export ``block(*args, **kwargs)`` into a :class:`CapturedGraph`.
+    """Export ``block(*args, **kwargs)`` and run :data:`CLEANUP_PASSES` on the graph.
 
     Raises :class:`CaptureError` naming the block and the reason when export fails or the block
     mutates its own state (which a cached region could not replay).
     """
+    captured = export_block(block, args, kwargs, name)
+    graph_module = captured.graph_module
+    for graph_pass in CLEANUP_PASSES:
+        graph_module = graph_pass(graph_module)
+    return dataclasses.replace(captured, graph_module=graph_module)
+
+
+def export_block(block: nn.Module, args: tuple, kwargs: dict, name: str) -> CapturedGraph:
+    """``block(*args, **kwargs)`` exported (functionalised, not decomposed) as a :class:`CapturedGraph`."""
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # torch's own pytree internals warn about a deprecated LeafSpec check here.
@@ -220,66 +266,11 @@ def capture_block(block: nn.Module, args: tuple, kwargs: dict, name: str) -> Cap
             f"block {name!r}: export flattened {user_index} inputs but the call has {len(leaves)}"
         )
 
-    graph_module = program.graph_module
-    graph = graph_module.graph
-    _drop_inference_noops(graph)
-    _drop_redundant_clones(graph)
-    eliminate_dead_code(graph)
-    graph.lint()
-    graph_module.recompile()
     num_outputs = len(signature.output_specs)
     return CapturedGraph(
-        graph_module=graph_module,
-        bindings=bindings,
+        graph_module=program.graph_module,
+        bindings=tuple(bindings),
         in_spec=in_spec,
         out_spec=program.call_spec.out_spec,
         num_user_outputs=num_outputs,
     )
-
-
-def _plain(value: Any, depth: int = 0) -> Any:
-    """A hashable, comparable form of an attribute value that may steer forward's control flow."""
-    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device, enum.Enum)):
-        return value
-    if isinstance(value, (tuple, list)):
-        return (type(value).__name__, tuple(_plain(v, depth + 1) for v in value))
-    if isinstance(value, (set, frozenset)):
-        return ("set", tuple(sorted(repr(_plain(v, depth + 1)) for v in value)))
-    if isinstance(value, dict):
-        return ("dict", tuple(sorted((repr(k), repr(_plain(v, depth + 1))) for k, v in value.items())))
-    if isinstance(value, torch.Tensor):  # plain tensor attributes (not buffers): compare by identity
-        return ("tensor", id(value))
-    if callable(value) and not hasattr(value, "__dict__"):
-        return ("callable", getattr(value, "__qualname__", repr(value)))
-    state = getattr(value, "__dict__", None)
-    if state is not None and depth < 3:
-        return (type(value).__qualname__, _plain(dict(state), depth + 1))
-    return (type(value).__qualname__, repr(value))
-
-
-def structural_key(block: nn.Module) -> tuple:
-    """Blocks with equal keys compute the same function of (parameters, inputs).
-
-    Compares classes, parameter/buffer shapes and every non-module attribute (flags such as
-    ``context_pre_only`` or a window offset tuple steer Python control flow inside forward).
-    Anything not plain data is compared by type and contents, so doubt means "capture separately".
-    """
-    parts = []
-    for path, module in block.named_modules():
-        attrs = tuple(
-            sorted(
-                (k, repr(_plain(v)))
-                for k, v in vars(module).items()
-                if not k.startswith("_") and k != "training"
-            )
-        )
-        parts.append(
-            (
-                path,
-                type(module).__qualname__,
-                attrs,
-                tuple((n, tuple(p.shape), p.dtype) for n, p in module._parameters.items() if p is not None),
-                tuple((n, tuple(b.shape), b.dtype) for n, b in module._buffers.items() if b is not None),
-            )
-        )
-    return tuple(parts)

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from .capture import eliminate_dead_code
-from .residuals import Region
+from .residuals import Region, identifier
 from .rewrite import set_branch_value
 
 
@@ -121,12 +121,12 @@ def build_conditional(
             continue
         # Decision and cache inputs, after the block's own inputs.
         with graph.inserting_after(anchor) if anchor is not None else graph.inserting_before(None):
-            flag = graph.placeholder(f"reuse_{region.name}")
+            flag = graph.placeholder(f"reuse_{identifier(region.name)}")
         anchor = flag
         caches = []
         for i, res in enumerate(region.residuals):
             with graph.inserting_after(anchor):
-                cache = graph.placeholder(f"cache_{region.name}_{i}")
+                cache = graph.placeholder(f"cache_{identifier(region.name)}_{i}")
             cache.meta = dict(by_name[res.branch_node].meta)
             caches.append(cache)
             anchor = cache
@@ -134,7 +134,7 @@ def build_conditional(
         region_nodes = {by_name[name] for name in region.nodes if name in by_name}
         outputs = [by_name[res.branch_node] for res in region.residuals]
         compute, reuse, externals = _region_function(graph, region_nodes, outputs, len(caches))
-        compute_name, reuse_name = f"_compute_{region.name}", f"_reuse_{region.name}"
+        compute_name, reuse_name = f"_compute_{identifier(region.name)}", f"_reuse_{identifier(region.name)}"
         branches[compute_name], branches[reuse_name] = compute, reuse
         first_add = min((by_name[res.add_node] for res in region.residuals), key=order.__getitem__)
         with graph.inserting_before(first_add):

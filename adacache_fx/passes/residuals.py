@@ -16,7 +16,9 @@ needed outside their region are left out of it, so that dropping a reused region
 
 from __future__ import annotations
 
+import dataclasses
 import operator
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,20 +69,20 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
     return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class Residual:
     add_node: str  # name of the residual add
     branch_index: int  # which operand of the add is the branch value (0 or 1)
     branch_node: str  # name of the branch value
 
 
-@dataclass
+@dataclass(frozen=True)
 class Region:
-    """A cacheable residual region of one block graph."""
+    """A cacheable residual region of one block graph (frozen: passes derive new ones)."""
 
     name: str
     kind: str
-    residuals: list[Residual]
+    residuals: tuple[Residual, ...]
     nodes: frozenset[str]
     modules: tuple[str, ...]  # top-level child modules of the block that the region runs
     tags: frozenset[str] = field(default_factory=frozenset)
@@ -91,11 +93,11 @@ class Region:
     token_error: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class BlockAnalysis:
-    regions: list[Region]
+    regions: tuple[Region, ...]
     stream_inputs: tuple[str, ...]
-    notes: list[str]
+    notes: tuple[str, ...]
 
 
 class _Graph:
@@ -250,7 +252,7 @@ def analyse_block(
     residuals, stream_nodes, stream_inputs = _walk_streams(g)
     by_name = {n.name: n for n in g.nodes}
     if not residuals:
-        return BlockAnalysis([], tuple(sorted(n.name for n in stream_inputs)), ["no residual adds found"])
+        return BlockAnalysis((), tuple(sorted(n.name for n in stream_inputs)), ("no residual adds found",))
 
     sources = _stream_sources(g, stream_inputs)
     stream_dependent = {n for n, s in sources.items() if s}
@@ -329,8 +331,7 @@ def analyse_block(
             _label_region(region_residuals, nodes, sources, by_name, node_flops, temporal)
         )
 
-    _make_names_unique(regions)
-    return BlockAnalysis(regions, tuple(sorted(n.name for n in stream_inputs)), notes)
+    return BlockAnalysis(_unique_names(regions), tuple(sorted(n.name for n in stream_inputs)), tuple(notes))
 
 
 def _label_region(
@@ -401,7 +402,7 @@ def _label_region(
     return Region(
         name=name or kind,
         kind=kind,
-        residuals=region_residuals,
+        residuals=tuple(region_residuals),
         nodes=frozenset(n.name for n in nodes),
         modules=tuple(sorted(c for c in children_flops if c)),
         tags=frozenset(tags),
@@ -409,10 +410,20 @@ def _label_region(
     )
 
 
-def _make_names_unique(regions: list[Region]) -> None:
+def _unique_names(regions: list[Region]) -> tuple[Region, ...]:
+    """The regions with repeated names numbered (``ff``, ``ff_1``); names stay descriptive (they
+    may hold ``+``), and code that makes identifiers of them sanitises them (:func:`identifier`)."""
     seen: dict[str, int] = {}
+    out = []
     for region in regions:
         count = seen.get(region.name, 0)
         seen[region.name] = count + 1
-        if count:
-            region.name = f"{region.name}_{count}"
+        out.append(dataclasses.replace(region, name=f"{region.name}_{count}") if count else region)
+    return tuple(out)
+
+
+def identifier(name: str) -> str:
+    """A valid Python identifier (and ONNX name) made from a region or branch name:
+    ``identifier("attn+attn2") == "attn_attn2"``."""
+    text = re.sub(r"\W", "_", name)
+    return text if text and not text[0].isdigit() else f"_{text}"

@@ -26,7 +26,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 
 from .capture import eliminate_dead_code
-from .residuals import Region, Residual
+from .residuals import Region, Residual, identifier
 from .tokens import PartialComputeError, insert_partial
 
 
@@ -90,7 +90,7 @@ def build_variant(
             if state == RegionState.REUSE:
                 anchor = new_inputs[-1] if new_inputs else last_placeholder
                 with graph.inserting_after(anchor) if anchor is not None else graph.inserting_before(None):
-                    cache = graph.placeholder(f"cache_{region.name}_{i}")
+                    cache = graph.placeholder(f"cache_{identifier(region.name)}_{i}")
                 cache.meta = dict(branch.meta)
                 new_inputs.append(cache)
                 set_branch_value(add, res, cache)
@@ -99,9 +99,9 @@ def build_variant(
             elif state == RegionState.PARTIAL:
                 anchor = new_inputs[-1] if new_inputs else last_placeholder
                 with graph.inserting_after(anchor) if anchor is not None else graph.inserting_before(None):
-                    tokens = graph.placeholder(f"tokens_{region.name}")
+                    tokens = graph.placeholder(f"tokens_{identifier(region.name)}")
                 with graph.inserting_after(tokens):
-                    cache = graph.placeholder(f"cache_{region.name}_{i}")
+                    cache = graph.placeholder(f"cache_{identifier(region.name)}_{i}")
                 fake_mode = detect_fake_mode([branch.meta.get("val")])
                 if fake_mode is not None:  # fake inputs let FLOP counting and shape checks run the graph
                     with fake_mode:

@@ -25,7 +25,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -307,7 +308,33 @@ class _Schedule:
 _GLOBAL = ""  # key of the global schedule (block paths are never empty)
 
 
+@dataclass(frozen=True)
+class MetricLayout:
+    """Where AdaCache reads its metric in one model: derived from the branches, not learnt."""
+
+    kind: str
+    global_ids: frozenset[str]  # the metric branches of the global schedule
+    block_schedule: Mapping[str, str]  # block path -> its own schedule's key (per_layer)
+    feeds: Mapping[str, tuple[str, ...]]  # watched branch id -> the schedules it feeds
+
+
 @dataclass
+class AdaCacheState:
+    """One generation of :class:`AdaCache`: the schedules, and the decisions taken (``trace``)."""
+
+    layout: MetricLayout | None = None
+    layout_of: tuple[BranchInfo, ...] | None = None  # the branches ``layout`` was derived from
+    schedules: dict[str, _Schedule] = field(default_factory=dict)
+    steps_now: int | None = None
+    last_planned: tuple[int, int] | None = None
+    trace: list[dict] = field(default_factory=list)
+
+    @property
+    def metric_branches(self) -> frozenset[str]:
+        """Ids of the branches the global schedule reads (empty before the branches are known)."""
+        return self.layout.global_ids if self.layout is not None else frozenset()
+
+@dataclass(frozen=True)
 class AdaCache(Policy):
     """AdaCache: compute when the metric branch's residual moves, reuse every residual otherwise.
 
@@ -344,19 +371,9 @@ class AdaCache(Policy):
     num_steps: int | None = None
     threshold_scale: float = 1.0
 
-    _kind: str | None = field(default=None, init=False, repr=False, compare=False)
-    _global_ids: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
-    _block_schedule: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
-    _feeds: dict[str, tuple[str, ...]] = field(default_factory=dict, init=False, repr=False, compare=False)
-    _ready: bool = field(default=False, init=False, repr=False, compare=False)
-    _schedules: dict[str, _Schedule] = field(default_factory=dict, init=False, repr=False, compare=False)
-    _steps_now: int | None = field(default=None, init=False, repr=False, compare=False)
-    _last_planned: tuple[int, int] | None = field(default=None, init=False, repr=False, compare=False)
-    _trace: list[dict] = field(default_factory=list, init=False, repr=False, compare=False)
-
     def __post_init__(self) -> None:
         if self.codebook is not None:
-            self.codebook = normalize_codebook(self.codebook, "AdaCache(codebook=...)")
+            object.__setattr__(self, "codebook", normalize_codebook(self.codebook, "AdaCache(codebook=...)"))
         if self.metric_kind is not None:
             if not isinstance(self.metric_kind, str):
                 raise ValueError(f"AdaCache(metric_kind={self.metric_kind!r}): give one kind name")
@@ -365,13 +382,13 @@ class AdaCache(Policy):
             blocks = (self.metric_blocks,) if isinstance(self.metric_blocks, int) else tuple(self.metric_blocks)
             if not blocks or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in blocks):
                 raise ValueError(f"AdaCache(metric_blocks={self.metric_blocks!r}): give block depths, ints >= 0")
-            self.metric_blocks = blocks
+            object.__setattr__(self, "metric_blocks", blocks)
         if self.distance not in DISTANCES:
             raise ValueError(f"AdaCache(distance={self.distance!r}): valid distances are {', '.join(DISTANCES)}")
         if self.moreg is True:
-            self.moreg = MoReg()
+            object.__setattr__(self, "moreg", MoReg())
         elif self.moreg is False:
-            self.moreg = None
+            object.__setattr__(self, "moreg", None)
         elif self.moreg is not None and not isinstance(self.moreg, MoReg):
             raise ValueError(f"AdaCache(moreg={self.moreg!r}): give a MoReg, True, or None")
         steps = self.num_steps
@@ -430,21 +447,21 @@ class AdaCache(Policy):
         return codebook
 
     # -- Policy interface ------------------------------------------------------------------------
-    def caches(self, branch: BranchInfo) -> bool:
+    def new_state(self) -> AdaCacheState:
+        return AdaCacheState()
+
+    def caches(self, branch: BranchInfo, state: Any = None) -> bool:
         return True
 
-    def watches(self, branch: BranchInfo) -> bool:
-        return branch.id in self._feeds
+    def watches(self, branch: BranchInfo, state: AdaCacheState) -> bool:
+        return state is not None and state.layout is not None and branch.id in state.layout.feeds
 
-    @property
-    def metric_branches(self) -> frozenset[str]:
-        """Ids of the branches the global schedule reads (empty before :meth:`setup`)."""
-        return self._global_ids
+    def validate(self, branches: tuple[BranchInfo, ...]) -> None:
+        if branches:
+            self.layout(branches)
 
-    def setup(self, branches: tuple[BranchInfo, ...]) -> None:
+    def layout(self, branches: tuple[BranchInfo, ...]) -> MetricLayout:
         """Pick the metric kind, blocks and branches; raise when the model lacks what was asked for."""
-        if not branches:
-            return
         owner = f"AdaCache(metric_kind={self.metric_kind!r})"
         present = {tag for b in branches for tag in b.tags} | {b.kind for b in branches}
         if self.metric_kind is not None:
@@ -480,69 +497,52 @@ class AdaCache(Policy):
                 if branch.id not in global_ids:
                     block_schedule[branch.block] = branch.block
                     feeds.setdefault(branch.id, []).append(branch.block)
-        self._kind = kind
-        self._global_ids = global_ids
-        self._block_schedule = block_schedule
-        self._feeds = {bid: tuple(keys) for bid, keys in feeds.items()}
-        self._ready = True
+        return MetricLayout(kind, global_ids, MappingProxyType(block_schedule),
+                            MappingProxyType({bid: tuple(keys) for bid, keys in feeds.items()}))
 
-    def reset(self) -> None:
-        """Forget the schedules of the current generation (the setup from the model is kept)."""
-        self._schedules = {}
-        self._steps_now = None
-        self._last_planned = None
-        self._trace = []
-
-    @property
-    def trace(self) -> list[dict]:
-        """The global schedule's decisions of the current (or last) generation, one dict per compute
-        step whose metric was read: ``step``, ``distance`` (per step since the previous compute),
-        ``motion`` (raw MoReg magnitude or None), ``factor`` (MoReg's, 1.0 without), ``metric`` (what
-        the codebook was looked up with) and ``rate`` (steps until the next compute)."""
-        return list(self._trace)
-
-    def plan(self, ctx: StepContext) -> Plan:
+    def plan(self, ctx: StepContext, state: AdaCacheState) -> Plan:
         """Fold the previous step's metric into the schedules, then decide this step."""
-        if not self._ready and ctx.branches:
-            self.setup(ctx.branches)
-        if self._last_planned is not None and (
-            ctx.generation != self._last_planned[0] or ctx.step <= self._last_planned[1]
+        if ctx.branches and state.layout_of is not ctx.branches:
+            state.layout, state.layout_of = self.layout(ctx.branches), ctx.branches
+        if state.last_planned is not None and (
+            ctx.generation != state.last_planned[0] or ctx.step <= state.last_planned[1]
         ):
-            self.reset()
-        self._last_planned = (ctx.generation, ctx.step)
-        self._steps_now = ctx.num_steps if ctx.num_steps is not None else self.num_steps
-        self._close_open_steps()
-        n = self._steps_now
+            # A step planned twice or out of order: start the schedules over (the layout stays).
+            state.schedules, state.steps_now, state.trace = {}, None, []
+        state.last_planned = (ctx.generation, ctx.step)
+        state.steps_now = ctx.num_steps if ctx.num_steps is not None else self.num_steps
+        self._close_open_steps(state)
+        n = state.steps_now
         forced = ctx.step < 2 or (n is not None and ctx.step >= n - 2)
-        for key in (_GLOBAL, *self._block_schedule.values()):
-            schedule = self._schedules.get(key)
+        block_schedule = state.layout.block_schedule if state.layout is not None else {}
+        for key in (_GLOBAL, *block_schedule.values()):
+            schedule = state.schedules.get(key)
             if schedule is None:
-                schedule = self._schedules[key] = _Schedule()
+                schedule = state.schedules[key] = _Schedule()
             self._begin_step(schedule, ctx.step, forced)
-        if all(s.computing for s in self._schedules.values()):
+        if all(s.computing for s in state.schedules.values()):
             return Plan.compute_all()
-        schedules = self._schedules
+        schedules = state.schedules
         return Plan.reuse_only(
             b.id
             for b in ctx.branches
-            if not schedules[self._block_schedule.get(b.block, _GLOBAL)].computing
+            if not schedules[block_schedule.get(b.block, _GLOBAL)].computing
         )
 
     def observe(
         self,
         ctx: StepContext,
+        state: AdaCacheState,
         branch: BranchInfo,
         new: tuple[torch.Tensor, ...],
         previous: tuple[torch.Tensor, ...] | None,
     ) -> None:
         """Record the metric branch's change (and motion) as tensors; plan() reads them next step."""
-        keys = self._feeds.get(branch.id)
-        if not keys:
+        keys = state.layout.feeds.get(branch.id) if state.layout is not None else None
+        if not keys or previous is None:
             return
         frames = self.moreg.resolve_frames(ctx.frames) if self.moreg is not None else None
-        if previous is None:
-            return
-        schedules = [s for s in (self._schedules.get(k) for k in keys) if s is not None and s.last_compute == ctx.step]
+        schedules = [s for s in (state.schedules.get(k) for k in keys) if s is not None and s.last_compute == ctx.step]
         if not schedules:
             return
         distance = relative_distance(new, previous, self.distance)
@@ -564,9 +564,9 @@ class AdaCache(Policy):
             schedule.open = True
             schedule.distances, schedule.motions = [], []
 
-    def _close_open_steps(self) -> None:
+    def _close_open_steps(self, state: AdaCacheState) -> None:
         """Turn every open schedule's recorded tensors into its next compute step (one device sync)."""
-        open_schedules = [s for s in self._schedules.values() if s.open]
+        open_schedules = [s for s in state.schedules.values() if s.open]
         means: list[torch.Tensor] = []
         for schedule in open_schedules:
             for values in (schedule.distances, schedule.motions):
@@ -578,27 +578,28 @@ class AdaCache(Policy):
             floats = iter(torch.stack([m.to(device) for m in means]).tolist())
         else:
             floats = iter(())
-        codebook = self.codebook_for(self._steps_now)
+        codebook = self.codebook_for(state.steps_now)
         for schedule in open_schedules:
             schedule.open = False
             if schedule.distances:
                 distance = next(floats)
                 motion = next(floats) if schedule.motions else None
                 schedule.distances, schedule.motions = [], []
-                schedule.rate = self._rate(schedule, distance, motion, codebook)
+                schedule.rate = self._rate(state, schedule, distance, motion, codebook)
             schedule.next_compute = schedule.last_compute + schedule.rate
 
-    def _rate(self, schedule: _Schedule, distance: float, motion: float | None, codebook: Codebook) -> int:
+    def _rate(self, state: AdaCacheState, schedule: _Schedule, distance: float, motion: float | None,
+              codebook: Codebook) -> int:
         k = schedule.last_compute - schedule.prev_compute if schedule.prev_compute is not None else 1
         metric = distance / max(k, 1)
         factor = 1.0
         if self.moreg is not None:
-            inside = self.moreg.applies(schedule.last_compute, self._steps_now)
+            inside = self.moreg.applies(schedule.last_compute, state.steps_now)
             factor, schedule.m_prev = self.moreg.factor(motion if inside else None, schedule.m_prev, max(k, 1))
             metric *= factor
         rate = lookup_rate(codebook, metric)
-        if schedule is self._schedules.get(_GLOBAL):
-            self._trace.append({"step": schedule.last_compute, "distance": distance / max(k, 1), "motion": motion,
+        if schedule is state.schedules.get(_GLOBAL):
+            state.trace.append({"step": schedule.last_compute, "distance": distance / max(k, 1), "motion": motion,
                                 "factor": factor, "metric": metric, "rate": rate})
         return rate
 
@@ -627,16 +628,17 @@ class AdaCache(Policy):
             kind=self.metric_kind or TEMPORAL_ATTENTION, tags=frozenset(), flops=None,
             num_residuals=len(steps[0]),
         )
-        replay.setup((branch,))
+        branches = (branch,)
+        state = replay.new_state()
         flags = []
         previous = None
         for step, new in enumerate(steps):
             ctx = StepContext(step=step, num_steps=num_steps, timestep=None, generation=0,
-                              branches=(branch,), frames=frames)
-            computes = branch.id not in replay.plan(ctx).reuse
+                              branches=branches, frames=frames)
+            computes = branch.id not in replay.plan(ctx, state).reuse
             flags.append(computes)
             if computes:
-                replay.observe(ctx, branch, new, previous)
+                replay.observe(ctx, state, branch, new, previous)
                 previous = new
         return flags
 

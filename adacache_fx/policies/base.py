@@ -2,16 +2,17 @@
 
 A policy never touches graphs. It is told which residual branches exist (:class:`BranchInfo`), is
 asked at the start of every denoising step for a :class:`Plan` (which branches reuse their cached
-residual this step, and which recompute only some of their tokens), and may watch chosen branches:
-after such a branch computes, the runtime hands the policy its new and previous residuals
-(:meth:`Policy.observe`).
+residual this step, and which recompute only some of their tokens), and may implement small
+capability protocols (:class:`Observer`, :class:`Forecaster`, :class:`InStepDecider`,
+:class:`InGraphDecider`, :class:`GuidanceCacher`). Settings (the policy, a frozen dataclass) are
+kept apart from what a generation learns (the object :meth:`Policy.new_state` returns).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import ClassVar, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
 
 import torch
 
@@ -144,100 +145,160 @@ class InStepSignal:
 
 
 class Policy:
-    """Base class of caching policies. Subclasses are dataclasses of their settings."""
+    """Base class of caching policies: settings only.
 
-    #: True for policies that decide inside a step from data of the same step (First-Block-Cache).
-    #: They return an :class:`InStepSignal` from :meth:`in_step_signal` and implement :meth:`decide`.
-    decides_in_step: ClassVar[bool] = False
+    Every subclass is a frozen dataclass of its settings, safe to share between models, threads and
+    generations. What a policy learns while a generation runs lives in a state object it creates
+    (:meth:`new_state`); the runtime makes a fresh one at the start of every generation (per thread)
+    and hands it back to every call, as diffusers' hooks get theirs from a ``StateManager``::
 
-    def caches(self, branch: BranchInfo) -> bool:
-        """Whether this branch's residual should be stored when it computes."""
+        @dataclasses.dataclass(frozen=True)
+        class EveryOther(Policy):
+            def plan(self, ctx, state):
+                return Plan.compute_all() if ctx.step % 2 == 0 else Plan.reuse_only(b.id for b in ctx.branches)
+
+    A policy never touches graphs. Optional capabilities are small protocols, each a few methods a
+    policy defines when it needs them: :class:`Observer` (read computed residuals),
+    :class:`Forecaster` (extrapolate reused ones), :class:`InStepDecider` (decide inside a step from
+    a signal of that step), :class:`InGraphDecider` (that decision as tensor operations, for
+    one-graph compiles) and :class:`GuidanceCacher` (rebuild the unconditional half of guidance).
+    """
+
+    def new_state(self) -> Any:
+        """A fresh per-generation state (None: the policy keeps none)."""
+        return None
+
+    def validate(self, branches: tuple[BranchInfo, ...]) -> None:
+        """Raise :class:`PolicyError` when the model's branches cannot serve these settings (called
+        once the branches are known, so a typo fails at the first call, not silently later)."""
+
+    def caches(self, branch: BranchInfo, state: Any = None) -> bool:
+        """Whether this branch's residual is stored when it computes (``state``: this generation's)."""
         return True
 
-    def watches(self, branch: BranchInfo) -> bool:
-        """Whether :meth:`observe` should be called when this branch computes."""
-        return False
+    def plan(self, ctx: StepContext, state: Any) -> Plan:
+        """Which branches reuse this step, decided before the step runs."""
+        raise NotImplementedError(f"{type(self).__name__} has no plan()")
 
-    def setup(self, branches: tuple[BranchInfo, ...]) -> None:
-        """Called once the model's branches are known; validate settings against them here."""
 
-    def reset(self) -> None:
-        """Called when a new generation starts: drop per-generation state."""
+@runtime_checkable
+class Observer(Protocol):
+    """Reads the residuals of chosen branches each time they compute (AdaCache's metric, token scores)."""
 
-    def plan(self, ctx: StepContext) -> Plan:
-        raise NotImplementedError
+    def watches(self, branch: BranchInfo, state: Any) -> bool:
+        """Whether :meth:`observe` is called when this branch computes."""
 
-    def observe(
-        self,
-        ctx: StepContext,
-        branch: BranchInfo,
-        new: tuple[torch.Tensor, ...],
-        previous: tuple[torch.Tensor, ...] | None,
-    ) -> None:
+    def observe(self, ctx: StepContext, state: Any, branch: BranchInfo,
+                new: tuple[torch.Tensor, ...], previous: tuple[torch.Tensor, ...] | None) -> None:
         """A watched branch computed: ``new`` residuals, and the ones it replaces (None at first)."""
+
+
+@runtime_checkable
+class Forecaster(Protocol):
+    """Adds an extrapolation instead of the last residual when a branch is reused (TaylorSeer)."""
 
     def history(self, branch: BranchInfo) -> int:
         """How many computed residuals of ``branch`` :meth:`forecast` needs (1: the last only)."""
-        return 1
 
-    def forecast(
-        self,
-        ctx: StepContext,
-        branch: BranchInfo,
-        history: list[tuple[int, tuple[torch.Tensor, ...]]],
-    ) -> tuple[torch.Tensor, ...] | None:
-        """The residuals a reused branch adds this step, from its computed ``(step, residuals)``
-        history (oldest first). None: add the last computed residuals as they are (plain reuse).
-        Forecasting policies (TaylorSeer, FasterCache) extrapolate instead."""
-        return None
+    def forecast(self, ctx: StepContext, state: Any, branch: BranchInfo,
+                 history: list[tuple[int, tuple[torch.Tensor, ...]]]) -> tuple[torch.Tensor, ...] | None:
+        """What a reused branch adds, from its computed ``(step, residuals)`` history (oldest first);
+        None: the last computed residuals as they are."""
 
-    def guidance_layout(self) -> str | None:
-        """How a batched guidance call orders its halves, for policies that plan
-        :attr:`Plan.skip_uncond`: ``"uncond_first"`` (diffusers' pipelines: ``cat([negative,
-        positive])``) or ``"cond_first"``. None (default): the policy never skips the uncond half, and
-        the runtime leaves model calls whole."""
-        return None
 
-    def observe_guidance(self, ctx: StepContext, output: int, cond: torch.Tensor, uncond: torch.Tensor) -> None:
-        """A full guidance call ran: its ``output``-th output tensor, split into its halves."""
+@runtime_checkable
+class InStepDecider(Protocol):
+    """Decides inside each model call from a value read during it (TeaCache, First-Block-Cache)."""
 
-    def rebuild_uncond(self, ctx: StepContext, output: int, cond: torch.Tensor) -> torch.Tensor:
-        """The unconditional half of the ``output``-th output tensor of a call that ran the
-        conditional half only (:attr:`Plan.skip_uncond`)."""
-        raise NotImplementedError(f"{type(self).__name__} plans skip_uncond but has no rebuild_uncond()")
+    def in_step_signal(self) -> "InStepSignal | None":
+        """The signal :meth:`decide` needs (None: this policy decides before the step after all)."""
 
-    def in_step_signal(self) -> InStepSignal | None:
-        """The signal :meth:`decide` needs, for policies that decide inside a step."""
-        return None
+    def decide(self, ctx: StepContext, state: Any, slot: int, signal: torch.Tensor) -> Plan:
+        """Plan the rest of one model call from this call's signal. ``slot`` numbers the calls of one
+        step (0 for a batched cond+uncond call; 0 and 1 when cond and uncond are separate calls)."""
 
-    def decide_in_graph(
-        self, signal: torch.Tensor, state: torch.Tensor, allow: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tensor form of :meth:`decide` for whole-model graphs (``ax.compile(scope="model")``):
-        from this call's signal, the policy's state tensor (what it compares against) and ``allow``
-        (a boolean scalar: False on steps that must compute), return ``(reuse, new_state)``, ``reuse``
-        a boolean scalar covering :meth:`in_graph_branches`. Only tensor operations: it is traced."""
-        raise NotImplementedError(f"{type(self).__name__} has no in-graph decision")
+
+@runtime_checkable
+class InGraphDecider(Protocol):
+    """:meth:`InStepDecider.decide` as tensor operations, for ``ax.compile(scope="model")``."""
+
+    def decide_in_graph(self, signal: torch.Tensor, reference: torch.Tensor,
+                        allow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(reuse, new_reference)`` from this call's signal, the reference it compares against and
+        ``allow`` (a boolean scalar: False on steps that must compute). Only tensor operations."""
 
     def in_graph_branches(self, branches: tuple[BranchInfo, ...]) -> frozenset[str]:
         """The branches an in-graph ``reuse`` decision covers."""
-        raise NotImplementedError(f"{type(self).__name__} has no in-graph decision")
 
     def in_graph_allow(self, ctx: StepContext) -> bool:
-        """Whether the in-graph decision may reuse at this step (False: the step must compute)."""
-        return True
+        """Whether the in-graph decision may reuse at this step."""
 
-    def in_graph_state(self, slot: int) -> torch.Tensor | None:
-        """The state tensor :meth:`decide` left for call slot ``slot`` (after an eager call)."""
-        raise NotImplementedError(f"{type(self).__name__} has no in-graph decision")
+    def in_graph_state(self, state: Any, slot: int) -> torch.Tensor | None:
+        """The reference tensor :meth:`InStepDecider.decide` left for call slot ``slot``."""
 
-    def decide(self, ctx: StepContext, slot: int, signal: torch.Tensor) -> Plan:
-        """Plan the rest of one model call from this call's signal.
 
-        ``slot`` numbers the calls of one step (0 for a batched cond+uncond call; 0 and 1 when a
-        pipeline calls the model separately for cond and uncond), so per-call state stays apart.
-        """
-        raise NotImplementedError(f"{type(self).__name__} asks for an in-step signal but has no decide()")
+@runtime_checkable
+class GuidanceCacher(Protocol):
+    """Rebuilds the unconditional half of batched guidance on steps that skip it (CFG-Cache)."""
+
+    def guidance_layout(self) -> str | None:
+        """How a batched guidance call orders its halves (``"uncond_first"``, ``"cond_first"``), or
+        None when the policy never plans :attr:`Plan.skip_uncond`."""
+
+    def observe_guidance(self, ctx: StepContext, state: Any, output: int,
+                         cond: torch.Tensor, uncond: torch.Tensor) -> None:
+        """A full guidance call ran: its ``output``-th output tensor, split into its halves."""
+
+    def rebuild_uncond(self, ctx: StepContext, state: Any, output: int, cond: torch.Tensor) -> torch.Tensor:
+        """The unconditional half of the ``output``-th output of a call that ran the cond half only."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one policy can do, resolved once from its protocols; how the runtime calls it.
+
+    >>> from adacache_fx import Static
+    >>> Capabilities.of(Static(2)).signal is None
+    True
+    """
+
+    policy: Policy
+    signal: "InStepSignal | None"
+    observes: bool
+    forecasts: bool
+    in_graph: bool
+    guidance_layout: str | None
+
+    @classmethod
+    def of(cls, policy: Policy) -> "Capabilities":
+        signal = policy.in_step_signal() if isinstance(policy, InStepDecider) else None
+        layout = policy.guidance_layout() if isinstance(policy, GuidanceCacher) else None
+        if layout is not None and layout not in GUIDANCE_LAYOUTS:
+            raise PolicyError(
+                f"{type(policy).__name__}.guidance_layout() returned {layout!r}; valid: {', '.join(GUIDANCE_LAYOUTS)}"
+            )
+        return cls(
+            policy=policy,
+            signal=signal,
+            observes=isinstance(policy, Observer),
+            forecasts=isinstance(policy, Forecaster),
+            in_graph=signal is not None and isinstance(policy, InGraphDecider),
+            guidance_layout=layout,
+        )
+
+    @property
+    def decides_in_step(self) -> bool:
+        return self.signal is not None
+
+    def watches(self, branch: BranchInfo, state: Any) -> bool:
+        return self.observes and self.policy.watches(branch, state)
+
+    def history(self, branch: BranchInfo) -> int:
+        return self.policy.history(branch) if self.forecasts else 1
+
+    def keeps(self, branch: BranchInfo, state: Any) -> bool:
+        """Whether a computed residual of ``branch`` is returned by its graph (cached or watched)."""
+        return self.policy.caches(branch, state) or self.watches(branch, state)
 
 
 def validate_kinds(kinds: Iterable[str] | None, owner: str) -> tuple[str, ...] | None:

@@ -69,6 +69,21 @@ def _is_attention(branch: BranchInfo) -> bool:
 
 
 @dataclass
+class TokenCacheState:
+    """One generation of a token-wise policy (:class:`DuCa`, :class:`~.toca.ToCa`): the token
+    scores' sources, the last residual norms and each token's cache age."""
+
+    branches: tuple[BranchInfo, ...] | None = None  # what ``sources`` was derived from
+    sources: dict[str, str] = field(default_factory=dict)
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    ages: TokenAges = field(default_factory=TokenAges)
+    generator: torch.Generator | None = None
+    first_timestep: float | None = None
+    frames: int | None = None
+    layers: int = 1
+
+
+@dataclass(frozen=True)
 class DuCa(Policy):
     """DuCa's full / aggressive / conservative cycle (see the module docstring for each step kind).
 
@@ -87,12 +102,6 @@ class DuCa(Policy):
     age_weight: float = 0.25
     cross_attention: str = "reuse"
     seed: int = 0
-    _generation: int | None = field(default=None, init=False, repr=False, compare=False)
-    _first_timestep: float | None = field(default=None, init=False, repr=False, compare=False)
-    _norms: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-    _ages: TokenAges = field(default_factory=TokenAges, init=False, repr=False, compare=False)
-    _generator: torch.Generator | None = field(default=None, init=False, repr=False, compare=False)
-    _sources: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
@@ -108,68 +117,66 @@ class DuCa(Policy):
         if self.cross_attention not in ("reuse", "partial"):
             raise ValueError(f"DuCa(cross_attention={self.cross_attention!r}): 'reuse' or 'partial'")
 
+    def new_state(self) -> TokenCacheState:
+        return TokenCacheState()
+
     # -- branches ----------------------------------------------------------------------------------
-    def watches(self, branch: BranchInfo) -> bool:
+    def watches(self, branch: BranchInfo, state: TokenCacheState) -> bool:
         # Token scores come from the residuals of branches with a token axis.
         return self.selection == "vnorm" and branch.partial
 
-    def setup(self, branches: tuple[BranchInfo, ...]) -> None:
-        """Pick each branch's score source: its block's self-attention with the same tokens, or itself."""
-        self._sources = {}
-        for branch in branches:
-            source = next(
-                (
-                    b for b in branches
-                    if b.block == branch.block and b.partial and b.tokens == branch.tokens
-                    and _is_attention(b) and b.kind != CROSS_ATTENTION
-                ),
-                branch,
-            )
-            self._sources[branch.id] = source.id
+    def sources(self, branches: tuple[BranchInfo, ...], state: TokenCacheState) -> dict[str, str]:
+        """Each branch's score source: its block's self-attention with the same tokens, or itself."""
+        if state.branches is not branches:
+            state.sources = {}
+            for branch in branches:
+                source = next(
+                    (
+                        b for b in branches
+                        if b.block == branch.block and b.partial and b.tokens == branch.tokens
+                        and _is_attention(b) and b.kind != CROSS_ATTENTION
+                    ),
+                    branch,
+                )
+                state.sources[branch.id] = source.id
+            state.branches = branches
+        return state.sources
 
-    def observe(self, ctx, branch, new, previous) -> None:
-        self._norms[branch.id] = token_norms(new[0])
+    def observe(self, ctx, state, branch, new, previous) -> None:
+        state.norms[branch.id] = token_norms(new[0])
 
     # -- schedule ----------------------------------------------------------------------------------
-    def reset(self) -> None:
-        self._generation = None
-        self._first_timestep = None
-        self._norms.clear()
-        self._ages.clear()
-        self._generator = None
-
-    def _descending(self, ctx: StepContext) -> bool:
+    def _descending(self, ctx: StepContext, state: TokenCacheState) -> bool:
         if self.direction != "auto":
             return self.direction == "descending"
-        if ctx.timestep is None or self._first_timestep is None or ctx.timestep == self._first_timestep:
+        if ctx.timestep is None or state.first_timestep is None or ctx.timestep == state.first_timestep:
             raise PolicyError(
                 "DuCa(direction='auto') reads the step direction from the model's timesteps, but this "
                 "model's calls carry none (or the same one twice); pass direction='descending' "
                 "(timesteps count down, DiT) or direction='ascending'"
             )
-        return ctx.timestep < self._first_timestep
+        return ctx.timestep < state.first_timestep
 
-    def step_kind(self, ctx: StepContext) -> str:
+    def step_kind(self, ctx: StepContext, state: TokenCacheState) -> str:
         """The kind of this step: "full", "aggressive" or "conservative"."""
-        if ctx.generation != self._generation:
-            self.reset()
-            self._generation = ctx.generation
-        if ctx.step == 0 or self._first_timestep is None:
-            self._first_timestep = ctx.timestep
+        if ctx.step == 0 or state.first_timestep is None:
+            state.first_timestep = ctx.timestep
         if ctx.step < self.early_full:
             return FULL
-        return cycle_kind(ctx.step, self.interval, self.early_full, self._descending(ctx))
+        return cycle_kind(ctx.step, self.interval, self.early_full, self._descending(ctx, state))
 
-    def plan(self, ctx: StepContext) -> Plan:
-        kind = self.step_kind(ctx)
+    def plan(self, ctx: StepContext, state: TokenCacheState) -> Plan:
+        kind = self.step_kind(ctx, state)
+        ages = state.ages
         if kind == FULL or not ctx.branches:
             for branch in ctx.branches:
-                self._ages.computed_all(branch.id)
+                ages.computed_all(branch.id)
             return Plan.compute_all()
         if kind == AGGRESSIVE:
             for branch in ctx.branches:
-                self._ages.skipped(branch.id)
+                ages.skipped(branch.id)
             return Plan.reuse_only(b.id for b in ctx.branches)
+        self.sources(ctx.branches, state)
         reuse: list[str] = []
         partial: dict[str, torch.Tensor] = {}
         for branch in ctx.branches:
@@ -178,38 +185,38 @@ class DuCa(Policy):
             )
             if not recompute:
                 reuse.append(branch.id)
-                self._ages.skipped(branch.id)
+                ages.skipped(branch.id)
             elif not branch.partial:
-                self._ages.computed_all(branch.id)  # computes fully: no valid partial form
+                ages.computed_all(branch.id)  # computes fully: no valid partial form
             else:
                 count = int(self.ratio * branch.tokens)
                 if count == 0:
                     reuse.append(branch.id)
-                    self._ages.skipped(branch.id)
+                    ages.skipped(branch.id)
                 elif count >= branch.tokens:
-                    self._ages.computed_all(branch.id)
+                    ages.computed_all(branch.id)
                 else:
-                    partial[branch.id] = self.choose(branch, count)
+                    partial[branch.id] = self.choose(branch, count, state)
         return Plan(frozenset(reuse), partial)
 
     # -- tokens ------------------------------------------------------------------------------------
-    def scores(self, branch: BranchInfo) -> torch.Tensor:
+    def scores(self, branch: BranchInfo, state: TokenCacheState) -> torch.Tensor:
         """The "vnorm" score of each of the branch's tokens (higher recomputes first)."""
-        norms = self._norms.get(self._sources.get(branch.id, branch.id))
+        norms = state.norms.get(state.sources.get(branch.id, branch.id))
         if norms is None or norms.numel() != branch.tokens:
-            norms = self._norms.get(branch.id)
+            norms = state.norms.get(branch.id)
         device = norms.device if norms is not None else None
-        ages = self._ages.get(branch.id, branch.tokens, device)
+        ages = state.ages.get(branch.id, branch.tokens, device)
         base = normalise(-norms) if norms is not None and norms.numel() == branch.tokens else torch.zeros_like(ages)
         return base + self.age_weight * ages / self.interval
 
-    def choose(self, branch: BranchInfo, count: int) -> torch.Tensor:
+    def choose(self, branch: BranchInfo, count: int, state: TokenCacheState) -> torch.Tensor:
         """The ``count`` tokens of ``branch`` to recompute this step (and age the others)."""
         if self.selection == "random":
-            if self._generator is None:
-                self._generator = torch.Generator().manual_seed(self.seed)
-            indices = torch.sort(torch.randperm(branch.tokens, generator=self._generator)[:count]).values
+            if state.generator is None:
+                state.generator = torch.Generator().manual_seed(self.seed)
+            indices = torch.sort(torch.randperm(branch.tokens, generator=state.generator)[:count]).values
         else:
-            indices = top_tokens(self.scores(branch), count)
-        self._ages.computed(branch.id, branch.tokens, indices)
+            indices = top_tokens(self.scores(branch, state), count)
+        state.ages.computed(branch.id, branch.tokens, indices)
         return indices

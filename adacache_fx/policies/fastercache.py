@@ -17,6 +17,7 @@ steps settle layout, late steps detail). With ``alpha = 0`` the rebuild adds the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -50,6 +51,13 @@ def from_spectrum(spectrum: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class FasterCacheState:
+    """One generation of :class:`FasterCache`: the last guidance bias per output, split in bands."""
+
+    bias: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class FasterCache(Policy):
     """FasterCache: attention computes every ``interval`` steps from ``start`` (a fraction of the
     generation) on, reused attention residuals are extrapolated linearly with a weight ramping from
@@ -73,7 +81,6 @@ class FasterCache(Policy):
     alpha: float = 0.2
     radius: int | None = None
     _static: Static = field(init=False, repr=False, compare=False)
-    _bias: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.start < 1.0:
@@ -85,20 +92,19 @@ class FasterCache(Policy):
             raise ValueError(f"FasterCache(cfg_interval={self.cfg_interval!r}): >= 2 (1 would never skip)")
         if self.cfg_layout not in GUIDANCE_LAYOUTS:
             raise ValueError(f"FasterCache(cfg_layout={self.cfg_layout!r}): one of {GUIDANCE_LAYOUTS}")
-        self.kinds = validate_kinds(self.kinds, "FasterCache")
-        self._static = Static(interval=self.interval, warmup=1, cooldown=1, kinds=self.kinds)
-        self._bias = {}
+        object.__setattr__(self, "kinds", validate_kinds(self.kinds, "FasterCache"))
+        object.__setattr__(self, "_static", Static(interval=self.interval, warmup=1, cooldown=1, kinds=self.kinds))
 
-    def reset(self) -> None:
-        self._bias = {}
+    def new_state(self) -> FasterCacheState:
+        return FasterCacheState()
 
-    def caches(self, branch: BranchInfo) -> bool:
+    def caches(self, branch: BranchInfo, state: Any = None) -> bool:
         return self._static.caches(branch) and "mlp" not in branch.tags
 
     def _steps(self, ctx: StepContext) -> int | None:
         return ctx.num_steps if ctx.num_steps is not None else self.num_steps
 
-    def plan(self, ctx: StepContext) -> Plan:
+    def plan(self, ctx: StepContext, state: FasterCacheState) -> Plan:
         steps = self._steps(ctx)
         if steps is None:
             raise ValueError("FasterCache needs the step count: FasterCache(num_steps=N) or ax.generation(model, num_steps=N)")
@@ -116,7 +122,7 @@ class FasterCache(Policy):
         first = int(self.start * num_steps)
         return min(1.0, max(0.0, (step - first) / max(1, num_steps - 1 - first)))
 
-    def forecast(self, ctx, branch, history):
+    def forecast(self, ctx, state, branch, history):
         if len(history) < 2:
             return None
         (prev_step, prev), (last_step, last) = history[-2], history[-1]
@@ -140,7 +146,8 @@ class FasterCache(Policy):
         early = step < self.cfg_split * num_steps
         return (1.0 + self.alpha, 1.0) if early else (1.0, 1.0 + self.alpha)
 
-    def observe_guidance(self, ctx: StepContext, output: int, cond: torch.Tensor, uncond: torch.Tensor) -> None:
+    def observe_guidance(self, ctx: StepContext, state: FasterCacheState, output: int, cond: torch.Tensor,
+                         uncond: torch.Tensor) -> None:
         bias = uncond - cond
         if bias.ndim < 4 and self.alpha != 0:
             raise PolicyError(
@@ -148,10 +155,10 @@ class FasterCache(Policy):
                 f"last two (spatial) axes, but output {output} has shape {tuple(bias.shape)} with no such "
                 "axes; use FasterCache(alpha=0) to reuse the bias without the split"
             )
-        self._bias[output] = split_frequencies(bias, self.radius) if self.alpha != 0 else (bias, None)
+        state.bias[output] = split_frequencies(bias, self.radius) if self.alpha != 0 else (bias, None)
 
-    def rebuild_uncond(self, ctx: StepContext, output: int, cond: torch.Tensor) -> torch.Tensor:
-        stored = self._bias.get(output)
+    def rebuild_uncond(self, ctx: StepContext, state: FasterCacheState, output: int, cond: torch.Tensor) -> torch.Tensor:
+        stored = state.bias.get(output)
         if stored is None:
             raise PolicyError(
                 f"FasterCache skipped the unconditional half at step {ctx.step} before any full guidance "

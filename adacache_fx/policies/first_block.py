@@ -22,27 +22,31 @@ from .teacache import relative_l1, relative_l1_below
 
 
 @dataclass
+class FirstBlockState:
+    """One generation of :class:`FirstBlockCache`: the reference residual of each call slot."""
+
+    previous: dict[int, torch.Tensor] = field(default_factory=dict)
+    num_depths: int | None = None  # blocks per model call, once the model's branches are known
+    reuse_for: tuple[tuple[BranchInfo, ...], Plan] | None = None
+
+
+@dataclass(frozen=True)
 class FirstBlockCache(Policy):
     """Reuse blocks ``blocks .. depths - tail_blocks - 1`` while the first blocks' residual changes
     by less than ``threshold`` (relative L1) since the last computing call.
 
     The first ``warmup`` steps and the last ``cooldown`` steps (when the step count is known) always
     compute.
-    """
 
-    decides_in_step = True
+    >>> FirstBlockCache(threshold=0.1, tail_blocks=1).in_step_signal()
+    InStepSignal(kind='first_blocks_residual', blocks=1)
+    """
 
     threshold: float = 0.08
     blocks: int = 1
     tail_blocks: int = 0
     warmup: int = 0
     cooldown: int = 0
-    _previous: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
-    _generation: int | None = field(default=None, init=False, repr=False, compare=False)
-    _num_depths: int | None = field(default=None, init=False, repr=False, compare=False)
-    _reuse_for: tuple[tuple[BranchInfo, ...], Plan] | None = field(
-        default=None, init=False, repr=False, compare=False
-    )
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
@@ -55,36 +59,41 @@ class FirstBlockCache(Policy):
                 raise ValueError(f"FirstBlockCache({name}={value!r}): must be an int >= {low}")
 
     def with_threshold(self, threshold: float) -> "FirstBlockCache":
-        """A fresh copy with another threshold (for threshold sweeps during calibration)."""
+        """A copy with another threshold (for threshold sweeps during calibration)."""
         return dataclasses.replace(self, threshold=threshold)
 
+    def new_state(self) -> FirstBlockState:
+        return FirstBlockState()
+
     # -- model structure -------------------------------------------------------------------------
-    def setup(self, branches: tuple[BranchInfo, ...]) -> None:
+    def validate(self, branches: tuple[BranchInfo, ...]) -> None:
         """Check that some block is left to skip once the first and tail blocks always compute."""
         if not branches:
             return
         depths = max(b.depth for b in branches) + 1
-        self._num_depths = depths
         if self.blocks + self.tail_blocks >= depths:
             raise PolicyError(
                 f"FirstBlockCache(blocks={self.blocks}, tail_blocks={self.tail_blocks}): the model has "
                 f"{depths} blocks, so no block is left to reuse; lower blocks or tail_blocks"
             )
 
-    def caches(self, branch: BranchInfo) -> bool:
+    def caches(self, branch: BranchInfo, state: FirstBlockState | None = None) -> bool:
         # The first blocks always compute; the tail too, once the model's depth is known.
         if branch.depth < self.blocks:
             return False
-        return self._num_depths is None or branch.depth < self._num_depths - self.tail_blocks
+        depths = state.num_depths if state is not None else None
+        return depths is None or branch.depth < depths - self.tail_blocks
 
-    def _reuse_plan(self, branches: tuple[BranchInfo, ...]) -> Plan:
-        memo = self._reuse_for
+    def _reuse_plan(self, branches: tuple[BranchInfo, ...], state: FirstBlockState | None) -> Plan:
+        memo = state.reuse_for if state is not None else None
         if memo is not None and memo[0] is branches:
             return memo[1]
         depths = max((b.depth for b in branches), default=-1) + 1
         end = depths - self.tail_blocks
         plan = Plan.reuse_only(b.id for b in branches if self.blocks <= b.depth < end)
-        self._reuse_for = (branches, plan)
+        if state is not None:
+            state.reuse_for = (branches, plan)
+            state.num_depths = depths if branches else None
         return plan
 
     # -- pure decision logic, shared by the live path and simulate() ------------------------
@@ -125,40 +134,32 @@ class FirstBlockCache(Policy):
         return flags
 
     # -- in-graph path (ax.compile(scope="model")) ------------------------------------------------
-    def decide_in_graph(self, signal, state, allow):
+    def decide_in_graph(self, signal, reference, allow):
         """:meth:`advance` as tensor operations: reuse when allowed and the relative L1 change of
-        the first blocks' residual since the reference ``state`` is below the threshold."""
-        reuse = allow & relative_l1_below(signal, state, self.threshold)
-        return reuse, torch.where(reuse, state, signal)
+        the first blocks' residual since the ``reference`` is below the threshold."""
+        reuse = allow & relative_l1_below(signal, reference, self.threshold)
+        return reuse, torch.where(reuse, reference, signal)
 
     def in_graph_branches(self, branches: tuple[BranchInfo, ...]) -> frozenset[str]:
-        return self._reuse_plan(branches).reuse
+        return self._reuse_plan(branches, None).reuse
 
     def in_graph_allow(self, ctx: StepContext) -> bool:
         return not self.forced(ctx.step, ctx.num_steps)
 
-    def in_graph_state(self, slot: int) -> torch.Tensor | None:
-        return self._previous.get(slot)
+    def in_graph_state(self, state: FirstBlockState, slot: int) -> torch.Tensor | None:
+        return state.previous.get(slot)
 
     # -- live path ------------------------------------------------------------------------------
-    def reset(self) -> None:
-        self._previous.clear()
-        self._generation = None
-
     def in_step_signal(self) -> InStepSignal:
         return InStepSignal("first_blocks_residual", blocks=self.blocks)
 
-    def plan(self, ctx: StepContext) -> Plan:
+    def plan(self, ctx: StepContext, state: FirstBlockState) -> Plan:
         # Every call's decide() replaces this; compute when no signal could be read.
         return Plan.compute_all()
 
-    def decide(self, ctx: StepContext, slot: int, signal: torch.Tensor) -> Plan:
-        if ctx.generation != self._generation:
-            self.reset()
-            self._generation = ctx.generation
-        compute, reference = self.advance(self._previous.get(slot), signal, ctx.step, ctx.num_steps)
+    def decide(self, ctx: StepContext, state: FirstBlockState, slot: int, signal: torch.Tensor) -> Plan:
+        compute, reference = self.advance(state.previous.get(slot), signal, ctx.step, ctx.num_steps)
         if reference is not None:
-            self._previous[slot] = reference
-        if compute:
-            return Plan.compute_all()
-        return self._reuse_plan(ctx.branches)
+            state.previous[slot] = reference
+        plan = self._reuse_plan(ctx.branches, state)
+        return Plan.compute_all() if compute else plan

@@ -11,9 +11,9 @@ region): PAB recomputes MLPs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
+from typing import Any, Mapping
 
 from ..errors import PolicyError
 from ..kinds import CROSS_ATTENTION, JOINT_ATTENTION, MLP, SELF_ATTENTION, TEMPORAL_ATTENTION
@@ -31,6 +31,14 @@ KIND_GROUPS: Mapping[str, str] = MappingProxyType(
 
 
 @dataclass
+class PABState:
+    """One generation of :class:`PAB`: where the window began and the model's timestep scale."""
+
+    entered: int | None = None
+    timestep_scale: float | None = None
+
+
+@dataclass(frozen=True)
 class PAB(Policy):
     """Broadcast attention residuals for ``spatial``/``temporal``/``cross`` steps inside a window.
 
@@ -53,9 +61,6 @@ class PAB(Policy):
     cross: int | None = 6
     window: tuple[float, float] = (100.0, 800.0)
     window_steps: tuple[int, int] | None = None
-    _entered: int | None = field(default=None, init=False, repr=False, compare=False)
-    _timestep_scale: float | None = field(default=None, init=False, repr=False, compare=False)
-    _generation: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("spatial", "temporal", "cross"):
@@ -75,7 +80,7 @@ class PAB(Policy):
             raise ValueError(f"PAB(window={self.window!r}): expected two timesteps (low, high)") from None
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
             raise ValueError(f"PAB(window={self.window!r}): expected finite timesteps with low < high")
-        self.window = (low, high)
+        object.__setattr__(self, "window", (low, high))
         if self.window_steps is not None:
             steps = tuple(self.window_steps)
             if (
@@ -87,7 +92,7 @@ class PAB(Policy):
                     f"PAB(window_steps={self.window_steps!r}): expected two step indices "
                     "(start, stop) with 0 <= start < stop"
                 )
-            self.window_steps = (steps[0], steps[1])
+            object.__setattr__(self, "window_steps", (steps[0], steps[1]))
 
     # -- branches ----------------------------------------------------------------------------------
     def broadcast_ranges(self, branch: BranchInfo) -> tuple[int, ...] | None:
@@ -108,10 +113,13 @@ class PAB(Policy):
             ranges.add(value)
         return tuple(sorted(ranges))
 
-    def caches(self, branch: BranchInfo) -> bool:
+    def caches(self, branch: BranchInfo, state: Any = None) -> bool:
         return self.broadcast_ranges(branch) is not None
 
-    def setup(self, branches: tuple[BranchInfo, ...]) -> None:
+    def new_state(self) -> PABState:
+        return PABState()
+
+    def validate(self, branches: tuple[BranchInfo, ...]) -> None:
         """Fail when no branch can ever be broadcast (PAB would silently do nothing)."""
         if branches and not any(self.caches(b) for b in branches):
             present = sorted({tag for b in branches for tag in b.tags} | {b.kind for b in branches})
@@ -122,16 +130,8 @@ class PAB(Policy):
             )
 
     # -- schedule ----------------------------------------------------------------------------------
-    def reset(self) -> None:
-        self._entered = None
-        self._timestep_scale = None
-        self._generation = None
-
-    def window_index(self, ctx: StepContext) -> int | None:
+    def window_index(self, ctx: StepContext, state: PABState) -> int | None:
         """Steps since the window began (0 on its first step), or None outside the window."""
-        if ctx.generation != self._generation:
-            self.reset()
-            self._generation = ctx.generation
         if self.window_steps is not None:
             start, stop = self.window_steps
             return ctx.step - start if start <= ctx.step < stop else None
@@ -140,19 +140,19 @@ class PAB(Policy):
                 f"PAB(window={self.window}) needs the model's timestep, but this model's call has no "
                 "timestep argument; pass window_steps=(start, stop) to give the window in steps"
             )
-        if self._timestep_scale is None:
-            self._timestep_scale = 1000.0 if abs(ctx.timestep) <= 1.0 else 1.0
-        t = ctx.timestep * self._timestep_scale
+        if state.timestep_scale is None:
+            state.timestep_scale = 1000.0 if abs(ctx.timestep) <= 1.0 else 1.0
+        t = ctx.timestep * state.timestep_scale
         low, high = self.window
         if not low < t < high:
-            self._entered = None
+            state.entered = None
             return None
-        if self._entered is None:
-            self._entered = ctx.step
-        return ctx.step - self._entered
+        if state.entered is None:
+            state.entered = ctx.step
+        return ctx.step - state.entered
 
-    def plan(self, ctx: StepContext) -> Plan:
-        index = self.window_index(ctx)
+    def plan(self, ctx: StepContext, state: PABState) -> Plan:
+        index = self.window_index(ctx, state)
         if index is None:
             return Plan.compute_all()
         reuse = []

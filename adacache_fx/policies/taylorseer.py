@@ -9,12 +9,12 @@ step index.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from .base import BranchInfo, InStepSignal, Plan, Policy, StepContext
+from .base import BranchInfo, InStepDecider, InStepSignal, Observer, Plan, Policy, StepContext
 from .static import Static
 
 
@@ -42,12 +42,16 @@ def newton_extrapolate(
     return tuple(out)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaylorSeer(Policy):
     """Forecast reused residuals with an order-``order`` Taylor series, on ``base``'s schedule.
 
     ``base`` decides which steps (and branches) compute: ``Static(interval=3)`` by default, or any
-    policy, ``FirstBlockCache`` included (cache-dit pairs TaylorSeer with DBCache).
+    policy, ``FirstBlockCache`` included (cache-dit pairs TaylorSeer with DBCache). Its state is the
+    base's.
+
+    >>> TaylorSeer(base=Static(interval=2), order=1).history(None)
+    2
     """
 
     base: Policy = field(default_factory=lambda: Static(interval=3))
@@ -58,36 +62,36 @@ class TaylorSeer(Policy):
             raise ValueError(f"TaylorSeer(order={self.order!r}): order must be 1 or 2")
         if not isinstance(self.base, Policy):
             raise TypeError(f"TaylorSeer(base=...) must be a policy, got {self.base!r}")
-        self.decides_in_step = self.base.decides_in_step
 
-    # The schedule is the base policy's.
-    def caches(self, branch: BranchInfo) -> bool:
-        return self.base.caches(branch)
+    # The schedule is the base policy's, and so is the state.
+    def new_state(self) -> Any:
+        return self.base.new_state()
 
-    def watches(self, branch: BranchInfo) -> bool:
-        return self.base.watches(branch)
+    def validate(self, branches: tuple[BranchInfo, ...]) -> None:
+        self.base.validate(branches)
 
-    def setup(self, branches: tuple[BranchInfo, ...]) -> None:
-        self.base.setup(branches)
+    def caches(self, branch: BranchInfo, state: Any = None) -> bool:
+        return self.base.caches(branch, state)
 
-    def reset(self) -> None:
-        self.base.reset()
+    def watches(self, branch: BranchInfo, state: Any) -> bool:
+        return isinstance(self.base, Observer) and self.base.watches(branch, state)
 
-    def plan(self, ctx: StepContext) -> Plan:
-        return self.base.plan(ctx)
+    def observe(self, ctx, state, branch, new, previous) -> None:
+        if isinstance(self.base, Observer):
+            self.base.observe(ctx, state, branch, new, previous)
 
-    def observe(self, ctx, branch, new, previous) -> None:
-        self.base.observe(ctx, branch, new, previous)
+    def plan(self, ctx: StepContext, state: Any) -> Plan:
+        return self.base.plan(ctx, state)
 
     def in_step_signal(self) -> InStepSignal | None:
-        return self.base.in_step_signal()
+        return self.base.in_step_signal() if isinstance(self.base, InStepDecider) else None
 
-    def decide(self, ctx: StepContext, slot: int, signal: torch.Tensor) -> Plan:
-        return self.base.decide(ctx, slot, signal)
+    def decide(self, ctx: StepContext, state: Any, slot: int, signal: torch.Tensor) -> Plan:
+        return self.base.decide(ctx, state, slot, signal)
 
     # What a reused branch adds.
     def history(self, branch: BranchInfo) -> int:
         return self.order + 1
 
-    def forecast(self, ctx, branch, history):
+    def forecast(self, ctx, state, branch, history):
         return newton_extrapolate(history, ctx.step, self.order)

@@ -118,6 +118,18 @@ class _SlotState:
 
 
 @dataclass
+class TeaCacheState:
+    """One generation of :class:`TeaCache`: the last modulated input and the sum, per call slot."""
+
+    slots: dict[int, _SlotState] = field(default_factory=dict)
+
+    def accumulated(self, slot: int = 0) -> float:
+        """The accumulated rescaled change of call slot ``slot`` (for inspection and tests)."""
+        state = self.slots.get(slot)
+        return state.accumulated if state is not None else 0.0
+
+
+@dataclass(frozen=True)
 class TeaCache(Policy):
     """Skip every block while the accumulated, rescaled change of the modulated input is < ``delta``.
 
@@ -127,24 +139,24 @@ class TeaCache(Policy):
     (the raw relative L1 is accumulated); published tables only fit the checkpoints they were fitted
     on, so for any other model use ``ax.calibrate`` to fit coefficients. The authors' recommended
     ``delta`` differs per model and table (0.1/0.2 for Open-Sora and Latte, 0.25-0.8 for FLUX).
-    """
 
-    decides_in_step = True
+    >>> TeaCache(delta=0.2, coefficients="latte").rescale(0.0)
+    0.111001402
+    """
 
     delta: float = 0.1
     coefficients: Sequence[float] | str | None = None
     _poly: tuple[float, ...] | None = field(default=None, init=False, repr=False, compare=False)
-    _slots: dict[int, _SlotState] = field(default_factory=dict, init=False, repr=False, compare=False)
-    _generation: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.delta, bool) or not isinstance(self.delta, (int, float)):
             raise ValueError(f"TeaCache(delta={self.delta!r}): delta must be a number >= 0")
         if not math.isfinite(self.delta) or self.delta < 0:
             raise ValueError(f"TeaCache(delta={self.delta!r}): delta must be a finite number >= 0")
-        self._poly = resolve_coefficients(self.coefficients)
+        poly = resolve_coefficients(self.coefficients)
+        object.__setattr__(self, "_poly", poly)
         if self.coefficients is not None and not isinstance(self.coefficients, str):
-            self.coefficients = self._poly  # store a tuple: the policy owns no caller's list
+            object.__setattr__(self, "coefficients", poly)  # a tuple: the policy owns no caller's list
 
     # -- presets and copies -------------------------------------------------------------------
     @classmethod
@@ -158,12 +170,15 @@ class TeaCache(Policy):
         return cls(delta=0.2, coefficients=model)
 
     def with_delta(self, delta: float) -> "TeaCache":
-        """A fresh copy with another threshold (for threshold sweeps during calibration)."""
+        """A copy with another threshold (for threshold sweeps during calibration)."""
         return dataclasses.replace(self, delta=delta)
 
     def with_coefficients(self, coefficients: Sequence[float] | str | None) -> "TeaCache":
-        """A fresh copy with another rescaling polynomial (e.g. one fitted by ax.calibrate)."""
+        """A copy with another rescaling polynomial (e.g. one fitted by ax.calibrate)."""
         return dataclasses.replace(self, coefficients=coefficients)
+
+    def new_state(self) -> TeaCacheState:
+        return TeaCacheState()
 
     # -- pure decision logic, shared by the live path and simulate() ------------------------
     def rescale(self, indicator: float) -> float:
@@ -209,28 +224,16 @@ class TeaCache(Policy):
         return flags
 
     # -- live path ------------------------------------------------------------------------------
-    def reset(self) -> None:
-        self._slots.clear()
-        self._generation = None
-
     def in_step_signal(self) -> InStepSignal:
         return InStepSignal("modulated_input")
 
-    def plan(self, ctx: StepContext) -> Plan:
+    def plan(self, ctx: StepContext, state: TeaCacheState) -> Plan:
         # Every call's decide() replaces this; compute when no signal could be read.
         return Plan.compute_all()
 
-    def accumulated(self, slot: int = 0) -> float:
-        """The accumulated rescaled change of call slot ``slot`` (for inspection and tests)."""
-        state = self._slots.get(slot)
-        return state.accumulated if state is not None else 0.0
-
-    def decide(self, ctx: StepContext, slot: int, signal: torch.Tensor) -> Plan:
-        if ctx.generation != self._generation:
-            self.reset()
-            self._generation = ctx.generation
-        state = self._slots.setdefault(slot, _SlotState())
-        previous = state.previous
+    def decide(self, ctx: StepContext, state: TeaCacheState, slot: int, signal: torch.Tensor) -> Plan:
+        slot_state = state.slots.setdefault(slot, _SlotState())
+        previous = slot_state.previous
         indicator = None
         if (
             previous is not None
@@ -238,8 +241,8 @@ class TeaCache(Policy):
             and not self.forced(ctx.step, ctx.num_steps)
         ):
             indicator = relative_l1(signal, previous)
-        compute, state.accumulated = self.advance(state.accumulated, indicator, ctx.step, ctx.num_steps)
-        state.previous = signal.detach().clone()  # replaced every step, as in the authors' code
+        compute, slot_state.accumulated = self.advance(slot_state.accumulated, indicator, ctx.step, ctx.num_steps)
+        slot_state.previous = signal.detach().clone()  # replaced every step, as in the authors' code
         if compute:
             return Plan.compute_all()
-        return Plan.reuse_only(b.id for b in ctx.branches if self.caches(b))
+        return Plan.reuse_only(b.id for b in ctx.branches if self.caches(b, state))

@@ -38,15 +38,15 @@ Residuals are cached after the gate, so a kept token carries the gate of the ste
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import PolicyError
 from ..kinds import MLP
 from .base import BranchInfo, Plan, Policy, StepContext
-from .duca import cycle_kind
-from .token_select import TokenAges, grid_layout, normalise, spatial_bonus, token_norms, top_tokens
+from .duca import TokenCacheState, cycle_kind
+from .token_select import grid_layout, normalise, spatial_bonus, token_norms, top_tokens
 
 logger = logging.getLogger("adacache_fx")
 
@@ -54,7 +54,7 @@ SCORES = ("attention", "cross_entropy", "norm", "random")
 NEEDS_ATTENTION_MAP = ("attention", "cross_entropy")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ToCa(Policy):
     """ToCa's token-wise caching (see the module docstring for the ratio formula and the scores).
 
@@ -79,12 +79,6 @@ class ToCa(Policy):
     spatial_bonus: float = 0.5
     num_steps: int | None = None
     seed: int = 0
-    _layers: int = field(default=1, init=False, repr=False, compare=False)
-    _norms: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-    _ages: TokenAges = field(default_factory=TokenAges, init=False, repr=False, compare=False)
-    _generator: torch.Generator | None = field(default=None, init=False, repr=False, compare=False)
-    _frames: int | None = field(default=None, init=False, repr=False, compare=False)
-    _warned: set = field(default_factory=set, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
@@ -105,27 +99,23 @@ class ToCa(Policy):
         """The score used: ``score``, or ``fallback_score`` where ``score`` needs an attention map."""
         return self.fallback_score if self.score in NEEDS_ATTENTION_MAP else self.score
 
+    def new_state(self) -> TokenCacheState:
+        return TokenCacheState()
+
     # -- branches ----------------------------------------------------------------------------------
-    def watches(self, branch: BranchInfo) -> bool:
+    def watches(self, branch: BranchInfo, state: TokenCacheState) -> bool:
         return self.effective_score == "norm" and branch.partial
 
-    def setup(self, branches: tuple[BranchInfo, ...]) -> None:
-        self._layers = max((b.depth for b in branches), default=0) + 1
-        if self.score in NEEDS_ATTENTION_MAP and "map" not in self._warned:
-            self._warned.add("map")
+    def validate(self, branches: tuple[BranchInfo, ...]) -> None:
+        if self.score in NEEDS_ATTENTION_MAP:
             logger.warning(
                 "adacache_fx: ToCa(score=%r) needs the attention map, which fused scaled-dot-product "
                 "attention does not produce in the captured graphs; using score=%r instead",
                 self.score, self.fallback_score,
             )
 
-    def observe(self, ctx, branch, new, previous) -> None:
-        self._norms[branch.id] = token_norms(new[0])
-
-    def reset(self) -> None:
-        self._norms.clear()
-        self._ages.clear()
-        self._generator = None
+    def observe(self, ctx, state, branch, new, previous) -> None:
+        state.norms[branch.id] = token_norms(new[0])
 
     # -- ratios ------------------------------------------------------------------------------------
     def module_factor(self, branch: BranchInfo) -> float:
@@ -133,9 +123,8 @@ class ToCa(Policy):
             return 1.0 + self.module_time_weight * self.module_weight
         return 1.0 - (1.0 - self.module_time_weight) * self.module_weight
 
-    def ratio_for(self, branch: BranchInfo, step: int, num_steps: int, layers: int | None = None) -> float:
+    def ratio_for(self, branch: BranchInfo, step: int, num_steps: int, layers: int = 1) -> float:
         """r for ``branch`` at 0-based ``step`` of ``num_steps``, in a model of ``layers`` blocks."""
-        layers = self._layers if layers is None else layers
         step_factor = 1.0 + self.step_weight - 2.0 * self.step_weight * step / num_steps
         # One block: no layer position, so the neutral middle (factor 1).
         position = branch.depth / (layers - 1) if layers > 1 else 0.5
@@ -147,61 +136,56 @@ class ToCa(Policy):
     def is_full_step(self, ctx: StepContext) -> bool:
         return cycle_kind(ctx.step, self.interval, self.early_full, descending=True) == "full"
 
-    def plan(self, ctx: StepContext) -> Plan:
-        self._frames = ctx.frames
+    def plan(self, ctx: StepContext, state: TokenCacheState) -> Plan:
+        state.frames = ctx.frames
+        ages = state.ages
         if self.is_full_step(ctx) or not ctx.branches:
             for branch in ctx.branches:
-                self._ages.computed_all(branch.id)
+                ages.computed_all(branch.id)
             return Plan.compute_all()
         num_steps = ctx.num_steps if ctx.num_steps is not None else self.num_steps
         if num_steps is None:
             raise PolicyError(
                 "ToCa's step factor needs the step count: ToCa(num_steps=N) or ax.generation(model, num_steps=N)"
             )
+        layers = max(b.depth for b in ctx.branches) + 1
         reuse: list[str] = []
         partial: dict[str, torch.Tensor] = {}
         for branch in ctx.branches:
-            share = self.ratio_for(branch, ctx.step, num_steps)
+            share = self.ratio_for(branch, ctx.step, num_steps, layers)
             count = int(share * branch.tokens) if branch.partial else None
             if share == 0.0 or count == 0:
                 reuse.append(branch.id)
-                self._ages.skipped(branch.id)
+                ages.skipped(branch.id)
             elif count is None or count >= branch.tokens:
-                self._ages.computed_all(branch.id)  # computes fully
+                ages.computed_all(branch.id)  # computes fully
             else:
-                partial[branch.id] = self.choose(branch, count)
+                partial[branch.id] = self.choose(branch, count, state)
         return Plan(frozenset(reuse), partial)
 
     # -- tokens ------------------------------------------------------------------------------------
-    def scores(self, branch: BranchInfo) -> torch.Tensor:
+    def scores(self, branch: BranchInfo, state: TokenCacheState) -> torch.Tensor:
         """The score of each of the branch's tokens this step (higher recomputes first)."""
-        norms = self._norms.get(branch.id)
+        norms = state.norms.get(branch.id)
         if norms is not None and norms.numel() != branch.tokens:
             norms = None
         device = norms.device if norms is not None else None
-        ages = self._ages.get(branch.id, branch.tokens, device)
+        ages = state.ages.get(branch.id, branch.tokens, device)
         if self.effective_score == "random":
-            if self._generator is None:
-                self._generator = torch.Generator().manual_seed(self.seed)
-            base = torch.rand(branch.tokens, generator=self._generator).to(ages.device)
+            if state.generator is None:
+                state.generator = torch.Generator().manual_seed(self.seed)
+            base = torch.rand(branch.tokens, generator=state.generator).to(ages.device)
         else:
             base = normalise(norms) if norms is not None else torch.zeros_like(ages)
         scores = base + self.age_weight * ages / self.interval
         if self.spatial_grid is not None:
-            layout = grid_layout(branch.tokens, self._frames, self.spatial_grid)
+            layout = grid_layout(branch.tokens, state.frames, self.spatial_grid)
             if layout is not None:
                 scores = spatial_bonus(scores, layout[0], layout[1], self.spatial_grid, self.spatial_bonus)
-            elif branch.id not in self._warned:
-                self._warned.add(branch.id)
-                logger.info(
-                    "adacache_fx: ToCa: the %d tokens of %s do not form square frames divisible by the "
-                    "%dx%d grid; no spatial bonus for it", branch.tokens, branch.id,
-                    self.spatial_grid, self.spatial_grid,
-                )
         return scores
 
-    def choose(self, branch: BranchInfo, count: int) -> torch.Tensor:
+    def choose(self, branch: BranchInfo, count: int, state: TokenCacheState) -> torch.Tensor:
         """The ``count`` tokens of ``branch`` to recompute this step (and age the others)."""
-        indices = top_tokens(self.scores(branch), count)
-        self._ages.computed(branch.id, branch.tokens, indices)
+        indices = top_tokens(self.scores(branch, state), count)
+        state.ages.computed(branch.id, branch.tokens, indices)
         return indices

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..policies.base import BranchInfo
-from .engine import CacheRuntime, StepRecord
+from .runtime import ModelRuntime
+from .session import StepRecord
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -44,6 +45,8 @@ class Report:
     uncached: dict[str, str]
     cache_bytes: int
     notes: list[str] = field(default_factory=list)
+    recaptures: list[tuple[str, str]] = field(default_factory=list)  # (block, what changed)
+    sessions: int = 1  # callers (threads) with a session of their own
 
     @property
     def compute_fraction(self) -> float | None:
@@ -105,16 +108,18 @@ class Report:
             lines.append(f"UNCACHED: {path}: {reason}")
         if self.steps:
             with_partial = any(s.partial for s in self.steps)  # the column only when it says something
+            many = self.sessions > 1
             rows = [
-                [str(s.generation), str(s.step), "-" if s.timestep is None else f"{s.timestep:g}",
-                 str(s.calls), str(s.computed), str(s.reused)]
+                ([str(s.session)] if many else [])
+                + [str(s.generation), str(s.step), "-" if s.timestep is None else f"{s.timestep:g}",
+                   str(s.calls), str(s.computed), str(s.reused)]
                 + ([str(s.partial)] if with_partial else [])
                 + [f"{s.flops_computed / s.flops_total:.2f}" if s.flops_total else "-"]
                 for s in self.steps[-40:]
             ]
             if len(self.steps) > 40:
                 lines.append(f"(last 40 of {len(self.steps)} steps)")
-            headers = ["gen", "step", "timestep", "calls", "computed", "reused"]
+            headers = (["session"] if many else []) + ["gen", "step", "timestep", "calls", "computed", "reused"]
             headers += (["partial"] if with_partial else []) + ["FLOP frac"]
             lines.append(_table(headers, rows))
         cf, ff = self.compute_fraction, self.flops_fraction
@@ -122,24 +127,33 @@ class Report:
             f"compute_fraction {cf:.3f}, branch FLOP fraction {ff:.3f}" if cf is not None and ff is not None
             else "compute_fraction n/a (no branch executed yet)"
         )
-        lines.append(f"cache held: {_fmt_bytes(self.cache_bytes)}")
+        lines.append(f"cache held: {_fmt_bytes(self.cache_bytes)}"
+                     + (f" over {self.sessions} sessions (threads)" if self.sessions > 1 else ""))
+        if self.recaptures:
+            lines.append(f"re-captured after the model changed: {len(self.recaptures)} time(s)")
+            for path, what in self.recaptures[-5:]:
+                lines.append(f"  {path}: {what}")
         lines.extend(self.notes)
         return "\n".join(lines)
 
 
-def build_report(runtime: CacheRuntime) -> Report:
+def build_report(runtime: ModelRuntime) -> Report:
     notes = []
-    for shared in runtime.shared_captures.values():
-        notes.extend(n for n in shared.analysis.notes if n not in notes)
+    for program in runtime.programs.values():
+        notes.extend(n for n in program.notes if n not in notes)
+    sessions = runtime.sessions
+    steps = [record for session in sessions for record in session.records]
     return Report(
         policy=repr(runtime.policy),
-        decides_in_step=type(runtime.policy).decides_in_step,
-        branches=tuple(runtime.branches.values()),
+        decides_in_step=runtime.caps.decides_in_step,
+        branches=runtime.branch_tuple,
         block_flops=dict(runtime.block_flops),
         model_flops=runtime.model_flops,
-        steps=list(runtime.records),
+        steps=steps,
         left_alone=list(runtime.left_alone),
         uncached=dict(runtime.uncached_blocks),
         cache_bytes=runtime.cache_bytes(),
         notes=[f"note: {n}" for n in notes],
+        recaptures=list(runtime.recaptures),
+        sessions=max(1, len(sessions)),
     )

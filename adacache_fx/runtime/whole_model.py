@@ -1,16 +1,19 @@
 """The whole transformed model as one compiled graph, every cached branch a ``torch.cond``.
 
 ``ax.compile(model, scope="model")`` returns a :class:`CompiledModel`: a drop-in module whose calls
-plan each step on the host (step tracking, the policy, forecasts: plain Python, outside the graph),
-then run one ``torch.compile(fullgraph=True)`` graph of the whole model in which each cached branch
-reuses or computes as a boolean tensor input says. Plans that change from step to step change those
-inputs, not the graph: no recompiles. Caches go in and out of the graph explicitly and are kept here
-on the host side, as the eager runtime keeps them. The first call runs eagerly (it captures the
-blocks); every later call at the same shapes runs the one compiled graph.
+plan each step on the host (the calling thread's session: step tracking, the policy, forecasts:
+plain Python, outside the graph), then run one ``torch.compile(fullgraph=True)`` graph of the whole
+model in which each cached branch reuses or computes as a boolean tensor input says. Plans that
+change from step to step change those inputs, not the graph: no recompiles. Caches go in and out
+of the graph explicitly and live in the session, as in eager. The first call runs eagerly (it
+captures the blocks); every later call at the same shapes runs the one compiled graph. The graph is
+a snapshot of the whole model: a guard over every module sends a changed model back through
+capture and export.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,9 +21,11 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from ..errors import PolicyError
-from ..passes.capture import call_signature
-from ..policies.base import Policy
-from .engine import BlockCache, CacheRuntime, TensorPlan
+from ..passes.guards import ModuleGuard, guard_module
+from ..passes.rewrite import RegionState
+from ..policies.base import BranchInfo
+from .runtime import ModelRuntime
+from .session import Session, TracedSession
 
 
 class ConditionalModel(nn.Module):
@@ -33,15 +38,16 @@ class ConditionalModel(nn.Module):
     the whole-model compile.
     """
 
-    def __init__(self, model: nn.Module, runtime: CacheRuntime, kwargs: dict, decisions: list[str],
+    def __init__(self, model: nn.Module, runtime: ModelRuntime, kwargs: dict, decisions: list[str],
                  residuals: dict[str, int], first_output_only: bool = False,
-                 in_step_branches: frozenset[str] | None = None) -> None:
+                 in_step_branches: frozenset[str] | None = None, policy_state: Any = None) -> None:
         super().__init__()
         self.model = model
-        # An in-step policy deciding inside the graph: two more inputs (its state, allow) and two more
-        # outputs (reuse, new state); the decision covers these branches.
+        # An in-step policy deciding inside the graph: two more inputs (its reference, allow) and two
+        # more outputs (reuse, new reference); the decision covers these branches.
         self.in_step_branches = in_step_branches
         self.__dict__["runtime"] = runtime
+        self.__dict__["policy_state"] = policy_state
         self.decisions = decisions
         self.residuals = residuals
         self.first_output_only = first_output_only
@@ -65,12 +71,10 @@ class ConditionalModel(nn.Module):
         if self.in_step_branches is not None:
             in_step = {"state": next(rest), "allow": next(rest), "covered": self.in_step_branches}
         runtime = self.runtime
-        runtime.fixed = TensorPlan(reuse, cache_in, in_step=in_step)
-        try:
+        session = TracedSession(runtime.policy, runtime.caps, reuse, cache_in, self.policy_state, in_step)
+        with runtime.using(session):
             output = self.model(**kwargs)
-            stored = runtime.fixed.cache_out
-        finally:
-            runtime.fixed = None
+        stored = session.stored
         if in_step is not None and "reuse" not in in_step:
             raise PolicyError("the in-step signal's block did not run in the conditional graph: a capture bug")
         missing = [b for b in self.decisions if b not in stored]
@@ -95,33 +99,38 @@ class ConditionalModel(nn.Module):
         return pytree.tree_unflatten(leaves, self.output["spec"])
 
 
+@dataclass(frozen=True, eq=False)
+class _Graph:
+    """One compiled whole-model graph: what it decides, and the cache entries it owns."""
+
+    graph: Any
+    traced: ConditionalModel
+    conditional: tuple[BranchInfo, ...]
+    zeros: dict[str, tuple[torch.Tensor, ...]]
+    covered: frozenset[str]
+    reference_zeros: torch.Tensor | None
+
+
 class CompiledModel(nn.Module):
     """A transformed model compiled whole (see the module docstring). Attribute reads fall through
     to the model, so pipelines that read ``transformer.config`` or ``.dtype`` keep working."""
 
-    def __init__(self, model: nn.Module, runtime: CacheRuntime, compile_options: dict) -> None:
+    def __init__(self, model: nn.Module, runtime: ModelRuntime, compile_options: dict) -> None:
         super().__init__()
-        policy = runtime.policy
-        self.in_step = policy.decides_in_step
-        if self.in_step and (runtime.signal is None or runtime.signal.kind != "first_blocks_residual"
-                             or type(policy).decide_in_graph is Policy.decide_in_graph):
+        caps = runtime.caps
+        self.in_step = caps.decides_in_step
+        if self.in_step and (caps.signal.kind != "first_blocks_residual" or not caps.in_graph):
             raise PolicyError(
-                f"{type(policy).__name__} decides inside each step and has no in-graph decision "
-                "(Policy.decide_in_graph over the first blocks' residual); ax.compile(scope='model') "
+                f"{type(runtime.policy).__name__} decides inside each step and has no in-graph decision "
+                "(an InGraphDecider over the first blocks' residual); ax.compile(scope='model') "
                 "runs schedule-driven policies and First-Block-Cache. Use ax.compile(model) "
                 "(scope='blocks') for it."
             )
         self.model = model
         self.__dict__["runtime"] = runtime
         self.compile_options = compile_options
-        self._conditional: list = []  # BranchInfos of the cached branches (known after the first call)
-        self._zeros: dict[str, tuple[torch.Tensor, ...]] = {}
-        self._caches: dict[tuple[int, str], BlockCache] = {}
-        self._generation = -1
-        self._graphs: dict[Any, tuple[Any, ConditionalModel]] = {}  # call signature -> compiled graph
-        self._covered: frozenset[str] = frozenset()  # branches the in-graph decision covers
-        self._state: dict[int, torch.Tensor] = {}  # in-step policy state per call slot
-        self._state_zeros: torch.Tensor | None = None
+        self.__dict__["_graphs"] = {}  # call signature -> _Graph
+        self.__dict__["_guard"] = None  # ModuleGuard of the whole model when its graphs were made
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -129,125 +138,145 @@ class CompiledModel(nn.Module):
         except AttributeError:
             return getattr(self._modules["model"], name)
 
+    def _model_guard(self) -> "_AllOf":
+        runtime = self.runtime
+        guards = [(guard_module(self.model, skip=tuple(runtime.blocks)), self.model)]
+        guards += [(block.guard or guard_module(block.original), block.original) for block in runtime.blocks]
+        return _AllOf(guards)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         runtime = self.runtime
         if args:
             raise TypeError("ax.compile(scope='model'): call the model with keyword arguments")
-        if not runtime.branches:
-            output = self.model(**kwargs)  # first call: eager, captures the blocks at these shapes
-            self._start(runtime)
+        guard = self._guard
+        if guard is not None and not guard.holds():
+            runtime.note_recapture("the whole model", guard.changes())
+            self._graphs.clear()
+            self.__dict__["_guard"] = None
+        key = _signature(kwargs)
+        entry = self._graphs.get(key)
+        if entry is None:
+            output = self.model(**kwargs)  # eager: captures the blocks at these shapes (and plans)
+            self._graphs[key] = self._build(kwargs, runtime.session())
+            if self._guard is None:
+                self.__dict__["_guard"] = self._model_guard()
             return output
+        return self._run(entry, kwargs)
+
+    def _run(self, entry: _Graph, kwargs: dict) -> Any:
+        runtime = self.runtime
+        session = runtime.session()
         runtime.on_model_call(self.model, (), kwargs)
-        if runtime.tracker.generation != self._generation:
-            self._caches.clear()  # a new generation starts from empty caches, as in eager
-            self._state.clear()
-            self._generation = runtime.tracker.generation
-        plan = runtime.plan
+        plan = session.plan
         if plan.partial or plan.skip_uncond:
             raise PolicyError(
                 f"{type(runtime.policy).__name__} plans token subsets or cond-only guidance calls, which "
                 "the whole-model graph does not run yet; use ax.compile(model) (scope='blocks')"
             )
-        slot = runtime.tracker.slot
+        executor, slot = runtime.executor, session.slot
         feeds: list[torch.Tensor] = [leaf for leaf in pytree.tree_leaves(kwargs) if isinstance(leaf, torch.Tensor)]
-        reused: set[str] = set()
-        for info in self._conditional:
-            cache = self._caches.setdefault((slot, info.block), BlockCache(None))
-            do_reuse = info.id in plan.reuse and info.id in cache.values
+        entries, reused = {}, set()
+        for info in entry.conditional:
+            cached = session.caches.entry(slot, info.id)
+            cached = cached if cached is not None and cached.owner is entry else None
+            entries[info.id] = cached
+            do_reuse = info.id in plan.reuse and cached is not None
             if do_reuse:
                 reused.add(info.id)
             feeds.append(torch.tensor(do_reuse))
             # A branch that computes ignores its cache input: any tensor of the right shape does.
-            feeds.extend(runtime.reuse_values(info, cache) if do_reuse
-                         else cache.values.get(info.id, self._zeros[info.id]))
+            feeds.extend(executor.reuse_values(session, info, cached) if do_reuse
+                         else cached.values if cached is not None else entry.zeros[info.id])
         if self.in_step:
-            state = self._state.get(slot)
-            allow = state is not None and runtime.policy.in_graph_allow(runtime.context)
-            feeds += [state if state is not None else self._state_zeros, torch.tensor(allow)]
-        graph, traced = self._graph_for(kwargs)
-        results = list(graph(*feeds))
+            reference = session.in_graph.get(slot)
+            if reference is None:
+                reference = runtime.policy.in_graph_state(session.policy_state, slot)
+            allow = reference is not None and runtime.policy.in_graph_allow(session.context)
+            feeds += [reference if reference is not None else entry.reference_zeros, torch.tensor(allow)]
+        results = list(entry.graph(*feeds))
         if self.in_step:
-            in_graph_reuse, self._state[slot] = results[-2:]
+            in_graph_reuse, session.in_graph[slot] = results[-2:]
             del results[-2:]
             if bool(in_graph_reuse):  # one read after the step, for the host's caches and report
-                reused |= {b for b in self._covered if b in self._caches.get((slot, runtime.branches[b].block),
-                                                                              BlockCache(None)).values}
-                runtime.records[-1].in_step_reuse += 1
-        count = len(results) - sum(info.num_residuals for info in self._conditional)
-        output = traced.unflatten_output(results[:count])
+                reused |= {b for b in entry.covered if entries.get(b) is not None}
+                session.records[-1].in_step_reuse += 1
+        count = len(results) - sum(info.num_residuals for info in entry.conditional)
+        output = entry.traced.unflatten_output(results[:count])
         rest = iter(results[count:])
-        cache_out = {info.id: tuple(next(rest) for _ in range(info.num_residuals)) for info in self._conditional}
-        self._account(reused, cache_out, slot)
+        cache_out = {info.id: tuple(next(rest) for _ in range(info.num_residuals)) for info in entry.conditional}
+        conditional = {info.id for info in entry.conditional}
+        for info in runtime.branch_tuple:
+            if info.id in reused:
+                executor.commit(session, info, RegionState.REUSE, (), entry, entries[info.id])
+            elif info.id in conditional:
+                executor.commit(session, info, RegionState.STORE, cache_out[info.id], entry, entries[info.id])
+            else:
+                executor.commit(session, info, RegionState.COMPUTE, (), entry, None)
         runtime.after_model_call(self.model, (), kwargs, output)
         return output
 
-    def _graph_for(self, kwargs: dict) -> tuple[Any, ConditionalModel]:
-        """The compiled whole-model graph for this call's signature (exported once, then compiled)."""
-        key = call_signature((), kwargs)
-        entry = self._graphs.get(key)
-        if entry is None:
-            decisions = [info.id for info in self._conditional]
-            residuals = {info.id: info.num_residuals for info in self._conditional}
-            traced = ConditionalModel(self.model, self.runtime, kwargs, decisions, residuals,
-                                      in_step_branches=self._covered if self.in_step else None)
-            example = [leaf for leaf in pytree.tree_leaves(kwargs) if isinstance(leaf, torch.Tensor)]
-            for info in self._conditional:
-                example.append(torch.tensor(False))
-                example.extend(t.clone() for t in self._zeros[info.id])  # distinct storages: no aliasing
-            if self.in_step:
-                example += [self._state_zeros.clone(), torch.tensor(False)]
-            with torch.no_grad():
-                traced(*example)  # eagerly once: records the output structure (export keeps no record)
-                program = torch.export.export(traced, tuple(example), strict=False)
-            graph = torch.compile(program.module(), fullgraph=True, **self.compile_options)
-            entry = self._graphs[key] = (graph, traced)
-        return entry
-
-    def _start(self, runtime: CacheRuntime) -> None:
-        """After the eager first call: which branches decide in the graph, and their cache shapes."""
-        policy = runtime.policy
-        watched_only = [i.id for i in runtime.branches.values() if policy.watches(i) and not policy.caches(i)]
+    def _build(self, kwargs: dict, session: Session) -> _Graph:
+        """After an eager call: which branches decide in the graph, their cache shapes; export, compile."""
+        runtime = self.runtime
+        policy, caps, state = runtime.policy, runtime.caps, session.policy_state
+        branches = runtime.branch_tuple
+        watched_only = [i.id for i in branches if caps.watches(i, state) and not policy.caches(i, state)]
         if watched_only:
             raise PolicyError(
                 f"{type(policy).__name__} watches branches it does not cache ({watched_only[:3]}); "
                 "ax.compile(scope='model') needs every watched branch cached"
             )
-        self._conditional = [info for info in runtime.branches.values() if policy.caches(info)]
-        stored = {k: v for cache in runtime.caches.values() for k, v in cache.values.items()}
-        missing = [info.id for info in self._conditional if info.id not in stored]
+        conditional = tuple(info for info in branches if policy.caches(info, state))
+        stored = session.caches.values(session.slot)
+        missing = [info.id for info in conditional if info.id not in stored]
         if missing:
             raise PolicyError(
                 f"ax.compile(scope='model'): the first call stored no residual for {missing[:3]}; "
                 "the first step of a generation must compute every cached branch"
             )
-        self._zeros = {info.id: tuple(torch.zeros_like(t) for t in stored[info.id]) for info in self._conditional}
-        self._caches = dict(runtime.caches)
-        self._generation = runtime.tracker.generation
+        zeros = {info.id: tuple(torch.zeros_like(t) for t in stored[info.id]) for info in conditional}
+        covered, reference_zeros = frozenset(), None
         if self.in_step:
-            self._covered = policy.in_graph_branches(tuple(runtime.branches.values()))
-            state = policy.in_graph_state(runtime.tracker.slot)
-            if state is None:
+            covered = policy.in_graph_branches(branches)
+            reference = policy.in_graph_state(state, session.slot)
+            if reference is None:
                 raise PolicyError(f"{type(policy).__name__} kept no state after the first call")
-            self._state = {runtime.tracker.slot: state}
-            self._state_zeros = torch.zeros_like(state)
+            reference_zeros = torch.zeros_like(reference)
+        decisions = [info.id for info in conditional]
+        residuals = {info.id: info.num_residuals for info in conditional}
+        traced = ConditionalModel(self.model, runtime, kwargs, decisions, residuals,
+                                  in_step_branches=covered if self.in_step else None, policy_state=state)
+        example = [leaf for leaf in pytree.tree_leaves(kwargs) if isinstance(leaf, torch.Tensor)]
+        for info in conditional:
+            example.append(torch.tensor(False))
+            example.extend(t.clone() for t in zeros[info.id])  # distinct storages: no aliasing
+        if self.in_step:
+            example += [reference_zeros.clone(), torch.tensor(False)]
+        with torch.no_grad():
+            traced(*example)  # eagerly once: records the output structure (export keeps no record)
+            program = torch.export.export(traced, tuple(example), strict=False)
+        graph = torch.compile(program.module(), fullgraph=True, **self.compile_options)
+        built = _Graph(graph, traced, conditional, zeros, covered, reference_zeros)
+        # The eager call's residuals go on serving the compiled graph's steps.
+        for info in conditional:
+            session.caches.keep(session.slot, info.id, built, session.tracker.step, stored[info.id],
+                                caps.history(info))
+        return built
 
-    def _account(self, reused: set[str], cache_out: dict, slot: int) -> None:
-        """What the eager runtime does after each block: count, let watchers observe, store."""
-        runtime = self.runtime
-        record = runtime.records[-1]
-        conditional_ids = {info.id for info in self._conditional}
-        for info in runtime.branches.values():
-            flops = info.flops or 0
-            record.flops_total += flops
-            if info.id in reused:
-                record.reused += 1
-                continue
-            record.computed += 1
-            record.flops_computed += flops
-            if info.id not in conditional_ids:
-                continue
-            cache = self._caches.setdefault((slot, info.block), BlockCache(None))
-            new = tuple(t.detach() for t in cache_out[info.id])
-            if runtime.policy.watches(info) and runtime.context is not None:
-                runtime.policy.observe(runtime.context, info, new, cache.values.get(info.id))
-            cache.keep(info.id, runtime.tracker.step, new, runtime.policy.history(info))
+
+class _AllOf:
+    """The guards of several modules as one."""
+
+    def __init__(self, guards: list[tuple[ModuleGuard, nn.Module]]) -> None:
+        self.guards = guards
+
+    def holds(self) -> bool:
+        return all(guard.holds() for guard, _ in self.guards)
+
+    def changes(self) -> list[str]:
+        return [c for guard, module in self.guards if not guard.holds() for c in guard.changes(module)][:4]
+
+
+def _signature(kwargs: dict) -> tuple:
+    leaves, spec = pytree.tree_flatten(kwargs)
+    return (spec, tuple((t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor) else repr(t) for t in leaves))

@@ -1,0 +1,312 @@
+"""What a captured block graph baked in, and a check of it cheap enough to run before every call.
+
+``torch.export`` runs a block's Python ``forward`` once and keeps only the tensor operations. So a
+capture fixes, besides the input shapes:
+
+* the module tree: which submodules exist (PEFT's LoRA layers, a fused ``to_qkv``) and which ran;
+* which parameter and buffer objects feed the graph, with their dtype, device and shape
+  (torchao swaps weights for tensor subclasses; ``model.half()`` changes ``.data`` in place);
+* every Python value the forward read from those modules: PEFT's active adapters, scales, merged
+  and disabled flags; the attention processor and its ``_attention_backend``; an instance
+  ``forward`` that diffusers' hooks install; ``training``;
+* the forward hooks of its submodules.
+
+:func:`guard_module` records all of that for one live block as a :class:`ModuleGuard`. Its
+:meth:`~ModuleGuard.holds` compares, in microseconds, the version tags of every dictionary that
+holds such state (the same tags dynamo's guards read: any assignment bumps them), the contents of
+small lists (``merged_adapters``), and the dtype, device and shape of every tensor. Values are read
+live by the graphs, so in-place weight edits and ``load_state_dict`` need no re-capture.
+:meth:`~ModuleGuard.changes` says what changed, for the log and the report.
+
+Outside the block the runtime adds the ambient state a forward reads (:func:`ambient_state`):
+autocast, and diffusers' globally active attention backend.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+try:  # the dictionary version tags dynamo's guards use; a content comparison where they are missing
+    from torch._C._dynamo.guards import dict_version as _dict_version
+except ImportError:  # pragma: no cover - every supported torch has it
+    _dict_version = None
+
+# nn.Module bookkeeping no forward reads (state-dict and backward hooks).
+_IGNORED = frozenset({
+    "_non_persistent_buffers_set", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook",
+    "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+    "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+})
+# Attributes no captured forward reads: our own runtime's, and diffusers' hook registry (hooks it
+# registers install an instance ``forward``, which is checked).
+_FOREIGN = ("_adacache_fx", "_diffusers_hook")
+# Dictionaries of a module whose versions are checked besides its __dict__.
+_MODULE_DICTS = ("_modules", "_parameters", "_buffers", "_forward_hooks", "_forward_pre_hooks")
+_SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, enum.Enum)
+_OPAQUE = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type, types.ModuleType)
+_DEPTH = 2  # objects held by modules (processors) and what they hold (their configs), no deeper
+
+
+def _version(mapping: dict) -> Any:
+    if _dict_version is not None:
+        return _dict_version(mapping)
+    return (tuple(mapping), tuple(map(id, mapping.values())))
+
+
+def _frozen(value: Any) -> Any:
+    """Contents of a small sequence or set, for comparison (objects by identity)."""
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(_frozen(v) for v in value))
+    if isinstance(value, (set, frozenset)):
+        return (type(value), frozenset(v if isinstance(v, _SCALARS) else id(v) for v in value))
+    return ("id", id(value))
+
+
+class _Recorder:
+    """Walks a block once, collecting what :class:`ModuleGuard` checks."""
+
+    def __init__(self) -> None:
+        self.dicts: list[dict] = []
+        self.sequences: list[tuple[Any, Any]] = []
+        self.tensors: list[torch.Tensor] = []
+        self._seen: set[int] = set()
+
+    def module(self, module: nn.Module) -> None:
+        state = module.__dict__
+        self.dicts.append(state)
+        for name in _MODULE_DICTS:
+            self.dicts.append(state[name])
+        for tensor in (*state["_parameters"].values(), *state["_buffers"].values()):
+            if tensor is not None:
+                self.tensors.append(tensor)
+        for key, value in state.items():
+            if key not in _IGNORED and key not in _MODULE_DICTS and not key.startswith(_FOREIGN):
+                self.value(value, 1)
+
+    def value(self, value: Any, depth: int) -> None:
+        if isinstance(value, _SCALARS) or isinstance(value, (nn.Module, _OPAQUE)):
+            return  # scalars live in a checked dict; modules are walked on their own
+        if id(value) in self._seen:
+            return
+        self._seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            self.tensors.append(value)
+        elif isinstance(value, dict):
+            self.dicts.append(value)
+            if depth < _DEPTH:
+                for item in value.values():
+                    self.value(item, depth + 1)
+        elif isinstance(value, (list, set)):  # mutable in place, no version tag: compare contents
+            self.sequences.append((value, _frozen(value)))
+        elif isinstance(value, (tuple, frozenset)):
+            if depth < _DEPTH:
+                for item in value:
+                    self.value(item, depth + 1)
+        elif isinstance(getattr(value, "__dict__", None), dict) and depth < _DEPTH:
+            self.dicts.append(value.__dict__)  # a processor, a config object
+            for item in value.__dict__.values():
+                self.value(item, depth + 1)
+
+
+def _tensor_state(tensor: torch.Tensor) -> tuple:
+    return (tensor.dtype, tensor.device, tensor.shape, type(tensor))
+
+
+@dataclass(frozen=True, eq=False)
+class ModuleGuard:
+    """The state of one block that its capture depends on (see the module docstring)."""
+
+    dicts: tuple[dict, ...]
+    versions: list
+    sequences: tuple[tuple[Any, Any], ...]
+    tensors: tuple[torch.Tensor, ...]
+    tensor_states: list
+    description: dict[str, Any]  # a readable snapshot, for :meth:`changes`
+    skip: tuple[nn.Module, ...] = ()
+
+    def holds(self, module: nn.Module | None = None) -> bool:
+        """True when nothing the capture baked in has changed (``module``: unused, for symmetry)."""
+        if _dict_version is not None:
+            if list(map(_dict_version, self.dicts)) != self.versions:
+                return False
+        elif [_version(d) for d in self.dicts] != self.versions:
+            return False
+        for sequence, frozen in self.sequences:
+            if _frozen(sequence) != frozen:
+                return False
+        return list(map(_tensor_state, self.tensors)) == self.tensor_states
+
+    def changes(self, module: nn.Module, limit: int = 4) -> list[str]:
+        """What differs between the recorded state and ``module`` now, in words (at most ``limit``)."""
+        now = describe(module, self.skip)
+        found: list[str] = []
+        for path in sorted(set(self.description) | set(now)):
+            before, after = self.description.get(path), now.get(path)
+            where = path or "the block"
+            if before is None:
+                found.append(f"{where} added ({after['type']})")
+            elif after is None:
+                found.append(f"{where} removed ({before['type']})")
+            elif before["id"] != after["id"] or before["type"] != after["type"]:
+                found.append(f"{where} replaced ({before['type']} -> {after['type']})")
+            else:
+                for part in ("parameters", "hooks", "attributes"):
+                    keys = sorted(set(before[part]) | set(after[part]))
+                    changed = [k for k in keys if before[part].get(k) != after[part].get(k)]
+                    if changed:
+                        found.append(f"{where}: {part[:-1] if len(changed) == 1 else part} "
+                                     f"{', '.join(changed[:4])} changed")
+            if len(found) >= limit:
+                break
+        return found or ["state the capture read changed (no difference found in its description)"]
+
+
+def _describe_value(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value), *_tensor_state(value))
+    if isinstance(value, dict) and depth < _DEPTH:
+        return tuple((repr(k), _describe_value(v, depth + 1)) for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset)) and depth < _DEPTH:
+        return (type(value).__name__, tuple(_describe_value(v, depth + 1) for v in value))
+    if isinstance(getattr(value, "__dict__", None), dict) and not isinstance(value, (nn.Module, _OPAQUE)) \
+            and depth < _DEPTH:
+        return (type(value).__qualname__, id(value),
+                tuple((k, _describe_value(v, depth + 1)) for k, v in vars(value).items()))
+    return (type(value).__qualname__, id(value))
+
+
+def describe(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> dict[str, Any]:
+    """A readable snapshot of what :class:`ModuleGuard` checks, by submodule path."""
+    out: dict[str, Any] = {}
+    skipped = [path for path, sub in module.named_modules() if any(sub is s for s in skip)]
+    for path, sub in module.named_modules(remove_duplicate=False):
+        if any(path == s or path.startswith(s + ".") for s in skipped):
+            continue
+        state = sub.__dict__
+        out[path] = {
+            "id": id(sub),
+            "type": type(sub).__qualname__,
+            "parameters": {n: _describe_value(p) for n, p in (*state["_parameters"].items(), *state["_buffers"].items())},
+            "hooks": {"forward": tuple(state["_forward_hooks"]), "forward_pre": tuple(state["_forward_pre_hooks"])},
+            "attributes": {k: _describe_value(v) for k, v in state.items()
+                           if k not in _IGNORED and k not in _MODULE_DICTS and not k.startswith(_FOREIGN)},
+        }
+    return out
+
+
+def _walk(module: nn.Module, skip: frozenset[int]) -> list[nn.Module]:
+    out, stack = [], [module]
+    seen: set[int] = set()
+    while stack:
+        sub = stack.pop()
+        if id(sub) in seen or id(sub) in skip:
+            continue
+        seen.add(id(sub))
+        out.append(sub)
+        stack.extend(reversed([m for m in sub._modules.values() if m is not None]))
+    return out
+
+
+def guard_module(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> ModuleGuard:
+    """Record the state of ``module`` (and everything under it) that a capture of it depends on.
+
+    >>> layer = nn.Linear(2, 2)
+    >>> guard = guard_module(layer)
+    >>> guard.holds()
+    True
+    >>> layer.weight = nn.Parameter(layer.weight.detach().half())
+    >>> guard.holds(), guard.changes(layer)
+    (False, ['the block: parameter weight changed'])
+
+    ``skip``: submodules (with everything under them) left out, e.g. blocks guarded on their own.
+    """
+    recorder = _Recorder()
+    for sub in _walk(module, frozenset(map(id, skip))):
+        recorder.module(sub)
+    return ModuleGuard(
+        dicts=tuple(recorder.dicts),
+        versions=[_version(d) for d in recorder.dicts],
+        sequences=tuple(recorder.sequences),
+        tensors=tuple(recorder.tensors),
+        tensor_states=[_tensor_state(t) for t in recorder.tensors],
+        description=describe(module, skip),
+        skip=tuple(skip),
+    )
+
+
+def ambient_state() -> tuple:
+    """Process state outside the model that a captured forward depends on: autocast (CPU and CUDA)
+    and, when diffusers is loaded, its globally active attention backend. Read once per model call.
+    """
+    state: tuple = (
+        torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+        torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+    )
+    dispatch = sys.modules.get("diffusers.models.attention_dispatch")
+    registry = getattr(dispatch, "_AttentionBackendRegistry", None)
+    if registry is not None:
+        state += (str(registry.get_active_backend()[0]),)
+    return state
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """A hashable, comparable form of an attribute value that may steer forward's control flow."""
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_plain(v, depth + 1) for v in value))
+    if isinstance(value, (set, frozenset)):
+        return ("set", tuple(sorted(repr(_plain(v, depth + 1)) for v in value)))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((repr(k), repr(_plain(v, depth + 1))) for k, v in value.items())))
+    if isinstance(value, torch.Tensor):  # plain tensor attributes (not buffers): compare by identity
+        return ("tensor", id(value))
+    if isinstance(value, nn.Module):
+        return ("module", id(value))
+    if callable(value) and not hasattr(value, "__dict__"):
+        return ("callable", getattr(value, "__qualname__", repr(value)))
+    state = getattr(value, "__dict__", None)
+    if state is not None and depth < 3:
+        return (type(value).__qualname__, _plain(dict(state), depth + 1))
+    return (type(value).__qualname__, repr(value))
+
+
+def structural_key(block: nn.Module) -> tuple:
+    """Blocks with equal keys compute the same function of (parameters, inputs): one capture can
+    serve them all, each reading its own parameters.
+
+    Compares classes, parameter and buffer shapes, dtypes, devices and tensor types, forward hooks
+    (by identity) and every other attribute, private ones included (PEFT's ``_disable_adapters``
+    and ``_active_adapter``, the ``processor``, flags such as ``context_pre_only``): anything not
+    plain data is compared by type and contents, so doubt means "capture separately".
+    """
+    parts = []
+    for path, module in block.named_modules():
+        state = module.__dict__
+        attrs = tuple(sorted(
+            (k, repr(_plain(v))) for k, v in state.items()
+            if k not in _IGNORED and k not in _MODULE_DICTS and not k.startswith(_FOREIGN)
+        ))
+        parts.append((
+            path,
+            type(module).__qualname__,
+            attrs,
+            tuple((n, tuple(p.shape), p.dtype, p.device, type(p).__qualname__)
+                  for n, p in state["_parameters"].items() if p is not None),
+            tuple((n, tuple(b.shape), b.dtype, b.device, type(b).__qualname__)
+                  for n, b in state["_buffers"].items() if b is not None),
+            tuple(map(id, state["_forward_hooks"].values())),
+            tuple(map(id, state["_forward_pre_hooks"].values())),
+        ))
+    return tuple(parts)

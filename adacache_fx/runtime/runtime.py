@@ -1,0 +1,397 @@
+"""The runtime of one transformed model: its programs, its branches, and one session per thread.
+
+The model's forward pre-hook starts each call in the calling thread's :class:`~.session.Session`
+(step tracking, the policy's plan, guidance halving); every wrapped block then asks
+:meth:`ModelRuntime.binding` for the program that fits its live state and input signature and hands
+it to the :class:`~.executor.Executor`. Programs are built by the pass pipeline under a lock (one
+capture at a time, shared by structurally identical blocks) and never change afterwards; a block
+whose guard fails is bound anew, at a new epoch, so it never reads residuals of its old self.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from ..errors import CaptureError
+from ..passes.guards import ambient_state, structural_key
+from ..passes.program import BlockProgram, build_program
+from ..policies.base import BranchInfo, Capabilities, Policy
+from . import guidance
+from .executor import Binding, Executor, GraphRunner
+from .session import Session
+
+logger = logging.getLogger("adacache_fx")
+
+TIMESTEP_ARG_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas")
+#: Distinct captures one block may go through because the model kept changing under it (dynamo's
+#: recompile limit plays the same part); beyond it the block runs uncached, with a warning.
+RECAPTURE_LIMIT = 8
+
+
+@dataclass(frozen=True)
+class Uncached:
+    """A block (at one signature) that runs as the original module: why."""
+
+    reason: str
+
+
+def _forward_parameters(model: nn.Module) -> list[str]:
+    forward = inspect.unwrap(type(model).forward)
+    try:
+        return list(inspect.signature(forward).parameters)[1:]  # drop self
+    except (TypeError, ValueError):
+        return []
+
+
+def _timestep_reader(model: nn.Module):
+    """``(read(args, kwargs) -> float | None, argument name)``, or ``(None, None)``."""
+    params = _forward_parameters(model)
+    name = next((n for n in TIMESTEP_ARG_NAMES if n in params), None)
+    if name is None:
+        return None, None
+    position = params.index(name)
+
+    def read(args: tuple, kwargs: dict) -> float | None:
+        value = kwargs.get(name) if name in kwargs else (args[position] if position < len(args) else None)
+        if value is None:
+            return None
+        if isinstance(value, torch.Tensor):
+            if value.numel() == 0:
+                return None
+            return float(value.detach().reshape(-1)[0].item())
+        return float(value)
+
+    return read, name
+
+
+def main_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The latent a model call denoises: ``hidden_states`` (diffusers' name) or the first tensor."""
+    hidden = kwargs.get("hidden_states")
+    if isinstance(hidden, torch.Tensor):
+        return hidden
+    return next((a for a in args if isinstance(a, torch.Tensor)), None)
+
+
+def frames_reader(model: nn.Module):
+    """``f(args, kwargs) -> int | None``: latent frames per sample after temporal patching.
+
+    Video DiTs take 5-D latents, (B, C, T, H, W) or CogVideoX's (B, T, C, H, W): the channel axis is
+    the one equal to ``config.in_channels``. LTX-Video takes tokens plus a ``num_frames`` argument.
+    """
+    config = getattr(model, "config", None)
+    in_channels = getattr(config, "in_channels", None)
+    patch_t = getattr(config, "patch_size_t", None)
+    patch = getattr(config, "patch_size", None)
+    if patch_t is None and isinstance(patch, (tuple, list)) and len(patch) == 3:
+        patch_t = patch[0]
+    patch_t = int(patch_t or 1)
+
+    def read(args: tuple, kwargs: dict) -> int | None:
+        frames = kwargs.get("num_frames")
+        if isinstance(frames, int):
+            return frames
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if not isinstance(hidden, torch.Tensor) or hidden.ndim != 5:
+            return None
+        axis = 1 if hidden.shape[2] == in_channels and hidden.shape[1] != in_channels else 2
+        return max(1, int(hidden.shape[axis]) // patch_t)
+
+    return read
+
+
+class ModelRuntime:
+    """State of one transformed model (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, policy: Policy, recapture_limit: int = RECAPTURE_LIMIT) -> None:
+        self.policy = policy
+        self.caps = Capabilities.of(policy)
+        self.executor = Executor(self.caps)
+        self.recapture_limit = recapture_limit
+        self.read_timestep, self.timestep_arg = _timestep_reader(model)
+        self.read_frames = frames_reader(model)
+        self.blocks: list[nn.Module] = []  # the CachedBlock wrappers, set by transform()
+        self.left_alone: list[tuple[str, str]] = []
+        self.hooks: list[Any] = []
+        self.signals: Any = None  # the diffusers hook that hears pipeline calls end (if any)
+        self._init_state()
+
+    def _init_state(self) -> None:
+        self._lock = threading.RLock()  # captures, branch registration and session creation
+        self.programs: dict[Any, BlockProgram] = {}  # (structure, signature) -> program
+        self.branches: dict[str, BranchInfo] = {}
+        self._branch_tuple: tuple[BranchInfo, ...] = ()
+        self.block_order: list[str] = []
+        self.block_flops: dict[str, int | None] = {}
+        self.uncached_blocks: dict[str, str] = {}
+        self.recaptures: list[tuple[str, str]] = []  # (block, what changed), in order
+        self.model_flops: int | None = None
+        self._validated_for: tuple[BranchInfo, ...] | None = None
+        self._sessions: list[Session] = []
+        self._local = threading.local()
+        self._threads: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    # -- pickling: captures, caches and sessions are not kept ------------------------------------
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for key in ("_lock", "programs", "branches", "_branch_tuple", "block_order", "block_flops",
+                    "uncached_blocks", "recaptures", "model_flops", "_validated_for", "_sessions", "_local",
+                    "_threads", "executor", "signals"):
+            state.pop(key, None)
+        state["graph_options"] = self.executor.graphs.options
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        options = state.pop("graph_options", None)
+        self.__dict__.update(state)
+        self.executor = Executor(self.caps, GraphRunner(options))
+        self.signals = None
+        self._init_state()
+
+    # -- sessions -----------------------------------------------------------------------------------
+    def session(self) -> Session:
+        """The calling thread's session (created on its first call)."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            with self._lock:
+                self._drop_dead_sessions()
+                session = Session(self.policy, self.caps, number=len(self._sessions))
+                self._sessions.append(session)
+                self._threads[threading.current_thread()] = session
+                self._local.session = session
+        return session
+
+    @contextlib.contextmanager
+    def using(self, session: Session) -> Iterator[Session]:
+        """Run the calling thread's model calls in ``session`` for a while (a driver's own session:
+        a :class:`~.session.FixedSession` or :class:`~.session.TracedSession` while exporting)."""
+        previous = getattr(self._local, "session", None)
+        self._local.session = session
+        try:
+            yield session
+        finally:
+            self._local.session = previous
+
+    def _drop_dead_sessions(self) -> None:
+        alive = set(map(id, self._threads.values()))
+        for session in self._sessions:
+            if id(session) not in alive:
+                session.caches.clear()  # its thread is gone; its statistics stay for the report
+
+    @property
+    def sessions(self) -> list[Session]:
+        return list(self._sessions)
+
+    def reset(self) -> None:
+        """Forget caches, step positions and statistics of every session (captures are kept)."""
+        for session in self._sessions:
+            session.reset()
+
+    def forget_captures(self) -> None:
+        """Drop every program and binding: the next call of each block captures it again."""
+        with self._lock:
+            self.programs.clear()
+            self.uncached_blocks.clear()
+            for block in self.blocks:
+                block.unbind("captures dropped by ax.reset(model, captures=True)")
+
+    def use_graphs(self, graphs: GraphRunner) -> None:
+        """Run block graphs through ``graphs`` (``ax.compile``): the captures stay, their compiled
+        forms are made on first use."""
+        self.executor.graphs = graphs
+
+    # -- branches -----------------------------------------------------------------------------------
+    @property
+    def branch_tuple(self) -> tuple[BranchInfo, ...]:
+        return self._branch_tuple
+
+    def _register(self, path: str, list_name: str, index: int, program: BlockProgram) -> tuple[int, tuple[BranchInfo, ...]]:
+        if path not in self.block_order:
+            self.block_order.append(path)
+        depth = self.block_order.index(path)
+        infos = []
+        changed = False
+        for region in program.regions:
+            info = BranchInfo(
+                id=f"{path}.{region.name}", block=path, block_list=list_name, block_index=index, depth=depth,
+                name=region.name, kind=region.kind, tags=region.tags, flops=region.flops,
+                num_residuals=len(region.residuals),
+                tokens=region.token_flow.tokens if region.token_flow is not None else None,
+            )
+            known = self.branches.get(info.id)
+            if known != info:
+                self.branches[info.id] = info
+                changed = True
+            infos.append(self.branches[info.id])
+        if changed:
+            self._branch_tuple = tuple(self.branches.values())
+        return depth, tuple(infos)
+
+    # -- bindings -----------------------------------------------------------------------------------
+    def bind(self, block: nn.Module, args: tuple, kwargs: dict, signature: Any, cond_only: bool) -> Binding | Uncached:
+        """The binding of ``block`` at ``signature``: a program found by structure or captured now."""
+        with self._lock:
+            known = block.bindings.get(signature)
+            if known is not None:
+                return known
+            original = block.original
+            original.training = block.training
+            structure = structural_key(original)
+            block.structures.add(structure)
+            if len(block.structures) > self.recapture_limit:
+                reason = (f"re-captured {self.recapture_limit} times because the model kept changing under it "
+                          f"(last: {'; '.join(block.last_changes) or 'unknown'}); it now runs uncached. Raise "
+                          "transform(..., recapture_limit=N) if those changes are deliberate")
+                logger.warning("adacache_fx: %s %s", block.path, reason)
+                self.uncached_blocks[block.path] = reason
+                return block.remember(signature, Uncached(reason))
+            key = (structure, signature)
+            program = self.programs.get(key)
+            if program is None:
+                try:
+                    with torch.no_grad():
+                        program = build_program(original, args, kwargs, name=block.path,
+                                                temporal=_is_temporal(block.list_name))
+                except CaptureError as exc:
+                    if block.on_capture_error != "skip":
+                        raise
+                    logger.warning("adacache_fx: %s runs uncached: %s", block.path, exc)
+                    self.uncached_blocks[block.path] = str(exc)
+                    return block.remember(signature, Uncached(str(exc)))
+                self.programs[key] = program
+                for note in program.notes:
+                    logger.info("adacache_fx: %s: %s", block.path, note)
+                if not program.regions:
+                    logger.warning("adacache_fx: %s (%s): no residual branch found; it runs uncached",
+                                   block.path, type(original).__name__)
+            self.uncached_blocks.pop(block.path, None)
+            depth, infos = self._register(block.path, block.list_name, block.index, program)
+            if not cond_only:  # a cond-only guidance call's capture counts half the rows
+                self.block_flops[block.path] = program.total_flops
+            binding = Binding(block.path, block.epoch, depth, program, program.bind(original), infos)
+            return block.remember(signature, binding)
+
+    def note_recapture(self, path: str, changes: list[str]) -> None:
+        logger.info("adacache_fx: %s changed (%s); it is captured again and its caches are dropped",
+                    path, "; ".join(changes))
+        self.recaptures.append((path, "; ".join(changes)))
+
+    # -- model call boundaries ----------------------------------------------------------------------
+    def on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        session = self.session()
+        if not session.live:
+            return None
+        self.executor.graphs.on_model_call()
+        context = session.pipeline_context
+        latent = main_input(args, kwargs) if not session.tracker.explicit else None
+        event = session.begin_call(
+            self._branch_tuple,
+            self.read_timestep(args, kwargs) if self.read_timestep else None,
+            latent=latent,
+            frames=self.read_frames(args, kwargs),
+            context_step=getattr(context, "step_index", None),
+            num_steps=getattr(context, "num_inference_steps", None),
+        )
+        if event.new_generation and event.reason and session.tracker.generation > 0:
+            logger.debug("adacache_fx: new generation: %s", event.reason)
+        if session.tracker.single_step_run == 5 and "single-step" not in session.warned:
+            session.warned.add("single-step")
+            logger.warning(
+                "adacache_fx: the last 5 generations each ended after one step (each new latent was not a "
+                "continuation of the last step: a stochastic sampler adding much noise per step?), so "
+                "nothing was reused. Mark generations explicitly: with ax.generation(model, num_steps=N): ..."
+            )
+        session.ambient = ambient_state()
+        layout = self.caps.guidance_layout
+        if layout is None:
+            return None
+        call = session.call
+        call.rows = guidance.call_batch(args, kwargs)
+        if not session.plan.skip_uncond or call.rows is None:
+            return None
+        call.cond_only = True
+        session.records[-1].cond_only += 1
+        return guidance.halve_call(args, kwargs, call.rows, layout, type(self.policy).__name__)
+
+    def after_model_call(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        session = self.session()
+        if not session.live:
+            return None
+        branches = self._branch_tuple
+        if branches and self._validated_for is not branches:
+            self._validated_for = branches
+            self.policy.validate(branches)
+        result = None
+        if self.caps.guidance_layout is not None and session.context is not None and session.call.rows is not None:
+            result = self._guidance_output(session, output)
+        leaves = pytree.tree_leaves(result if result is not None else output)
+        if not session.tracker.explicit:
+            session.end_call(next((t for t in leaves if isinstance(t, torch.Tensor)), None))
+        return result
+
+    def _guidance_output(self, session: Session, output: Any) -> Any:
+        """Show a full guidance call's output halves to the policy, or rebuild a cond-only call's."""
+        layout, rows, call = self.caps.guidance_layout, session.call.rows, session.call
+        leaves, spec = pytree.tree_flatten(output)
+        if not call.cond_only:
+            if rows % 2 == 0:
+                for index, leaf in enumerate(leaves):
+                    if isinstance(leaf, torch.Tensor) and leaf.ndim > 0 and leaf.shape[0] == rows:
+                        self.policy.observe_guidance(session.context, session.policy_state, index,
+                                                     guidance.cond_half(leaf, layout), guidance.uncond_half(leaf, layout))
+            return None
+        call.cond_only = False
+        rebuilt = [
+            guidance.join_halves(leaf, self.policy.rebuild_uncond(session.context, session.policy_state, index, leaf),
+                                 layout)
+            if isinstance(leaf, torch.Tensor) and leaf.ndim > 0 and leaf.shape[0] == rows // 2 else leaf
+            for index, leaf in enumerate(leaves)
+        ]
+        return pytree.tree_unflatten(rebuilt, spec)
+
+    # -- what a diffusers pipeline says -------------------------------------------------------------
+    def on_pipeline_end(self) -> None:
+        self.session().end_pipeline_call()
+
+    def on_pipeline_context(self, context: Any) -> None:
+        self.session().pipeline_context = context
+
+    def attach_pipeline_signals(self, model: nn.Module) -> None:
+        """Hear diffusers pipelines' end of call and cache contexts (see :mod:`.steps`), when the
+        model is a diffusers model whose pipelines reset its hooks."""
+        if self.signals is not None or not self.blocks or not hasattr(model, "_reset_stateful_cache"):
+            return
+        try:
+            from .diffusers_signals import attach
+        except ImportError:
+            return
+        self.signals = attach(model, self.blocks[0], self)
+
+    def detach_pipeline_signals(self, model: nn.Module) -> None:
+        if self.signals is not None:
+            from .diffusers_signals import detach
+
+            detach(model, self.blocks[0], self.signals)
+            self.signals = None
+
+    # -- inspection ---------------------------------------------------------------------------------
+    def cached_residuals(self, slot: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:
+        """The residuals the calling thread's session holds for call slot ``slot``, by branch id."""
+        return self.session().caches.values(slot)
+
+    def cache_bytes(self) -> int:
+        return sum(session.caches.nbytes() for session in self._sessions)
+
+
+def _is_temporal(list_name: str) -> bool:
+    lowered = list_name.lower()
+    return "temporal" in lowered or "temp_" in lowered
