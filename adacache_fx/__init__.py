@@ -6,7 +6,7 @@
     print(ax.report(pipe.transformer))
 """
 
-from .api import compile, generation, get_runtime, is_transformed, report, reset, restore, transform
+from .api import compile, generation, get_runtime, is_transformed, policy_state, report, reset, restore, transform
 from .errors import (
     AdaCacheError,
     AlreadyTransformedError,
@@ -15,7 +15,19 @@ from .errors import (
     NotTransformedError,
     PolicyError,
 )
-from .policies.base import KINDS, BranchInfo, Plan, Policy, StepContext
+from .policies.base import (
+    KINDS,
+    BranchInfo,
+    Forecaster,
+    GuidanceCacher,
+    InGraphDecider,
+    InStepDecider,
+    InStepSignal,
+    Observer,
+    Plan,
+    Policy,
+    StepContext,
+)
 from .policies.adacache import AdaCache, MoReg
 from .policies.duca import DuCa
 from .policies.fastercache import FasterCache
@@ -33,7 +45,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "transform", "compile", "restore", "report", "reset", "generation", "get_runtime", "is_transformed",
-    "Policy", "Plan", "StepContext", "BranchInfo", "KINDS", "NoCache", "Static", "Report",
+    "policy_state", "Policy", "Plan", "StepContext", "BranchInfo", "KINDS", "InStepSignal",
+    "Observer", "Forecaster", "InStepDecider", "InGraphDecider", "GuidanceCacher", "NoCache", "Static", "Report",
     "AdaCache", "MoReg", "PAB", "TeaCache", "FirstBlockCache", "TaylorSeer", "FasterCache", "DuCa", "ToCa", "calibrate", "Calibration", "export",
     "AdaCacheError", "AlreadyTransformedError", "CaptureError", "NoBlocksFoundError",
     "NotTransformedError", "PolicyError",

@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import adacache_fx as ax
-from adacache_fx.zoo import LATTE_SIZES, latte
+from adacache_lab.zoo import LATTE_SIZES, latte
 
 RESULTS = Path(__file__).parent / "results"
 

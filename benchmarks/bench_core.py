@@ -34,7 +34,7 @@ import torch.utils._pytree as pytree
 
 import adacache_fx as ax
 from adacache_fx.runtime.cached_block import CachedBlock
-from adacache_fx.zoo import latte
+from adacache_lab.zoo import latte
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -31,8 +31,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import adacache_fx as ax
-from adacache_fx.sampling import sample
-from adacache_fx.zoo import latte
+from adacache_lab.sampling import sample
+from adacache_lab.zoo import latte
 
 RESULTS = Path(__file__).parent / "results"
 CONFIG = dict(num_layers=4, heads=4, head_dim=64, frames=8, sample_size=16)
@@ -112,7 +112,7 @@ def main() -> None:
         error = float((result.latents - reference.latents).norm() / reference.latents.norm())
         results.append({
             "policy": label,
-            "decides_in_step": policy.decides_in_step,
+            "decides_in_step": ax.get_runtime(model).caps.decides_in_step,
             "compute_fraction": round(report.compute_fraction, 3),
             "model_flops_fraction": round(total / uncached_flops[0], 3),
             "cached_step_flops_saved_over_branch_flops": round(min(saved), 3) if saved else None,

@@ -26,7 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import adacache_fx as ax
-from adacache_fx.zoo import ZOO
+from adacache_lab.zoo import ZOO
 
 RESULTS = Path(__file__).parent / "results"
 ARCHITECTURES = ("pixart", "latte", "wan", "dit", "flux", "cogvideox")

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from adacache_fx.reference.data import encode_captions, make_dataset
-from adacache_fx.reference.judge import load_judge, save_judge, train_judge
-from adacache_fx.reference.model import generate, load
+from adacache_lab.reference.data import encode_captions, make_dataset
+from adacache_lab.reference.judge import load_judge, save_judge, train_judge
+from adacache_lab.reference.model import generate, load
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -39,7 +39,7 @@ def main() -> None:
     if judge_path.exists():
         judge = load_judge(judge_path)
     else:
-        judge = train_judge(num_clips=8000, epochs=5, seed=0)  # as `python -m adacache_fx.reference.judge`
+        judge = train_judge(num_clips=8000, epochs=5, seed=0)  # as `python -m adacache_lab.reference.judge`
         save_judge(judge, judge_path)
     real, real_specs = make_dataset(2000, seed=7_777_777)
     model = load(args.weights)

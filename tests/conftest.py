@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from adacache_fx.zoo import ZOO
+from adacache_lab.zoo import ZOO
 
 
 @pytest.fixture(autouse=True)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import adacache_fx as ax
-from adacache_fx.sampling import sample
-from adacache_fx.zoo import latte
+from adacache_lab.sampling import sample
+from adacache_lab.zoo import latte
 
 STEPS = 24
 

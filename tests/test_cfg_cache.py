@@ -8,7 +8,7 @@ import torch
 
 import adacache_fx as ax
 from adacache_fx.policies.fastercache import from_spectrum, low_frequency_mask, split_frequencies
-from adacache_fx.zoo import ZOO
+from adacache_lab.zoo import ZOO
 
 STEPS = 12
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import adacache_fx as ax
-from adacache_fx.cli import main, parse_policy
+from adacache_lab.cli import main, parse_policy
 
 
 def test_parse_policy_spellings():

@@ -7,7 +7,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import adacache_fx as ax
-from adacache_fx.zoo import ZOO
+from adacache_lab.zoo import ZOO
 
 STEPS = 20
 POLICIES = {

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import adacache_fx as ax
-from adacache_fx.zoo import ZOO
+from adacache_lab.zoo import ZOO
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs, training and sampling run on the device"
@@ -53,9 +53,9 @@ def test_cuda_graph_replay_keeps_cached_residuals_and_matches_eager():
 def test_reference_model_trains_and_samples_on_cuda(tmp_path):
     # The bundled weights were trained with device="cuda" and loader workers; sampling on the GPU
     # must start from the same (CPU-drawn) noise as on the CPU and give the same clips.
-    from adacache_fx.reference.data import encode_captions, make_dataset
-    from adacache_fx.reference.model import ReferenceConfig, generate, load
-    from adacache_fx.reference.train import train
+    from adacache_lab.reference.data import encode_captions, make_dataset
+    from adacache_lab.reference.model import ReferenceConfig, generate, load
+    from adacache_lab.reference.train import train
 
     config = ReferenceConfig(num_layers=1, heads=2, head_dim=16, text_dim=32, frames=4, size=16, patch_size=8,
                              latent_channels=0, prediction_type="sample")

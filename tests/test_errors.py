@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import adacache_fx as ax
-from adacache_fx.zoo import ZOO
+from adacache_lab.zoo import ZOO
 
 
 class TinyAttention(nn.Module):

@@ -9,7 +9,7 @@ import torch
 
 import adacache_fx as ax
 from adacache_fx.errors import AdaCacheError
-from adacache_fx.zoo import ZOO
+from adacache_lab.zoo import ZOO
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is needed to run the exported graphs")
 

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 import adacache_fx as ax
-from adacache_fx.cli import main
+from adacache_lab.cli import main
 from adacache_fx.errors import AdaCacheError
 from adacache_fx.export import trt_operators
-from adacache_fx.zoo import ZOO
+from adacache_lab.zoo import ZOO
 
 onnx = pytest.importorskip("onnx", reason="the export extra (onnx) is needed")
 ort = pytest.importorskip("onnxruntime", reason="the stand-in engines run on onnxruntime")

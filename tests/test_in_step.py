@@ -6,7 +6,7 @@ import torch
 import adacache_fx as ax
 from adacache_fx.errors import PolicyError
 from adacache_fx.policies.base import InStepSignal, Plan, Policy
-from adacache_fx.zoo import ZOO
+from adacache_lab.zoo import ZOO
 
 
 class _Probe(Policy):

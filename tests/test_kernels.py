@@ -3,9 +3,8 @@
 import json
 
 import adacache_fx as ax
-from adacache_fx.cli import main
-from adacache_fx.kernels import measure
-from adacache_fx.zoo import ZOO
+from adacache_lab.zoo import ZOO
+from benchmarks.bench_kernels import main, measure
 
 
 def test_measure_reports_every_block_graph_and_branch_kind():
@@ -24,8 +23,7 @@ def test_measure_reports_every_block_graph_and_branch_kind():
 
 def test_cli_writes_the_kernel_record(tmp_path, capsys):
     out = tmp_path / "kernels.json"
-    assert main(["bench", "--kernels", "--model", "dit", "--policy", "static:2", "--min-run-time", "0.01",
-                 "--out", str(out)]) == 0
+    assert main(["--model", "dit", "--policy", "static:2", "--min-run-time", "0.01", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["model"] == "dit" and record["blocks"] and record["date"] and record["command"]
     assert "saved per model call" in capsys.readouterr().out

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import adacache_fx as ax
-from adacache_fx.zoo import latte as zoo_latte
+from adacache_lab.zoo import latte as zoo_latte
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402

@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import adacache_fx as ax
-from adacache_fx.zoo import ZOO
+from adacache_lab.zoo import ZOO
 
 STEPS = 10
 ARCHITECTURES = ["pixart", "latte", "wan", "cogvideox", "flux"]

@@ -1,4 +1,4 @@
-"""Procedural reference clips (adacache_fx.reference.data) and the judge that scores them."""
+"""Procedural reference clips (adacache_lab.reference.data) and the judge that scores them."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from adacache_fx.reference import data as D
-from adacache_fx.reference.judge import Judge, JudgeConfig, load_judge, save_judge, train_judge
+from adacache_lab.reference import data as D
+from adacache_lab.reference.judge import Judge, JudgeConfig, load_judge, save_judge, train_judge
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from adacache_fx.cli import main
-from adacache_fx.reference.bench import Point, bench_prompts, claims, default_points, run_bench
-from adacache_fx.reference.demo import DEFAULT_JUDGE, DEFAULT_WEIGHTS, demo_prompts, quality
-from adacache_fx.reference.model import load
+from adacache_lab.cli import main
+from adacache_lab.reference.bench import Point, bench_prompts, claims, default_points, run_bench
+from adacache_lab.reference.demo import DEFAULT_JUDGE, DEFAULT_WEIGHTS, demo_prompts, quality
+from adacache_lab.reference.model import load
 
 
 def test_bundled_files_load_offline():

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import adacache_fx as ax
-from adacache_fx.reference.data import encode_captions, make_dataset
-from adacache_fx.reference.model import ReferenceConfig, build, generate, load, save
-from adacache_fx.reference.train import train
+from adacache_lab.reference.data import encode_captions, make_dataset
+from adacache_lab.reference.model import ReferenceConfig, build, generate, load, save
+from adacache_lab.reference.train import train
 
 SMALL = ReferenceConfig(num_layers=1, heads=2, head_dim=16, text_dim=32, frames=4, size=16, patch_size=2,
                         latent_channels=4, autoencoder_width=8)
@@ -25,7 +25,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
 
 
 def test_load_names_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match="adacache_fx.reference.train"):
+    with pytest.raises(FileNotFoundError, match="adacache_lab.reference.train"):
         load(tmp_path / "missing.safetensors")
     from safetensors.torch import save_file
 
@@ -61,7 +61,7 @@ def test_generate_and_nocache_transform_equal_the_plain_model():
 
 
 def test_video_noise_shares_the_configured_part_across_frames():
-    from adacache_fx.reference.model import video_noise
+    from adacache_lab.reference.model import video_noise
 
     config = ReferenceConfig(frame_noise_correlation=0.5)
     noise = video_noise((64, 3, 8, 16, 16), config, torch.Generator().manual_seed(0))
@@ -79,7 +79,7 @@ def test_video_noise_shares_the_configured_part_across_frames():
 
 
 def test_autoencoder_shapes_range_and_learning():
-    from adacache_fx.reference.autoencoder import FrameAutoencoder, train_autoencoder
+    from adacache_lab.reference.autoencoder import FrameAutoencoder, train_autoencoder
 
     torch.manual_seed(0)
     autoencoder = FrameAutoencoder(latent_channels=4, width=8)
@@ -101,7 +101,7 @@ def test_autoencoder_shapes_range_and_learning():
 def test_training_with_a_passed_autoencoder_equals_training_it_inline(tmp_path):
     # The shipped weights were trained with the autoencoder phase run separately and passed in; the
     # one-command path must give the same weights.
-    from adacache_fx.reference.autoencoder import train_autoencoder
+    from adacache_lab.reference.autoencoder import train_autoencoder
 
     inline = train(tmp_path / "a.safetensors", SMALL, steps=2, minutes=None, batch=2, progress=False,
                    autoencoder_steps=3)
@@ -144,7 +144,7 @@ def test_pixel_space_config_has_no_autoencoder(tmp_path):
 
 
 def test_loader_workers_render_the_same_clips_and_train_the_same_weights(tmp_path):
-    from adacache_fx.reference.train import ClipStream
+    from adacache_lab.reference.train import ClipStream
 
     stream = ClipStream(SMALL, batch=2, seed=0, steps=5)
     serial = list(stream)

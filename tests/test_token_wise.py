@@ -26,7 +26,7 @@ from adacache_fx.passes.tokens import PartialComputeError
 from adacache_fx.policies.base import BranchInfo, Plan, Policy, StepContext
 from adacache_fx.policies.duca import cycle_kind
 from adacache_fx.policies.token_select import grid_layout, spatial_bonus, top_tokens
-from adacache_fx.zoo import ZOO
+from adacache_lab.zoo import ZOO
 
 STEPS = 10
 BATCH = 2  # cond + uncond halves in one call: they must share the token indices

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from adacache_fx.zoo import ZOO
+from adacache_lab.zoo import ZOO
 
 
 def _same(a, b) -> bool:

@@ -1,7 +1,7 @@
 import torch, sys
-from adacache_fx.reference.data import encode_captions, make_dataset
-from adacache_fx.reference.model import load, scheduler, empty_caption
-from adacache_fx.reference.judge import load_judge
+from adacache_lab.reference.data import encode_captions, make_dataset
+from adacache_lab.reference.model import load, scheduler, empty_caption
+from adacache_lab.reference.judge import load_judge
 model = load(sys.argv[1] if len(sys.argv)>1 else "adacache_fx/reference/weights.safetensors")
 judge = load_judge("adacache_fx/reference/judge.safetensors")
 real, specs = make_dataset(48, seed=4242)

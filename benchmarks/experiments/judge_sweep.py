@@ -1,8 +1,8 @@
 import torch, sys
 torch.set_num_threads(int(sys.argv[4]) if len(sys.argv)>4 else 2)
-from adacache_fx.reference.data import encode_captions, make_dataset
-from adacache_fx.reference.model import load, generate
-from adacache_fx.reference.judge import load_judge
+from adacache_lab.reference.data import encode_captions, make_dataset
+from adacache_lab.reference.model import load, generate
+from adacache_lab.reference.judge import load_judge
 model = load(sys.argv[1])
 judge = load_judge("adacache_fx/reference/judge.safetensors")
 real, specs = make_dataset(48, seed=4242, grid=model.config.grid_layout)

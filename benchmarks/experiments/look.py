@@ -1,8 +1,8 @@
 import torch, sys
 torch.set_num_threads(1)
 import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
-from adacache_fx.reference.data import encode_captions, make_dataset
-from adacache_fx.reference.model import generate, load
+from adacache_lab.reference.data import encode_captions, make_dataset
+from adacache_lab.reference.model import generate, load
 model = load(sys.argv[1]); g=float(sys.argv[3]) if len(sys.argv)>3 else 1.0
 real, specs = make_dataset(8, seed=4242, grid=model.config.grid_layout)
 tokens, mask = encode_captions(specs)

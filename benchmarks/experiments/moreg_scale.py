@@ -12,9 +12,9 @@ import sys
 import numpy as np
 
 from adacache_fx.policies.adacache import AdaCache, MoReg
-from adacache_fx.reference.bench import bench_prompts
-from adacache_fx.reference.demo import DEFAULT_WEIGHTS, generate_clips
-from adacache_fx.reference.model import load
+from adacache_lab.reference.bench import bench_prompts
+from adacache_lab.reference.demo import DEFAULT_WEIGHTS, generate_clips
+from adacache_lab.reference.model import load
 
 clips = int(sys.argv[1]) if len(sys.argv) > 1 else 12
 model = load(DEFAULT_WEIGHTS)

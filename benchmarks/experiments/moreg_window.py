@@ -1,7 +1,7 @@
 """MoReg with its window opened at step 0 (the code default opens it at step 4 of 30), against plain
 AdaCache, on the bench prompts. python benchmarks/experiments/moreg_window.py (about 1 minute)."""
-from adacache_fx.reference.bench import Point, run_bench, claims
-from adacache_fx.reference.demo import REFERENCE_MOREG_SCALE
+from adacache_lab.reference.bench import Point, run_bench, claims
+from adacache_lab.reference.demo import REFERENCE_MOREG_SCALE
 from adacache_fx.policies.adacache import AdaCache, MoReg
 from adacache_fx.policies.static import NoCache
 m = MoReg(scale=REFERENCE_MOREG_SCALE, window=(0.0, 0.9))

@@ -1,8 +1,8 @@
 import torch, sys
 torch.set_num_threads(1)
 import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
-from adacache_fx.reference.data import encode_captions, make_dataset
-from adacache_fx.reference.model import load, video_noise
+from adacache_lab.reference.data import encode_captions, make_dataset
+from adacache_lab.reference.model import load, video_noise
 from diffusers import DDPMScheduler
 model = load(sys.argv[1])
 real, specs = make_dataset(8, seed=4242, grid=True)

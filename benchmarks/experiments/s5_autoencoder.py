@@ -1,9 +1,9 @@
 # python benchmarks/experiments/s5_autoencoder.py: writes /tmp/s5/ae_cmd.pt
-# Exactly the autoencoder phase of adacache_fx.reference.train.train(seed=0) with the default config.
+# Exactly the autoencoder phase of adacache_lab.reference.train.train(seed=0) with the default config.
 import torch, json
 torch.set_num_threads(1)
-from adacache_fx.reference.autoencoder import train_autoencoder
-from adacache_fx.reference.model import ReferenceConfig, build
+from adacache_lab.reference.autoencoder import train_autoencoder
+from adacache_lab.reference.model import ReferenceConfig, build
 cfg = ReferenceConfig()
 torch.manual_seed(0)
 model = build(cfg)

@@ -1,9 +1,9 @@
 # python benchmarks/experiments/s5_autoencoder_judge.py /tmp/s5/ae_cmd.pt: judge accuracy on reconstructions
 import sys, torch
 torch.set_num_threads(1)
-from adacache_fx.reference.autoencoder import FrameAutoencoder
-from adacache_fx.reference.judge import load_judge
-from adacache_fx.reference.data import make_dataset
+from adacache_lab.reference.autoencoder import FrameAutoencoder
+from adacache_lab.reference.judge import load_judge
+from adacache_lab.reference.data import make_dataset
 ae = FrameAutoencoder(); ae.load_state_dict(torch.load(sys.argv[1])); ae.eval()
 judge = load_judge("adacache_fx/reference/judge.safetensors")
 for grid in (False, True):

@@ -2,8 +2,8 @@
 # Experiment: the main shape's clip is fixed by its motion alone (path centred on the frame, middle speed).
 import sys, torch, numpy as np
 torch.set_num_threads(1)
-import adacache_fx.reference.data as data
-from adacache_fx.reference.data import ShapeSpec, SPEED_RANGE, _DIRECTION_VEC
+import adacache_lab.reference.data as data
+from adacache_lab.reference.data import ShapeSpec, SPEED_RANGE, _DIRECTION_VEC
 
 def canonical(shape, frames):
     if shape.speed == "static":
@@ -22,9 +22,9 @@ def canonical(shape, frames):
     return ShapeSpec(**{**shape.__dict__, "start": start, "velocity": velocity})
 data._on_grid = canonical
 
-from adacache_fx.reference.autoencoder import FrameAutoencoder
-from adacache_fx.reference.model import ReferenceConfig
-from adacache_fx.reference.train import train
+from adacache_lab.reference.autoencoder import FrameAutoencoder
+from adacache_lab.reference.model import ReferenceConfig
+from adacache_lab.reference.train import train
 if __name__ == "__main__":
     name, steps, aepath = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     kw = dict(cv=dict(prediction_type="v_prediction"), cx0=dict(prediction_type="sample"),

@@ -3,9 +3,9 @@ import sys, torch
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 torch.set_num_threads(1)
 import s5_canonical_layout  # patches the grid layout to the canonical one
-from adacache_fx.reference.data import encode_captions, make_dataset
-from adacache_fx.reference.model import load, generate
-from adacache_fx.reference.judge import load_judge
+from adacache_lab.reference.data import encode_captions, make_dataset
+from adacache_lab.reference.model import load, generate
+from adacache_lab.reference.judge import load_judge
 model = load(sys.argv[1])
 judge = load_judge("adacache_fx/reference/judge.safetensors")
 n = int(sys.argv[4]) if len(sys.argv) > 4 else 48

@@ -24,8 +24,8 @@ VARIANTS = {
 
 TRAIN = """
 import json, sys, torch
-from adacache_fx.reference.model import ReferenceConfig
-from adacache_fx.reference.train import train
+from adacache_lab.reference.model import ReferenceConfig
+from adacache_lab.reference.train import train
 name, steps, batch, workers, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 cfg = ReferenceConfig(**json.loads(sys.argv[6]))
 rec = train(out, cfg, steps=steps, minutes=None, batch=batch, progress=False, device=sys.argv[8],
@@ -36,9 +36,9 @@ print(name, "steps", rec["steps"], "seconds", rec["seconds"], "loss100", rec["fi
 JUDGE = """
 import sys, torch
 torch.set_num_threads(int(sys.argv[2]))
-from adacache_fx.reference.data import encode_captions, make_dataset
-from adacache_fx.reference.model import load, generate
-from adacache_fx.reference.judge import load_judge
+from adacache_lab.reference.data import encode_captions, make_dataset
+from adacache_lab.reference.model import load, generate
+from adacache_lab.reference.judge import load_judge
 model = load(sys.argv[1])
 if torch.cuda.is_available():
     for module in model.modules().values():

@@ -3,7 +3,7 @@
 conditioned on our caption tokens through a small learned caption encoder.
 
 Caching quality can only be judged on a trained model; this one is small enough to train on a CPU
-(``adacache_fx.reference.train``) and ships as one safetensors file (``weights.safetensors``).
+(``adacache_lab.reference.train``) and ships as one safetensors file (``weights.safetensors``).
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def load(path: str | Path) -> ReferenceModel:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no reference model there; train one with "
-                                "`python -m adacache_fx.reference.train` or use the bundled default")
+                                "`python -m adacache_lab.reference.train` or use the bundled default")
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
         if metadata.get("format") != _FORMAT:

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..policies.base import Policy
+from adacache_fx.policies.base import Policy
 from .data import ClipSpec, make_dataset
 from .demo import (DEFAULT_JUDGE, DEFAULT_WEIGHTS, PSNR_IDENTICAL, REFERENCE_MOREG_SCALE, ClipRun,
                    generate_clips, quality)
@@ -41,15 +41,15 @@ def default_points(guidance_scale: float = 1.0) -> list[Point]:
     compute fractions from about 0.27, AdaCache's largest rate, to 1); other models may need others.
     FasterCache's CFG-Cache points need classifier-free guidance (any ``guidance_scale`` but 1): at 1
     the sampler runs no unconditional half for them to cache."""
-    from ..policies.adacache import AdaCache, MoReg
-    from ..policies.duca import DuCa
-    from ..policies.fastercache import FasterCache
-    from ..policies.first_block import FirstBlockCache
-    from ..policies.pab import PAB
-    from ..policies.static import NoCache, Static
-    from ..policies.taylorseer import TaylorSeer
-    from ..policies.teacache import TeaCache
-    from ..policies.toca import ToCa
+    from adacache_fx.policies.adacache import AdaCache, MoReg
+    from adacache_fx.policies.duca import DuCa
+    from adacache_fx.policies.fastercache import FasterCache
+    from adacache_fx.policies.first_block import FirstBlockCache
+    from adacache_fx.policies.pab import PAB
+    from adacache_fx.policies.static import NoCache, Static
+    from adacache_fx.policies.taylorseer import TaylorSeer
+    from adacache_fx.policies.teacache import TeaCache
+    from adacache_fx.policies.toca import ToCa
 
     points = [Point("no cache", "no cache", lambda n: NoCache())]
     points += [Point("Static", f"Static({k})", lambda n, k=k: Static(interval=k)) for k in (2, 3, 4, 6)]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from . import api
-from .policies.base import Policy
-from .policies.static import NoCache, Static
+from adacache_fx import api
+from adacache_fx.policies.base import Policy
+from adacache_fx.policies.static import NoCache, Static
 
 
 GUIDANCE_HELP = ("classifier-free guidance scale (1: none, the bundled model's best: it predicts the clean "
@@ -26,10 +26,10 @@ POLICY_HELP = (
 
 def parse_policy(text: str, num_steps: int = 20) -> Policy:
     """A policy from its command-line spelling (see ``POLICY_HELP``)."""
-    from .policies.adacache import AdaCache
-    from .policies.first_block import FirstBlockCache
-    from .policies.pab import PAB
-    from .policies.teacache import TeaCache
+    from adacache_fx.policies.adacache import AdaCache
+    from adacache_fx.policies.first_block import FirstBlockCache
+    from adacache_fx.policies.pab import PAB
+    from adacache_fx.policies.teacache import TeaCache
 
     name, _, arg = text.partition(":")
     try:
@@ -51,7 +51,7 @@ def parse_policy(text: str, num_steps: int = 20) -> Policy:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from . import export
+    from adacache_fx import export
     from .zoo import ZOO
 
     if args.model not in ZOO:
@@ -87,7 +87,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate
+    from adacache_fx.calibrate import calibrate
     from .sampling import sample
     from .zoo import latte
 
@@ -197,46 +197,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_kernels(args: argparse.Namespace) -> int:
-    from .kernels import measure
-    from .zoo import LATTE_SIZES, ZOO, latte
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.model == "latte":
-        model, make_inputs = latte(**LATTE_SIZES[args.size])
-        inputs = make_inputs(timestep=500.0, batch=2)
-        label = f"latte ({args.size}: {LATTE_SIZES[args.size] or 'zoo.latte defaults'})"
-    elif args.model in ZOO:
-        model, inputs, label = ZOO[args.model].build(), ZOO[args.model].inputs(timestep=500.0, batch=2), args.model
-    else:
-        raise SystemExit(f"unknown model {args.model!r}: latte or one of {', '.join(sorted(ZOO))}")
-    dtype = torch.float16 if args.fp16 else torch.float32
-    model = model.to(device=device, dtype=dtype).eval()
-    inputs = {k: (v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-                  if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-    api.transform(model, parse_policy(args.policy))
-    report = measure(model, inputs, min_run_time=args.min_run_time)
-    print(report)
-    by_kind = report.by_kind()
-    print("\nsaved per model call by reusing each kind (ms):",
-          ", ".join(f"{k} {1e3 * v:.3f}" for k, v in sorted(by_kind.items())))
-    record = {
-        "date": date.today().isoformat(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-                   + (f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""),
-        "command": "adacache-fx bench --kernels " + " ".join(sys.argv[3:]),
-        "model": label, "dtype": str(dtype), "policy": args.policy, **report.to_dict(),
-    }
-    out = Path(args.out or f"benchmarks/results/kernels_{device.split(':')[0]}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
-    return 0
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.kernels:
-        return cmd_bench_kernels(args)
     from .reference.bench import run_bench
 
     args.out = args.out or "benchmarks/results/reference_bench"
@@ -253,8 +214,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .zoo import LATTE_SIZES  # torch only, no diffusers: cheap at start-up
-
     parser = argparse.ArgumentParser(prog="adacache-fx", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what transform() does")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -294,22 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="outputs")
     p.add_argument("--guidance", type=float, default=1.0, help=GUIDANCE_HELP)
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("bench", help="sweep policies and thresholds on the bundled model: JSON + Pareto plot; "
-                                     "--kernels: time each branch kind, the cached region and the dispatch")
+    p = sub.add_parser("bench", help="sweep policies and thresholds on the bundled model: JSON + Pareto plot "
+                                     "(kernel-level timings: python benchmarks/bench_kernels.py)")
     p.add_argument("--clips", type=int, default=24)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--weights", default=None, help="a reference model file (default: the bundled one)")
     p.add_argument("--out", default=None, help="path stem of the JSON and PNG (default: "
-                   "benchmarks/results/reference_bench); --kernels: the JSON path")
+                   "benchmarks/results/reference_bench)")
     p.add_argument("--guidance", type=float, default=1.0, help=GUIDANCE_HELP)
-    p.add_argument("--kernels", action="store_true", help="kernel-level timings instead of the quality sweep")
-    p.add_argument("--model", default="latte", help="--kernels: latte (see --size) or a zoo model at its tiny config")
-    p.add_argument("--size", choices=sorted(LATTE_SIZES), default="mid",
-                   help="--kernels: the latte config (full: Latte-1's size, for a GPU)")
-    p.add_argument("--policy", default="adacache", help="--kernels: the policy whose plan and metric are timed")
-    p.add_argument("--device", default=None, help="--kernels: cpu or cuda (default: cuda when available)")
-    p.add_argument("--fp16", action="store_true", help="--kernels: half precision")
-    p.add_argument("--min-run-time", type=float, default=0.2, help="--kernels: seconds behind each median")
     p.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")

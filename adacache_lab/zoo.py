@@ -28,7 +28,7 @@ Block lists (``block_lists(model)``): hunyuanvideo also has the 2-block
 ``noise_refiner``/``context_refiner``/``layers``; latte has spatial
 ``transformer_blocks`` + ``temporal_transformer_blocks``.
 
-Run ``python -m adacache_fx.zoo`` for a smoke test printing output shapes, forward
+Run ``python -m adacache_lab.zoo`` for a smoke test printing output shapes, forward
 times and the block ``nn.ModuleList`` s of every model.
 """
 

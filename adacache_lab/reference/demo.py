@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .. import api
-from ..policies.base import Policy
+from adacache_fx import api
+from adacache_fx.policies.base import Policy
 from .data import ClipSpec, encode_captions, make_dataset
 from .model import ReferenceModel, generate, load
 
@@ -101,7 +101,7 @@ def generate_clips(
         report = api.report(model.transformer)
         runs.append(ClipRun(video, seconds, report.compute_fraction, report.flops_fraction,
                             [s.computed > 0 for s in report.steps],
-                            list(getattr(policy, "trace", []))))
+                            list(getattr(api.policy_state(model.transformer), "trace", []))))
         if progress is not None:
             progress()
     return runs
@@ -199,8 +199,8 @@ def run_demo(
     """
     from tqdm.auto import tqdm
 
-    from ..policies.adacache import AdaCache, MoReg
-    from ..policies.static import NoCache
+    from adacache_fx.policies.adacache import AdaCache, MoReg
+    from adacache_fx.policies.static import NoCache
     from .judge import load_judge
 
     if policies is None:

@@ -1,9 +1,9 @@
 """A small CPU-trainable video classifier that scores whether clips show what their captions say.
 
-Why: a reference video DiT trained on :mod:`adacache_fx.reference.data` is only useful for judging
+Why: a reference video DiT trained on :mod:`adacache_lab.reference.data` is only useful for judging
 caching policies if we can measure, without a human, that a (cached) sample still shows the right main
 shape, colour and motion.  The judge is trained on procedurally generated *real* clips and predicts
-the main shape's attributes (see the main-shape rule in :mod:`adacache_fx.reference.data`: the first
+the main shape's attributes (see the main-shape rule in :mod:`adacache_lab.reference.data`: the first
 shape, always the largest and drawn on top).
 
 Architecture (two streams over one shared per-frame stem):
@@ -208,7 +208,7 @@ def load_judge(path: str | Path) -> Judge:
 
 
 def main() -> None:
-    """``python -m adacache_fx.reference.judge``: train the shipped judge and score it on held-out clips."""
+    """``python -m adacache_lab.reference.judge``: train the shipped judge and score it on held-out clips."""
     import argparse
 
     parser = argparse.ArgumentParser(description="train the judge of the reference model's clips")

@@ -2,7 +2,7 @@
 
 The bundled weights (6.5 minutes on one H100, sharing it with a second run; 4900 steps of 256 clips):
 
-    python -m adacache_fx.reference.train --device cuda --steps 4900 --batch 256 \
+    python -m adacache_lab.reference.train --device cuda --steps 4900 --batch 256 \
         --out adacache_fx/reference/weights.safetensors
 
 On a 2-core CPU the same run would take an estimated 11 hours (a 32-clip step takes about 1 s there).
