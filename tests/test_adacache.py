@@ -28,6 +28,7 @@ from adacache_fx.policies.adacache import (
     relative_distance,
 )
 from adacache_fx.policies.base import BranchInfo, StepContext
+from policy_driver import Live
 
 M = 1024  # length of the flip vectors: relative L1 between cum a and cum b is 2|a-b|/1024
 T, F = True, False
@@ -65,7 +66,7 @@ Residual = Callable[[int, BranchInfo, int], tuple[torch.Tensor, ...]]
 
 
 def _drive(
-    policy: AdaCache,
+    policy: AdaCache | Live,
     branches: tuple[BranchInfo, ...],
     residual: Residual,
     steps: int,
@@ -73,7 +74,11 @@ def _drive(
     frames: int | None = None,
     slots: int = 1,
 ) -> list[frozenset[str]]:
-    """Run ``steps`` steps like the runtime; return each step's planned reuse set."""
+    """Run ``steps`` steps like the runtime; return each step's planned reuse set.
+
+    ``policy``: a settings object (driven with a fresh state) or a :class:`Live` (its state kept)."""
+    if not isinstance(policy, Live):
+        policy = Live(policy)
     policy.setup(branches)
     store: dict[tuple[int, str], tuple[torch.Tensor, ...]] = {}
     plans = []
@@ -138,7 +143,7 @@ def test_first_two_and_last_two_steps_always_compute():
     plans = _drive(AdaCache(codebook=codebook), branches, constant, 10, num_steps=None)
     assert _computes(plans, branches[0].id) == [T, T, F, F, F, T, F, F, F, T]
     # step 1 computes even if step 0 saw a stale previous residual (metric 0 -> rate 50)
-    policy = AdaCache(codebook=((1.0, 50),))
+    policy = Live(AdaCache(codebook=((1.0, 50),)))
     policy.setup(branches)
     policy.plan(_ctx(0, branches, 6))
     policy.observe(_ctx(0, branches, 6), branches[0], (_flips(0),), (_flips(0),))
@@ -150,7 +155,7 @@ def test_first_two_and_last_two_steps_always_compute():
 
 def test_observation_without_previous_residual_leaves_the_rate_unchanged():
     branch = _branch(0, "temporal_attention")
-    policy = AdaCache(codebook=((0.05, 4), (1.0, 1)))
+    policy = Live(AdaCache(codebook=((0.05, 4), (1.0, 1))))
     policy.setup((branch,))
     assert policy.plan(_ctx(0, (branch,), 20)).reuse == frozenset()
     policy.observe(_ctx(0, (branch,), 20), branch, (_flips(0),), None)
@@ -171,9 +176,9 @@ CB = ((0.05, 4), (0.15, 2), (1.0, 1))  # 16 flips/step -> 0.03125 -> 4; 64 -> 0.
 def test_several_metric_blocks_are_averaged():
     branches = tuple(_branch(d, "temporal_attention") for d in range(3))
     residual = _slopes({branches[0].id: 8, branches[1].id: 0, branches[2].id: 96})
-    policy = AdaCache(codebook=CB, metric_blocks=(0, 2))
+    policy = Live(AdaCache(codebook=CB, metric_blocks=(0, 2)))
     plans = _drive(policy, branches, residual, 10, num_steps=10)
-    assert policy.metric_branches == {branches[0].id, branches[2].id}
+    assert policy.state.metric_branches == {branches[0].id, branches[2].id}
     assert [policy.watches(b) for b in branches] == [T, F, T]
     # (0.015625 + 0.1875) / 2 = 0.1016 -> rate 2 (block 0 alone: rate 4; block 2 alone: rate 1)
     assert _computes(plans, branches[1].id) == [T, T, F, T, F, T, F, T, T, T]
@@ -187,19 +192,23 @@ def test_default_metric_block_is_the_middle_one_of_the_metric_kind():
         _branch(d, "temporal_attention" if d % 2 else "self_attention") for d in range(10)
     ) + (_branch(4, "mlp", "ff"),)
     policy = AdaCache()
-    policy.setup(branches)
-    assert policy.metric_branches == {"blocks.5.attn"}
-    assert [b.id for b in branches if policy.watches(b)] == ["blocks.5.attn"]
+    assert policy.layout(branches).global_ids == {"blocks.5.attn"}
+    live = Live(policy)
+    live.setup(branches)
+    live.plan(_ctx(0, branches, None))  # the runtime's first plan derives the layout into the state
+    assert live.state.metric_branches == {"blocks.5.attn"}
+    assert [b.id for b in branches if live.watches(b)] == ["blocks.5.attn"]
     four = AdaCache()
-    four.setup(tuple(_branch(d, "temporal_attention") for d in range(4)))
-    assert four.metric_branches == {"blocks.1.attn"}  # (4 - 1) // 2, as block 13 of 28
+    assert four.layout(tuple(_branch(d, "temporal_attention") for d in range(4))).global_ids == {
+        "blocks.1.attn"
+    }  # (4 - 1) // 2, as block 13 of 28
     # fallbacks: self attention, then joint attention (also when only a tag says so)
     image = AdaCache()
-    image.setup((_branch(0, "self_attention"), _branch(0, "cross_attention", "attn2"), _branch(0, "mlp", "ff")))
-    assert image.metric_branches == {"blocks.0.attn"}
+    image_branches = (_branch(0, "self_attention"), _branch(0, "cross_attention", "attn2"), _branch(0, "mlp", "ff"))
+    assert image.layout(image_branches).global_ids == {"blocks.0.attn"}
     flux = AdaCache()
-    flux.setup((_branch(0, "mlp", "ff"), _branch(1, "mlp", "attn+proj_mlp", frozenset({"joint_attention", "mlp"}))))
-    assert flux.metric_branches == {"blocks.1.attn+proj_mlp"}
+    flux_branches = (_branch(0, "mlp", "ff"), _branch(1, "mlp", "attn+proj_mlp", frozenset({"joint_attention", "mlp"})))
+    assert flux.layout(flux_branches).global_ids == {"blocks.1.attn+proj_mlp"}
 
 
 def test_per_layer_schedules_and_blocks_without_the_kind_follow_the_global_one():
@@ -359,11 +368,11 @@ def test_validation_errors():
     with pytest.raises(PolicyError, match="unknown branch kind"):
         AdaCache(metric_kind="spatial_attention")
     with pytest.raises(PolicyError, match="does not have"):
-        AdaCache(metric_kind="temporal_attention").setup((_branch(0, "self_attention"),))
+        AdaCache(metric_kind="temporal_attention").validate((_branch(0, "self_attention"),))
     with pytest.raises(PolicyError, match=r"depth\(s\) \[7\].*\[0, 1\]"):
-        AdaCache(metric_blocks=(0, 7)).setup((_branch(0, "temporal_attention"), _branch(1, "temporal_attention")))
+        AdaCache(metric_blocks=(0, 7)).validate((_branch(0, "temporal_attention"), _branch(1, "temporal_attention")))
     with pytest.raises(PolicyError, match="metric_kind"):
-        AdaCache().setup((_branch(0, "mlp", "ff"), _branch(0, "cross_attention", "attn2")))
+        AdaCache().validate((_branch(0, "mlp", "ff"), _branch(0, "cross_attention", "attn2")))
     with pytest.raises(ValueError, match="ascending"):
         AdaCache(codebook=((0.2, 2), (0.1, 3)))
     with pytest.raises(ValueError, match="rate"):
@@ -454,7 +463,7 @@ def test_reset_and_a_new_generation_start_the_schedule_over():
     branch = _branch(0, "temporal_attention")
     cum = _cumulative({t: 16 for t in range(1, 10)}, 10)
     residual = lambda t, b, s: (_flips(cum[t]),)  # noqa: E731
-    policy = AdaCache(codebook=CB)
+    policy = Live(AdaCache(codebook=CB))
     first = _drive(policy, (branch,), residual, 10, num_steps=10)
     policy.reset()
     assert _drive(policy, (branch,), residual, 10, num_steps=10) == first

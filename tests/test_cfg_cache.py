@@ -9,6 +9,7 @@ import torch
 import adacache_fx as ax
 from adacache_fx.policies.fastercache import from_spectrum, low_frequency_mask, split_frequencies
 from adacache_lab.zoo import ZOO
+from policy_driver import Live
 
 STEPS = 12
 
@@ -30,7 +31,7 @@ def test_frequency_split_separates_a_known_low_and_high_wave():
 
 
 def test_rebuild_weights_each_band_by_stage():
-    policy = ax.FasterCache(cfg_cache=True, alpha=0.2, cfg_split=0.5, num_steps=10)
+    policy = Live(ax.FasterCache(cfg_cache=True, alpha=0.2, cfg_split=0.5, num_steps=10))
     cond = torch.randn(1, 4, 2, 32, 32, generator=torch.Generator().manual_seed(0))
     low_bias, high_bias = 0.3 * _wave(1, 0), -0.2 * _wave(7, 5)
     uncond = cond + low_bias + high_bias
@@ -40,7 +41,7 @@ def test_rebuild_weights_each_band_by_stage():
     late = policy.rebuild_uncond(ctx(8), 0, cond)
     assert torch.allclose(early, cond + 1.2 * low_bias + high_bias, atol=1e-5)
     assert torch.allclose(late, cond + low_bias + 1.2 * high_bias, atol=1e-5)
-    plain = ax.FasterCache(cfg_cache=True, alpha=0.0, num_steps=10)
+    plain = Live(ax.FasterCache(cfg_cache=True, alpha=0.0, num_steps=10))
     plain.observe_guidance(None, 0, cond, uncond)
     assert torch.allclose(plain.rebuild_uncond(ctx(8), 0, cond), uncond, atol=1e-6)
 
@@ -57,7 +58,7 @@ def test_bad_settings_say_what_is_wrong():
         ax.FasterCache(cfg_cache=True, cfg_layout="cond_last")
     with pytest.raises(ValueError, match="cfg_interval"):
         ax.FasterCache(cfg_cache=True, cfg_interval=1)
-    policy = ax.FasterCache(cfg_cache=True, alpha=0.2)
+    policy = Live(ax.FasterCache(cfg_cache=True, alpha=0.2))
     with pytest.raises(ax.PolicyError, match="alpha=0"):
         policy.observe_guidance(None, 0, torch.zeros(2, 16, 8), torch.ones(2, 16, 8))
 
@@ -122,9 +123,9 @@ def test_cond_only_steps_update_only_the_cond_rows_of_the_caches():
         for step in range(STEPS):
             model(**_step_inputs(entry, step))
             after = {k: v[0].clone() for k, v in runtime.cached_residuals().items()}
-            if before is not None and policy.skips_uncond(step, STEPS) and runtime.records[-1].computed:
+            if before is not None and policy.skips_uncond(step, STEPS) and runtime.session().records[-1].computed:
                 for branch, value in after.items():
-                    if branch in before and runtime.records[-1].reused == 0:
+                    if branch in before and runtime.session().records[-1].reused == 0:
                         rows = value.shape[0] // 2
                         assert torch.equal(value[:rows], before[branch][:rows])  # uncond (first) rows kept
                         assert not torch.equal(value[rows:], before[branch][rows:])

@@ -5,7 +5,9 @@ import torch
 import torch.nn as nn
 
 import adacache_fx as ax
+from adacache_fx.policies.base import Capabilities
 from adacache_fx.policies.taylorseer import newton_extrapolate
+from policy_driver import Live
 
 
 @pytest.mark.parametrize("order", [1, 2])
@@ -96,7 +98,7 @@ def test_taylorseer_is_exact_once_it_has_three_points_of_a_quadratic_residual():
 
 
 def test_fastercache_extrapolates_linearly_with_its_ramp():
-    policy = ax.FasterCache(interval=2, start=0.0, num_steps=11)
+    policy = Live(ax.FasterCache(interval=2, start=0.0, num_steps=11))
     assert policy.weight(0, 11) == 0.0 and policy.weight(10, 11) == 1.0
     assert policy.weight(5, 11) == pytest.approx(0.5)
     from adacache_fx.policies.base import StepContext
@@ -115,4 +117,4 @@ def test_taylorseer_validates_its_settings():
         ax.TaylorSeer(order=3)
     with pytest.raises(TypeError, match="must be a policy"):
         ax.TaylorSeer(base="static")
-    assert ax.TaylorSeer(ax.FirstBlockCache()).decides_in_step
+    assert Capabilities.of(ax.TaylorSeer(ax.FirstBlockCache())).decides_in_step

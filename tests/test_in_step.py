@@ -10,9 +10,10 @@ from adacache_lab.zoo import ZOO
 
 
 class _Probe(Policy):
-    """Records every signal; reuses the blocks after the first on odd steps."""
+    """Records every signal; reuses the blocks after the first on odd steps.
 
-    decides_in_step = True
+    ``seen`` is the test's record across calls (an instrument, not generation state: the probe
+    learns nothing, so it keeps no state object)."""
 
     def __init__(self, kind: str, blocks: int = 1) -> None:
         self.signal = InStepSignal(kind, blocks)
@@ -21,10 +22,10 @@ class _Probe(Policy):
     def in_step_signal(self) -> InStepSignal:
         return self.signal
 
-    def plan(self, ctx):
+    def plan(self, ctx, state):
         return Plan.compute_all()
 
-    def decide(self, ctx, slot, signal):
+    def decide(self, ctx, state, slot, signal):
         self.seen.append((ctx.step, slot, signal.clone()))
         if ctx.step % 2:
             return Plan.reuse_only(b.id for b in ctx.branches if b.depth >= self.signal.blocks)
@@ -99,15 +100,18 @@ def test_in_step_decisions_are_per_call_slot():
     ax.transform(model, policy)
     with torch.no_grad():
         for t in (900.0, 700.0):
-            model(**entry.inputs(timestep=t, seed=0))
-            model(**entry.inputs(timestep=t, seed=1))
+            cond = entry.inputs(timestep=t, seed=0)
+            # The two calls of one step see the same latent (another latent at the same timestep
+            # starts a new generation), as in test_core's separate cond/uncond calls.
+            model(**cond)
+            model(**{**entry.inputs(timestep=t, seed=1), "hidden_states": cond["hidden_states"]})
     assert [(step, slot) for step, slot, _ in policy.seen] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert ax.report(model).steps[1].in_step_reuse == 2
 
 
 def test_nocache_exact_with_an_in_step_policy_that_never_reuses():
     class Never(_Probe):
-        def decide(self, ctx, slot, signal):
+        def decide(self, ctx, state, slot, signal):
             return Plan.compute_all()
 
     entry = ZOO["latte"]
@@ -128,10 +132,14 @@ def test_frames_are_derived_from_the_latent_shape(name, frames):
     entry = ZOO[name]
     model = entry.build()
     inputs = entry.inputs(timestep=500.0)
-    policy = ax.Static(2)
     contexts = []
-    original_plan = policy.plan
-    policy.plan = lambda ctx: contexts.append(ctx) or original_plan(ctx)
+
+    class Recording(ax.Static):  # policies are frozen: record the contexts in a subclass's plan
+        def plan(self, ctx, state):
+            contexts.append(ctx)
+            return super().plan(ctx, state)
+
+    policy = Recording(2)
     ax.transform(model, policy)
     with torch.no_grad():
         model(**inputs)

@@ -223,7 +223,16 @@ def test_pipeline_runs_with_static_caching_and_cfg(name):
 
     pipe.transformer = ax.transform(pipe.transformer, ax.Static(2))
     assert ax.is_transformed(pipe.transformer)
+    runtime = ax.get_runtime(pipe.transformer)
+    seen = {}
+
+    def look(module, args, kwargs, output):  # runs after the runtime's own hook, every call
+        seen["slot0"] = {k: [t.shape for t in v] for k, v in runtime.cached_residuals(slot=0).items()}
+        seen["slot1"] = set(runtime.cached_residuals(slot=1))
+
+    hook = pipe.transformer.register_forward_hook(look, with_kwargs=True)
     out = run(pipe)
+    hook.remove()
     assert out.shape == reference.shape
     assert torch.isfinite(out).all()
 
@@ -246,13 +255,18 @@ def test_pipeline_runs_with_static_caching_and_cfg(name):
         (n, 0) if step % 2 == 0 else (0, n) for step in range(STEPS)
     ], text
     assert report.compute_fraction == pytest.approx(0.5)
-    # The cache holds one residual per branch for the batched cond+uncond call (slot 0 only).
-    cached = ax.get_runtime(pipe.transformer).cached_residuals(slot=0)
-    assert set(cached) == {b.id for b in report.branches}
+    # The cache holds one residual per branch for the batched cond+uncond call (slot 0 only), as
+    # seen after the pipeline's last transformer call ...
     list_of = {b.id: b.block_list for b in report.branches}
-    for branch_id, values in cached.items():
-        assert all(t.shape[0] == leading_dims[list_of[branch_id]] for t in values), branch_id
-    assert ax.get_runtime(pipe.transformer).cached_residuals(slot=1) == {}
+    assert set(seen["slot0"]) == {b.id for b in report.branches}
+    for branch_id, shapes in seen["slot0"].items():
+        assert all(shape[0] == leading_dims[list_of[branch_id]] for shape in shapes), branch_id
+    assert seen["slot1"] == set()
+    # ... and the pipeline's end of call (maybe_free_model_hooks resets the stateful hooks of
+    # diffusers' CacheMixin models, Latte's; DiT's and PixArt's classes have none) frees it.
+    if hasattr(pipe.transformer, "_reset_stateful_cache"):
+        assert runtime.cached_residuals(slot=0) == {}
+        assert ax.report(pipe.transformer).cache_bytes == 0
     # Reuse changed the result (it approximates; it must not be a silent no-op).
     assert not torch.equal(out, reference)
 
@@ -328,6 +342,7 @@ def test_pipeline_runs_with_every_policy(name, policy_name):
     text = str(report)
     assert len(report.steps) == STEPS and all(s.calls == 1 for s in report.steps), text
     assert sum(s.reused for s in report.steps) > 0, text
-    assert report.decides_in_step == policy.decides_in_step
-    assert ("inside each step" in text) == policy.decides_in_step
+    decides_in_step = isinstance(policy, ax.InStepDecider) and policy.in_step_signal() is not None
+    assert report.decides_in_step == decides_in_step
+    assert ("inside each step" in text) == decides_in_step
     assert not torch.equal(out, reference)

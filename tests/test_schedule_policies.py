@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from adacache_fx.errors import PolicyError
-from adacache_fx.policies.base import BranchInfo, InStepSignal, Plan, StepContext
+from adacache_fx.policies.base import BranchInfo, Capabilities, InStepSignal, Plan, StepContext
 from adacache_fx.policies.first_block import FirstBlockCache
 from adacache_fx.policies.pab import PAB
 from adacache_fx.policies.teacache import COEFFICIENT_TABLES, TeaCache, relative_l1
+from policy_driver import Live
 
 
 def branch(block: int, name: str, kind: str, tags: tuple[str, ...] = ()) -> BranchInfo:
@@ -63,8 +64,9 @@ def ctx(step: int, num_steps: int | None = 12, timestep: float | None = None, ge
 
 
 def reuse_per_step(policy: PAB, num_steps: int, timesteps=None) -> list[set[str]]:
+    live = Live(policy)
     return [
-        set(policy.plan(ctx(s, num_steps, None if timesteps is None else timesteps[s])).reuse)
+        set(live.plan(ctx(s, num_steps, None if timesteps is None else timesteps[s])).reuse)
         for s in range(num_steps)
     ]
 
@@ -118,7 +120,7 @@ def test_pab_normalised_timesteps_use_the_same_window():
 
 
 def test_pab_window_count_restarts_each_generation():
-    policy = PAB(window_steps=(1, 6))
+    policy = Live(PAB(window_steps=(1, 6)))
     first = [set(policy.plan(ctx(s, 6, generation=0)).reuse) for s in range(6)]
     policy.reset()
     second = [set(policy.plan(ctx(s, 6, generation=1)).reuse) for s in range(6)]
@@ -143,7 +145,8 @@ def test_pab_region_with_two_attention_kinds_reuses_only_when_both_would():
     fused = branch(0, "attn", "self_attention", ("self_attention", "cross_attention"))
     policy = PAB(spatial=2, cross=3, window_steps=(0, 7))
     assert policy.broadcast_ranges(fused) == (2, 3)
-    reused = [fused.id in policy.plan(ctx(s, 7, branches=(fused,))).reuse for s in range(7)]
+    live = Live(policy)
+    reused = [fused.id in live.plan(ctx(s, 7, branches=(fused,))).reuse for s in range(7)]
     assert reused == [False, True, False, False, False, True, False]
 
 
@@ -163,13 +166,13 @@ def test_pab_errors():
     with pytest.raises(ValueError, match="window_steps"):
         PAB(window_steps=(-1, 5))
     with pytest.raises(PolicyError, match="window_steps"):
-        PAB().plan(ctx(0, timestep=None))
+        Live(PAB()).plan(ctx(0, timestep=None))
     only_mlp = (branch(0, "ff", "mlp"), branch(1, "attn+mlp", "joint_attention", ("joint_attention", "mlp")))
     with pytest.raises(PolicyError, match="no attention branch"):
-        PAB().setup(only_mlp)
+        PAB().validate(only_mlp)
     with pytest.raises(PolicyError, match="cross_attention, mlp, self_attention"):
-        PAB(spatial=None, cross=None).setup(BRANCHES[:3])
-    PAB().setup(BRANCHES)  # a model with attention is fine
+        PAB(spatial=None, cross=None).validate(BRANCHES[:3])
+    PAB().validate(BRANCHES)  # a model with attention is fine
 
 
 # -- TeaCache -------------------------------------------------------------------------------------
@@ -183,7 +186,7 @@ def drifting_inputs(deltas: list[float], shape=(2, 4, 8)) -> list[torch.Tensor]:
     return out
 
 
-def run_teacache(policy: TeaCache, inputs, num_steps, slot: int = 0, generation: int = 0) -> list[bool]:
+def run_teacache(policy: Live, inputs, num_steps, slot: int = 0, generation: int = 0) -> list[bool]:
     flags = []
     for step, x in enumerate(inputs):
         plan = policy.decide(ctx(step, num_steps, generation=generation), slot, x)
@@ -198,11 +201,11 @@ DELTAS = [0.0, 0.125, 0.0625, 0.125, 0.125, 0.0625, 0.25, 0.0625]
 def test_teacache_accumulates_rescaled_indicator_and_resets():
     inputs = drifting_inputs(DELTAS)
     assert [relative_l1(b, a) for a, b in zip(inputs, inputs[1:])] == pytest.approx(DELTAS[1:], abs=1e-6)
-    policy = TeaCache(delta=0.5, coefficients=(0, 0, 0, 2, 0))  # rescale(x) = 2x
+    policy = Live(TeaCache(delta=0.5, coefficients=(0, 0, 0, 2, 0)))  # rescale(x) = 2x
     flags, accumulated = [], []
     for step, x in enumerate(inputs):
         flags.append(not policy.decide(ctx(step, 8), 0, x).reuse)
-        accumulated.append(policy.accumulated(0))
+        accumulated.append(policy.state.accumulated(0))
     # step 0 forced; 0.25, 0.375 reuse; 0.625 >= 0.5 computes and resets; 0.25, 0.375 reuse;
     # 0.875 computes; step 7 is the last step: forced.
     assert flags == [True, False, False, True, False, False, True, True]
@@ -212,15 +215,15 @@ def test_teacache_accumulates_rescaled_indicator_and_resets():
 def test_teacache_previous_input_moves_every_step():
     # Were the reference the last computed input, step 2 would see 1.125 * 1.0625 - 1 = 0.195 and
     # compute; the authors' rule compares with step 1's input (0.0625) and reuses.
-    policy = TeaCache(delta=0.5, coefficients=(0, 0, 0, 2, 0))
+    policy = Live(TeaCache(delta=0.5, coefficients=(0, 0, 0, 2, 0)))
     assert run_teacache(policy, drifting_inputs(DELTAS[:3]), None) == [True, False, False]
-    assert policy.accumulated(0) == pytest.approx(0.375, abs=1e-6)
+    assert policy.state.accumulated(0) == pytest.approx(0.375, abs=1e-6)
 
 
 def test_teacache_last_step_forced_only_when_known():
     inputs = drifting_inputs([0.0, 0.0625, 0.0625, 0.0625])
-    assert run_teacache(TeaCache(delta=1.0), inputs, 4) == [True, False, False, True]
-    assert run_teacache(TeaCache(delta=1.0), inputs, None) == [True, False, False, False]
+    assert run_teacache(Live(TeaCache(delta=1.0)), inputs, 4) == [True, False, False, True]
+    assert run_teacache(Live(TeaCache(delta=1.0)), inputs, None) == [True, False, False, False]
 
 
 def test_teacache_polynomial_is_highest_degree_first():
@@ -254,18 +257,18 @@ def test_teacache_presets_and_with_delta():
     assert (TeaCache.slow("latte").delta, TeaCache.fast("latte").delta) == (0.1, 0.2)
     assert TeaCache.fast("latte")._poly == COEFFICIENT_TABLES["latte"]
     policy = TeaCache(delta=0.5, coefficients=(0, 0, 0, 2, 0))
-    run_teacache(policy, drifting_inputs(DELTAS[:3]), None)
+    run_teacache(Live(policy), drifting_inputs(DELTAS[:3]), None)
     copy = policy.with_delta(0.3)
     assert (copy.delta, policy.delta) == (0.3, 0.5)
-    assert copy._poly == policy._poly and copy.accumulated(0) == 0.0
+    assert copy._poly == policy._poly and Live(copy).state.accumulated(0) == 0.0
     refit = policy.with_coefficients((1, 0))
     assert (refit._poly, refit.delta, policy._poly) == ((1.0, 0.0), 0.5, (0.0, 0.0, 0.0, 2.0, 0.0))
     assert TeaCache().in_step_signal() == InStepSignal("modulated_input")
-    assert TeaCache.decides_in_step
+    assert Capabilities.of(TeaCache()).decides_in_step
 
 
 def test_teacache_slots_are_independent():
-    policy = TeaCache(delta=0.5, coefficients=(0, 0, 0, 2, 0))
+    policy = Live(TeaCache(delta=0.5, coefficients=(0, 0, 0, 2, 0)))
     slow, fast = drifting_inputs([0.0, 0.0625, 0.0625]), drifting_inputs([0.0, 0.5, 0.5])
     flags = {0: [], 1: []}
     for step in range(3):
@@ -275,7 +278,7 @@ def test_teacache_slots_are_independent():
 
 
 def test_teacache_shape_change_computes():
-    policy = TeaCache(delta=10.0)
+    policy = Live(TeaCache(delta=10.0))
     policy.decide(ctx(0, None), 0, torch.ones(2, 4))
     assert policy.decide(ctx(1, None), 0, torch.ones(2, 4)).reuse  # unchanged input: reuse
     assert policy.decide(ctx(2, None), 0, torch.ones(3, 4)).reuse == frozenset()
@@ -291,7 +294,7 @@ def test_teacache_simulate_matches_live():
     indicators = [0.0] + [relative_l1(b, a) for a, b in zip(inputs, inputs[1:])]
     for delta in (0.05, 0.1, 0.2, 0.4):
         policy = TeaCache(delta=delta, coefficients="latte")
-        live = run_teacache(policy.with_delta(delta), inputs, 20)
+        live = run_teacache(Live(policy.with_delta(delta)), inputs, 20)
         assert policy.simulate(indicators, 20) == live
     assert len(set(map(tuple, (TeaCache(delta=d, coefficients="latte").simulate(indicators, 20)
                                for d in (0.05, 0.4))))) == 2  # the sweep is not trivial
@@ -314,7 +317,7 @@ def ids_at(*depths: int) -> frozenset[str]:
 
 
 def test_fbc_threshold_and_reference_moves_only_on_compute():
-    policy = FirstBlockCache(threshold=0.1, tail_blocks=1)
+    policy = Live(FirstBlockCache(threshold=0.1, tail_blocks=1))
     ones = torch.ones(2, 8)
     residuals = [ones, ones * 1.05, ones * 1.12, ones * 1.12 * 1.05, ones * 1.12 * 1.2]
     plans = [policy.decide(fbc_ctx(s), 0, r) for s, r in enumerate(residuals)]
@@ -327,7 +330,7 @@ def test_fbc_threshold_and_reference_moves_only_on_compute():
 def test_fbc_blocks_and_tail_select_reused_depths():
     ones = torch.ones(4)
     for blocks, tail, depths in ((1, 0, (1, 2, 3, 4)), (2, 0, (2, 3, 4)), (2, 2, (2,)), (1, 3, (1,))):
-        policy = FirstBlockCache(blocks=blocks, tail_blocks=tail)
+        policy = Live(FirstBlockCache(blocks=blocks, tail_blocks=tail))
         policy.setup(FBC_BRANCHES)
         policy.decide(fbc_ctx(0), 0, ones)
         assert policy.decide(fbc_ctx(1), 0, ones).reuse == ids_at(*depths)
@@ -336,7 +339,7 @@ def test_fbc_blocks_and_tail_select_reused_depths():
 
 
 def test_fbc_slots_are_independent():
-    policy = FirstBlockCache(threshold=0.1)
+    policy = Live(FirstBlockCache(threshold=0.1))
     cond = [torch.ones(4), torch.ones(4) * 1.01, torch.ones(4) * 1.02]
     uncond = [torch.ones(4), torch.ones(4) * 1.5, torch.ones(4) * 1.51]
     flags = {0: [], 1: []}
@@ -345,22 +348,22 @@ def test_fbc_slots_are_independent():
             flags[slot].append(not policy.decide(fbc_ctx(step), slot, seq[step]).reuse)
     assert flags == {0: [True, False, False], 1: [True, True, False]}
     # A slot's first call computes even when another slot already has a reference.
-    fresh = FirstBlockCache(threshold=0.1)
+    fresh = Live(FirstBlockCache(threshold=0.1))
     fresh.decide(fbc_ctx(0), 0, torch.ones(4))
     assert fresh.decide(fbc_ctx(0), 1, torch.ones(4)).reuse == frozenset()
 
 
 def test_fbc_warmup_and_cooldown_force_compute():
     same = torch.ones(4)
-    policy = FirstBlockCache(warmup=2, cooldown=2)
+    policy = Live(FirstBlockCache(warmup=2, cooldown=2))
     flags = [not policy.decide(fbc_ctx(s, 7), 0, same).reuse for s in range(7)]
     assert flags == [True, True, False, False, False, True, True]
-    no_count = FirstBlockCache(cooldown=2)
+    no_count = Live(FirstBlockCache(cooldown=2))
     assert [not no_count.decide(fbc_ctx(s), 0, same).reuse for s in range(4)] == [True, False, False, False]
 
 
 def test_fbc_new_generation_forgets_references():
-    policy = FirstBlockCache()
+    policy = Live(FirstBlockCache())
     policy.decide(fbc_ctx(0, generation=0), 0, torch.ones(4))
     assert policy.decide(fbc_ctx(1, generation=0), 0, torch.ones(4)).reuse
     assert policy.decide(fbc_ctx(0, generation=1), 0, torch.ones(4)).reuse == frozenset()
@@ -378,7 +381,7 @@ def test_fbc_simulate_matches_live():
     outcomes = set()
     for threshold in (0.03, 0.08, 0.15):
         policy = FirstBlockCache(threshold=threshold, warmup=1, cooldown=2)
-        copy = policy.with_threshold(threshold)
+        copy = Live(policy.with_threshold(threshold))
         live = [not copy.decide(fbc_ctx(s, 25), 0, x).reuse for s, x in enumerate(residuals)]
         simulated = policy.simulate(residuals, 25)
         assert simulated == live
@@ -390,10 +393,10 @@ def test_fbc_simulate_matches_live():
 
 def test_fbc_with_threshold_is_a_fresh_copy():
     policy = FirstBlockCache(threshold=0.08, blocks=2, tail_blocks=1)
-    policy.decide(fbc_ctx(0), 0, torch.ones(4))
+    Live(policy).decide(fbc_ctx(0), 0, torch.ones(4))
     copy = policy.with_threshold(0.2)
     assert (copy.threshold, copy.blocks, copy.tail_blocks, policy.threshold) == (0.2, 2, 1, 0.08)
-    assert copy.decide(fbc_ctx(1), 0, torch.ones(4)).reuse == frozenset()  # no reference carried over
+    assert Live(copy).decide(fbc_ctx(1), 0, torch.ones(4)).reuse == frozenset()  # no reference carried over
     assert dataclasses.replace(policy) == policy
 
 
@@ -407,10 +410,10 @@ def test_fbc_errors():
     with pytest.raises(ValueError, match="warmup"):
         FirstBlockCache(warmup=1.5)
     with pytest.raises(PolicyError, match="5 blocks"):
-        FirstBlockCache(blocks=3, tail_blocks=2).setup(FBC_BRANCHES)
+        FirstBlockCache(blocks=3, tail_blocks=2).validate(FBC_BRANCHES)
     with pytest.raises(PolicyError, match="no block is left"):
-        FirstBlockCache(blocks=5).setup(FBC_BRANCHES)
-    FirstBlockCache(blocks=3, tail_blocks=1).setup(FBC_BRANCHES)
+        FirstBlockCache(blocks=5).validate(FBC_BRANCHES)
+    FirstBlockCache(blocks=3, tail_blocks=1).validate(FBC_BRANCHES)
 
 
 def test_relative_l1_edge_cases():
@@ -421,8 +424,8 @@ def test_relative_l1_edge_cases():
 
 def test_in_step_policies_plan_compute_all_at_step_start():
     for policy in (TeaCache(), FirstBlockCache()):
-        assert policy.decides_in_step
-        assert policy.plan(ctx(3)) == Plan.compute_all()
+        assert Capabilities.of(policy).decides_in_step
+        assert Live(policy).plan(ctx(3)) == Plan.compute_all()
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.1])

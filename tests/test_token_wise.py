@@ -11,6 +11,7 @@ them), so there the measured saving must lie in ``[1, 1.1]`` times the branches'
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -27,6 +28,7 @@ from adacache_fx.policies.base import BranchInfo, Plan, Policy, StepContext
 from adacache_fx.policies.duca import cycle_kind
 from adacache_fx.policies.token_select import grid_layout, spatial_bonus, top_tokens
 from adacache_lab.zoo import ZOO
+from policy_driver import Live
 
 STEPS = 10
 BATCH = 2  # cond + uncond halves in one call: they must share the token indices
@@ -38,7 +40,7 @@ class SubsetOnce(Policy):
     def __init__(self, target: str, indices: torch.Tensor) -> None:
         self.target, self.indices = target, indices
 
-    def plan(self, ctx: StepContext) -> Plan:
+    def plan(self, ctx: StepContext, state) -> Plan:
         if ctx.step == 0:
             return Plan.compute_all()
         return Plan(partial={self.target: self.indices})
@@ -50,7 +52,7 @@ class Subsets(Policy):
     def __init__(self, target: str, subsets: list[torch.Tensor]) -> None:
         self.target, self.subsets = target, subsets
 
-    def plan(self, ctx: StepContext) -> Plan:
+    def plan(self, ctx: StepContext, state) -> Plan:
         if ctx.step == 0:
             return Plan.compute_all()
         return Plan(partial={self.target: self.subsets[ctx.step - 1]})
@@ -263,7 +265,7 @@ def test_a_token_mixing_branch_is_never_recomputed_partially(mode, caplog):
     info = {b.id: b for b in ax.report(model).branches}[target]
     assert not info.partial and info.tokens is None
     region = next(
-        r for s in ax.get_runtime(model).shared_captures.values() for r in s.analysis.regions if r.name == "ff"
+        r for s in ax.get_runtime(model).programs.values() for r in s.regions if r.name == "ff"
     )
     assert region.token_error and "cannot be recomputed for a subset of tokens" in region.token_error
     # The plan's request falls back to a full compute: exact, and said once.
@@ -273,11 +275,11 @@ def test_a_token_mixing_branch_is_never_recomputed_partially(mode, caplog):
         assert torch.equal(got, expected)
     assert any("not valid for it" in r.getMessage() for r in caplog.records)
     # Building the partial graph directly names the problem.
-    shared = next(iter(ax.get_runtime(model).shared_captures.values()))
-    states = tuple(RegionState.PARTIAL if r.name == "ff" else RegionState.COMPUTE for r in shared.analysis.regions)
-    counts = tuple(2 if r.name == "ff" else 0 for r in shared.analysis.regions)
+    shared = next(iter(ax.get_runtime(model).programs.values()))
+    states = tuple(RegionState.PARTIAL if r.name == "ff" else RegionState.COMPUTE for r in shared.regions)
+    counts = tuple(2 if r.name == "ff" else 0 for r in shared.regions)
     with pytest.raises(PartialComputeError, match="cannot be recomputed"):
-        build_variant(shared.captured.graph_module, shared.analysis.regions, states, counts)
+        build_variant(shared.captured.graph_module, shared.regions, states, counts)
 
 
 def test_attention_written_with_matmuls_is_query_local_and_exact():
@@ -372,14 +374,15 @@ def test_duca_runs_its_cycle_in_both_step_directions(timesteps, expected):
 
 
 def test_duca_direction_must_be_known():
-    policy = ax.DuCa()
+    policy = Live(ax.DuCa())
     branch = _branch("b.0.ff", MLP, depth=0)
     for step in range(3):
         policy.plan(StepContext(step=step, num_steps=10, timestep=None, generation=0, branches=(branch,)))
     with pytest.raises(PolicyError, match="direction='descending'"):
         policy.plan(StepContext(step=3, num_steps=10, timestep=None, generation=0, branches=(branch,)))
-    explicit = ax.DuCa(direction="ascending")
-    kinds = [explicit.step_kind(StepContext(step=s, num_steps=10, timestep=None, generation=0, branches=()))
+    explicit = Live(ax.DuCa(direction="ascending"))
+    kinds = [explicit.step_kind(StepContext(step=s, num_steps=10, timestep=None, generation=0, branches=()),
+                                explicit.state)
              for s in range(5)]
     assert kinds == ["full", "full", "full", "conservative", "aggressive"]
     with pytest.raises(ValueError, match="direction"):
@@ -387,7 +390,7 @@ def test_duca_direction_must_be_known():
 
 
 def test_duca_picks_low_norm_attention_tokens_and_ages_the_rest():
-    policy = ax.DuCa(ratio=0.25, age_weight=0.25, direction="descending")
+    policy = Live(ax.DuCa(ratio=0.25, age_weight=0.25, direction="descending"))
     attn = _branch("b.0.attn1", "self_attention", depth=0, tokens=8)
     ff = _branch("b.0.ff", MLP, depth=0, tokens=8)
     policy.setup((attn, ff))
@@ -402,7 +405,7 @@ def test_duca_picks_low_norm_attention_tokens_and_ages_the_rest():
     kinds = {}
     for step in range(1, 8):
         ctx = StepContext(step=step, num_steps=10, timestep=None, generation=0, branches=(attn, ff))
-        kinds[step] = (policy.step_kind(ctx), policy.plan(ctx))
+        kinds[step] = (policy.step_kind(ctx, policy.state), policy.plan(ctx))
     # Step 4 is the first conservative step: k = int(0.25 * 8) = 2 tokens, the two lowest norms.
     kind, plan = kinds[4]
     assert kind == "conservative" and plan.reuse == frozenset({"b.0.attn1"})
@@ -411,8 +414,8 @@ def test_duca_picks_low_norm_attention_tokens_and_ages_the_rest():
     # which is the same for all, so the norms still decide.
     kind, plan = kinds[7]
     assert kind == "conservative" and plan.partial["b.0.ff"].tolist() == [2, 6]
-    random_policy = ax.DuCa(ratio=0.5, selection="random", direction="descending", seed=3)
-    chosen = random_policy.choose(ff, 4)
+    random_policy = Live(ax.DuCa(ratio=0.5, selection="random", direction="descending", seed=3))
+    chosen = random_policy.choose(ff, 4, random_policy.state)
     assert chosen.tolist() == sorted(chosen.tolist()) and len(set(chosen.tolist())) == 4
 
 
@@ -443,7 +446,7 @@ def test_toca_ratios_hand_computed():
 
 
 def test_toca_plan_turns_ratios_into_token_counts():
-    policy = ax.ToCa(ratio=0.1)
+    policy = Live(ax.ToCa(ratio=0.1))
     branches = tuple(_branch(f"b.{d}.ff", MLP, d) for d in range(4)) + (
         _branch("b.0.attn1", "self_attention", 0),
         _branch("b.3.ff_joint", MLP, 3, tokens=None),  # no valid partial form
@@ -461,11 +464,11 @@ def test_toca_plan_turns_ratios_into_token_counts():
     full = policy.plan(StepContext(step=3, num_steps=10, timestep=None, generation=0, branches=branches))
     assert full == Plan.compute_all() and not full.partial
     with pytest.raises(PolicyError, match="num_steps"):
-        ax.ToCa().plan(StepContext(step=1, num_steps=None, timestep=None, generation=0, branches=branches))
+        Live(ax.ToCa()).plan(StepContext(step=1, num_steps=None, timestep=None, generation=0, branches=branches))
 
 
 def test_toca_scores_cache_age_and_spatial_bonus(caplog):
-    policy = ax.ToCa(ratio=0.1, age_weight=0.25, interval=3, spatial_grid=2, spatial_bonus=0.5)
+    policy = Live(ax.ToCa(ratio=0.1, age_weight=0.25, interval=3, spatial_grid=2, spatial_bonus=0.5))
     ff = _branch("b.0.ff", MLP, 0, tokens=16)
     ctx = StepContext(step=0, num_steps=10, timestep=None, generation=0, branches=(ff,), frames=1)
     policy.plan(ctx)
@@ -473,7 +476,7 @@ def test_toca_scores_cache_age_and_spatial_bonus(caplog):
     residual[:, 5] *= 3.0  # the largest norm: score 1 after min-max normalisation
     residual[:, 0] *= 2.0  # 0.5
     policy.observe(ctx, ff, (residual,), None)
-    scores = policy.scores(ff)
+    scores = policy.scores(ff, policy.state)
     # Norm term: token 5 -> 1, token 0 -> 0.5, others 0. Ages all 0. Spatial bonus +0.5 to the top of
     # each 2x2 cell of the 4x4 grid: cells {0,1,4,5} -> 5, {2,3,6,7} -> 2 (ties: first), {8,9,12,13} -> 8,
     # {10,11,14,15} -> 10.
@@ -482,8 +485,8 @@ def test_toca_scores_cache_age_and_spatial_bonus(caplog):
     expected[2] = expected[8] = expected[10] = 0.5
     torch.testing.assert_close(scores, expected)
     # Two tokens chosen: 5 and then the lowest index among the 0.5 ties (0). Their age resets.
-    assert policy.choose(ff, 2).tolist() == [0, 5]
-    aged = policy.scores(ff) - scores  # everyone else is one step older: + 0.25 * 1 / 3
+    assert policy.choose(ff, 2, policy.state).tolist() == [0, 5]
+    aged = policy.scores(ff, policy.state) - scores  # everyone else is one step older: + 0.25 * 1 / 3
     assert aged[0].item() == pytest.approx(0.0) and aged[5].item() == pytest.approx(0.0)
     assert aged[1].item() == pytest.approx(0.25 / 3)
     # The grid layout: square frames only.
@@ -493,7 +496,7 @@ def test_toca_scores_cache_age_and_spatial_bonus(caplog):
     # Scores that need an attention map say so and fall back.
     with caplog.at_level(logging.WARNING, logger="adacache_fx"):
         mapped = ax.ToCa(score="attention")
-        mapped.setup((ff,))
+        mapped.validate((ff,))
     assert mapped.effective_score == "norm"
     assert any("needs the attention map" in r.getMessage() for r in caplog.records)
 
@@ -518,19 +521,19 @@ def test_token_wise_policies_on_real_architectures_save_flops_per_step_kind(name
     reference = entry.build()
     model = entry.build()
     model.load_state_dict(reference.state_dict())
-    policy = POLICIES[policy_name]()
+    settings = POLICIES[policy_name]()
     plans: list[tuple[str, Plan]] = []
-    planner = policy.plan
 
-    def recording_plan(ctx: StepContext) -> Plan:  # record each step's kind and plan
-        if policy_name == "duca":
-            kind = policy.step_kind(ctx)
-        else:
-            kind = "full" if policy.is_full_step(ctx) else "token-wise"
-        plans.append((kind, planner(ctx)))
-        return plans[-1][1]
+    class Recording(type(settings)):  # policies are frozen: record each step's kind and plan in a subclass
+        def plan(self, ctx: StepContext, state) -> Plan:
+            if policy_name == "duca":
+                kind = self.step_kind(ctx, state)
+            else:
+                kind = "full" if self.is_full_step(ctx) else "token-wise"
+            plans.append((kind, super().plan(ctx, state)))
+            return plans[-1][1]
 
-    policy.plan = recording_plan
+    policy = Recording(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.init})
     ax.transform(model, policy)
     full = _call_flops(reference, entry.inputs(timestep=500.0, batch=BATCH))
     measured = []

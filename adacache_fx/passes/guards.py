@@ -196,7 +196,7 @@ def describe(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> dict[str, A
         state = sub.__dict__
         out[path] = {
             "id": id(sub),
-            "type": type(sub).__qualname__,
+            "type": f"{type(sub).__module__}.{type(sub).__qualname__}",
             "parameters": {n: _describe_value(p) for n, p in (*state["_parameters"].items(), *state["_buffers"].items())},
             "hooks": {"forward": tuple(state["_forward_hooks"]), "forward_pre": tuple(state["_forward_pre_hooks"])},
             "attributes": {k: _describe_value(v) for k, v in state.items()

@@ -16,18 +16,18 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from ..passes.guards import ModuleGuard, guard_module
+from ..passes.guards import guard_module
 from .runtime import ModelRuntime, Uncached
 
 # What a CachedBlock keeps beside nn.Module's own state; none of it survives pickling.
-_RUNTIME_STATE = ("bindings", "guard", "structures", "last_changes")
+_RUNTIME_STATE = ("bindings", "guard")
 
 
 def leaf_key(leaf: Any) -> Any:
     """What a capture is specialised to, for one flattened input."""
     if isinstance(leaf, torch.Tensor):
         # Strides too: export may specialise reshape to view for a contiguous input.
-        return (leaf.shape, leaf.stride(), leaf.dtype, leaf.device, type(leaf))
+        return (leaf.shape, leaf.stride(), leaf.dtype, leaf.device)
     if leaf is None or isinstance(leaf, (bool, int, float, str)):
         return leaf
     return (type(leaf), repr(leaf))
@@ -61,8 +61,6 @@ class CachedBlock(nn.Module):
     def _fresh_runtime_state(self) -> None:
         self.__dict__["bindings"] = {}  # input signature -> Binding | Uncached
         self.__dict__["guard"] = None  # ModuleGuard of the live block, recorded at its capture
-        self.__dict__["structures"] = set()  # structural keys this block was captured for
-        self.__dict__["last_changes"] = []
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -100,19 +98,20 @@ class CachedBlock(nn.Module):
         self.__dict__["guard"] = None
         self.epoch += 1
 
-    def _changed(self, guard: ModuleGuard) -> None:
-        changes = guard.changes(self.original)
-        self.__dict__["last_changes"] = changes
-        self.runtime.note_recapture(self.path, changes)
-        self.unbind("; ".join(changes))
-
     # -- call -----------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         runtime = self.runtime
         session = runtime.session()
         guard = self.guard
-        if guard is not None and not guard.holds():
-            self._changed(guard)
+        # Drivers that trace the model (export, the whole-model compile) run the bound programs as
+        # they are: tracing swaps parameters for its own tensors, which is not a change of the model.
+        if guard is not None and session.live and not guard.holds():
+            changes = guard.changes(self.original)
+            self.unbind("; ".join(changes))
+            if not runtime.note_recapture(session, self.path, changes):
+                return self.original(*args, **kwargs)
+        elif guard is None and session.rebinds.get(self.path, 0) > runtime.recapture_limit:
+            return self.original(*args, **kwargs)
         leaves, tree = pytree.tree_flatten((args, kwargs))
         signature = (tree, tuple(map(leaf_key, leaves)), session.ambient)
         binding = self.bindings.get(signature)

@@ -33,8 +33,10 @@ from .session import Session
 logger = logging.getLogger("adacache_fx")
 
 TIMESTEP_ARG_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas")
-#: Distinct captures one block may go through because the model kept changing under it (dynamo's
-#: recompile limit plays the same part); beyond it the block runs uncached, with a warning.
+#: Times one block may be bound anew within one generation because the model keeps changing under
+#: it (a LoRA scale set every step, a forward that rewrites its own attributes); beyond it the block
+#: runs uncached for the rest of that generation, with a warning (dynamo's recompile limit plays the
+#: same part). Changes between generations (switching adapters per request) are not limited.
 RECAPTURE_LIMIT = 8
 
 
@@ -53,15 +55,15 @@ def _forward_parameters(model: nn.Module) -> list[str]:
         return []
 
 
-def _timestep_reader(model: nn.Module):
-    """``(read(args, kwargs) -> float | None, argument name)``, or ``(None, None)``."""
-    params = _forward_parameters(model)
-    name = next((n for n in TIMESTEP_ARG_NAMES if n in params), None)
-    if name is None:
-        return None, None
-    position = params.index(name)
+@dataclass(frozen=True)
+class TimestepReader:
+    """Reads the model's timestep argument (``name``, positional index ``position``) as a float."""
 
-    def read(args: tuple, kwargs: dict) -> float | None:
+    name: str
+    position: int
+
+    def __call__(self, args: tuple, kwargs: dict) -> float | None:
+        name, position = self.name, self.position
         value = kwargs.get(name) if name in kwargs else (args[position] if position < len(args) else None)
         if value is None:
             return None
@@ -71,7 +73,13 @@ def _timestep_reader(model: nn.Module):
             return float(value.detach().reshape(-1)[0].item())
         return float(value)
 
-    return read, name
+
+def _timestep_reader(model: nn.Module) -> tuple[TimestepReader | None, str | None]:
+    params = _forward_parameters(model)
+    name = next((n for n in TIMESTEP_ARG_NAMES if n in params), None)
+    if name is None:
+        return None, None
+    return TimestepReader(name, params.index(name)), name
 
 
 def main_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -82,31 +90,35 @@ def main_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return next((a for a in args if isinstance(a, torch.Tensor)), None)
 
 
-def frames_reader(model: nn.Module):
-    """``f(args, kwargs) -> int | None``: latent frames per sample after temporal patching.
+@dataclass(frozen=True)
+class FramesReader:
+    """``reader(args, kwargs) -> int | None``: latent frames per sample after temporal patching.
 
     Video DiTs take 5-D latents, (B, C, T, H, W) or CogVideoX's (B, T, C, H, W): the channel axis is
     the one equal to ``config.in_channels``. LTX-Video takes tokens plus a ``num_frames`` argument.
     """
-    config = getattr(model, "config", None)
-    in_channels = getattr(config, "in_channels", None)
-    patch_t = getattr(config, "patch_size_t", None)
-    patch = getattr(config, "patch_size", None)
-    if patch_t is None and isinstance(patch, (tuple, list)) and len(patch) == 3:
-        patch_t = patch[0]
-    patch_t = int(patch_t or 1)
 
-    def read(args: tuple, kwargs: dict) -> int | None:
+    in_channels: int | None
+    patch_t: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "FramesReader":
+        config = getattr(model, "config", None)
+        patch_t = getattr(config, "patch_size_t", None)
+        patch = getattr(config, "patch_size", None)
+        if patch_t is None and isinstance(patch, (tuple, list)) and len(patch) == 3:
+            patch_t = patch[0]
+        return cls(getattr(config, "in_channels", None), int(patch_t or 1))
+
+    def __call__(self, args: tuple, kwargs: dict) -> int | None:
         frames = kwargs.get("num_frames")
         if isinstance(frames, int):
             return frames
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if not isinstance(hidden, torch.Tensor) or hidden.ndim != 5:
             return None
-        axis = 1 if hidden.shape[2] == in_channels and hidden.shape[1] != in_channels else 2
-        return max(1, int(hidden.shape[axis]) // patch_t)
-
-    return read
+        axis = 1 if hidden.shape[2] == self.in_channels and hidden.shape[1] != self.in_channels else 2
+        return max(1, int(hidden.shape[axis]) // self.patch_t)
 
 
 class ModelRuntime:
@@ -118,7 +130,7 @@ class ModelRuntime:
         self.executor = Executor(self.caps)
         self.recapture_limit = recapture_limit
         self.read_timestep, self.timestep_arg = _timestep_reader(model)
-        self.read_frames = frames_reader(model)
+        self.read_frames = FramesReader.of(model)
         self.blocks: list[nn.Module] = []  # the CachedBlock wrappers, set by transform()
         self.left_alone: list[tuple[str, str]] = []
         self.hooks: list[Any] = []
@@ -245,16 +257,7 @@ class ModelRuntime:
                 return known
             original = block.original
             original.training = block.training
-            structure = structural_key(original)
-            block.structures.add(structure)
-            if len(block.structures) > self.recapture_limit:
-                reason = (f"re-captured {self.recapture_limit} times because the model kept changing under it "
-                          f"(last: {'; '.join(block.last_changes) or 'unknown'}); it now runs uncached. Raise "
-                          "transform(..., recapture_limit=N) if those changes are deliberate")
-                logger.warning("adacache_fx: %s %s", block.path, reason)
-                self.uncached_blocks[block.path] = reason
-                return block.remember(signature, Uncached(reason))
-            key = (structure, signature)
+            key = (structural_key(original), signature)
             program = self.programs.get(key)
             if program is None:
                 try:
@@ -280,10 +283,23 @@ class ModelRuntime:
             binding = Binding(block.path, block.epoch, depth, program, program.bind(original), infos)
             return block.remember(signature, binding)
 
-    def note_recapture(self, path: str, changes: list[str]) -> None:
+    def note_recapture(self, session: Session, path: str, changes: list[str]) -> bool:
+        """Record that ``path`` changed; False when it changed too often this generation (see
+        :data:`RECAPTURE_LIMIT`): it then runs uncached until the generation ends."""
         logger.info("adacache_fx: %s changed (%s); it is captured again and its caches are dropped",
                     path, "; ".join(changes))
         self.recaptures.append((path, "; ".join(changes)))
+        count = session.rebinds[path] = session.rebinds.get(path, 0) + 1
+        if count <= self.recapture_limit:
+            return True
+        if f"limit:{path}" not in session.warned:
+            session.warned.add(f"limit:{path}")
+            reason = (f"changed {count} times in one generation (last: {'; '.join(changes)}); it runs uncached "
+                      "until the generation ends. Raise transform(..., recapture_limit=N) if those changes "
+                      "are deliberate")
+            logger.warning("adacache_fx: %s %s", path, reason)
+            self.uncached_blocks[path] = reason
+        return False
 
     # -- model call boundaries ----------------------------------------------------------------------
     def on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:

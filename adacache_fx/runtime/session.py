@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..passes.guards import ambient_state
 from ..policies.base import Capabilities, Plan, Policy, StepContext
 from .cache import CacheState
 from .steps import CallEvent, StepTracker
@@ -74,6 +75,7 @@ class Session:
         self.warned: set[str] = set()
         # Reference tensors of in-graph decisions (ax.compile(scope="model")), per call slot.
         self.in_graph: dict[int, torch.Tensor] = {}
+        self.rebinds: dict[str, int] = {}  # block path -> times bound anew this generation
 
     @property
     def slot(self) -> int:
@@ -103,6 +105,8 @@ class Session:
     def _fresh_generation(self) -> None:
         self.caches.clear()
         self.in_graph.clear()
+        self.rebinds.clear()
+        self.warned = {w for w in self.warned if not w.startswith("limit:")}
         self.policy_state = self.policy.new_state()
 
     def reset(self) -> None:
@@ -165,6 +169,7 @@ class FixedSession(Session):
     def __init__(self, policy: Policy, caps: Capabilities, plan: Plan, policy_state: Any = None) -> None:
         super().__init__(policy, caps)
         self.policy_state = policy_state
+        self.ambient = ambient_state()  # what live calls key their captures by
         self.plan = self.step_plan = plan
         self.stored: dict[str, tuple[torch.Tensor, ...]] = {}
 

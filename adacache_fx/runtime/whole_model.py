@@ -150,7 +150,7 @@ class CompiledModel(nn.Module):
             raise TypeError("ax.compile(scope='model'): call the model with keyword arguments")
         guard = self._guard
         if guard is not None and not guard.holds():
-            runtime.note_recapture("the whole model", guard.changes())
+            runtime.note_recapture(runtime.session(), "the whole model", guard.changes())
             self._graphs.clear()
             self.__dict__["_guard"] = None
         key = _signature(kwargs)
