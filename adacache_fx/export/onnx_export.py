@@ -186,7 +186,7 @@ def _export_conditional(model, example_kwargs, directory: Path, names, tensors, 
             cache_in.append((branch, i))
     output_names = ["output"] + [f"cache_out.{b}.{i}" for b, i in cache_in]
     path = directory / "model_if.onnx"
-    with torch.no_grad():
+    with torch.no_grad(), runtime.tracing():
         torch.onnx.export(
             module, tuple(inputs), str(path), dynamo=True, input_names=input_names, output_names=output_names,
             opset_version=opset_version, external_data=False, optimize=True,
@@ -270,7 +270,7 @@ def onnx(
         input_names = names + [f"cache_in.{b}.{i}" for b, i in cache_in]
         output_names = ["output"] + [f"cache_out.{b}.{i}" for b, i in cache_out]
         path = directory / f"variant_{index}.onnx"
-        with torch.no_grad():
+        with torch.no_grad(), runtime.tracing():
             torch.onnx.export(
                 module, tuple(tensors) + tuple(cache_values), str(path), dynamo=True,
                 input_names=input_names, output_names=output_names, opset_version=opset_version,

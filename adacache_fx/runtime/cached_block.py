@@ -92,6 +92,10 @@ class CachedBlock(nn.Module):
             self.__dict__["guard"] = guard_module(self.original)
         return binding
 
+    def record_guard(self) -> None:
+        """Record the guard of the live block anew (after a driver's trace, see ``ModelRuntime.tracing``)."""
+        self.__dict__["guard"] = guard_module(self.original)
+
     def unbind(self, reason: str) -> None:
         """Forget every binding: the next call captures the block for its state then."""
         self.bindings.clear()

@@ -111,13 +111,15 @@ class Executor:
         if entry is None:
             return None
         owner = entry.owner
+        same_block = isinstance(owner, Binding) and binding is not None and (
+            owner.path == binding.path and owner.epoch == binding.epoch)
         if session.call.cond_only:
-            if owner is None or binding is None or (owner.path == binding.path and owner.epoch == binding.epoch):
+            if owner is None or binding is None or same_block:
                 return cond_rows(entry, self.caps.guidance_layout)
             return None
         if owner is None or owner is binding or binding is None:
             return entry
-        if owner.path == binding.path and owner.epoch == binding.epoch and f"shape:{binding.path}" not in session.warned:
+        if same_block and f"shape:{binding.path}" not in session.warned:
             session.warned.add(f"shape:{binding.path}")
             logger.warning(
                 "adacache_fx: %s was called with new input shapes at step %d of a generation; it was "

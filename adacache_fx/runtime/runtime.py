@@ -193,6 +193,18 @@ class ModelRuntime:
         finally:
             self._local.session = previous
 
+    @contextlib.contextmanager
+    def tracing(self) -> Iterator[None]:
+        """Around a driver's ``torch.export`` (or ONNX export) of the model: tracing swaps the
+        model's parameters for its own tensors and back, which bumps the dictionaries the guards
+        watch without changing the model. Guards that held before are recorded again after."""
+        held = [block for block in self.blocks if block.guard is not None and block.guard.holds()]
+        try:
+            yield
+        finally:
+            for block in held:
+                block.record_guard()
+
     def _drop_dead_sessions(self) -> None:
         alive = set(map(id, self._threads.values()))
         for session in self._sessions:

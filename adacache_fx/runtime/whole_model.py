@@ -252,7 +252,7 @@ class CompiledModel(nn.Module):
             example.extend(t.clone() for t in zeros[info.id])  # distinct storages: no aliasing
         if self.in_step:
             example += [reference_zeros.clone(), torch.tensor(False)]
-        with torch.no_grad():
+        with torch.no_grad(), runtime.tracing():
             traced(*example)  # eagerly once: records the output structure (export keeps no record)
             program = torch.export.export(traced, tuple(example), strict=False)
         graph = torch.compile(program.module(), fullgraph=True, **self.compile_options)
