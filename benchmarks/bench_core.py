@@ -67,18 +67,29 @@ def branch_seconds(model, kwargs, repeats=3) -> tuple[float, float]:
     with torch.no_grad():
         for module, args, kw in calls.values():
             leaves, tree = pytree.tree_flatten((args, kw))
-            spec = next(s for s in module._specialisations.values())
-            inputs = spec.bound(leaves)
+            binding = next(b for b in module.bindings.values() if getattr(b, "branches", None))
+            inputs = binding.inputs(leaves)
             best: dict[str, float] = {}
             for _ in range(repeats):
-                timer = _NodeTimer(spec.shared.captured.graph_module)
+                timer = _NodeTimer(binding.program.captured.graph_module)
                 timer.run(*inputs)
                 for name, t in timer.times.items():
                     best[name] = min(best.get(name, float("inf")), t)
-            region_nodes = set().union(*(r.nodes for r in spec.shared.analysis.regions))
+            region_nodes = set().union(*(r.nodes for r in binding.program.regions))
             branch_total += sum(t for n, t in best.items() if n in region_nodes)
             block_total += sum(best.values())
     return branch_total, block_total
+
+
+def guard_microseconds(model, repeats: int = 2000) -> tuple[float, int]:
+    """Mean microseconds of one block's guard check (what every block call pays to follow the live
+    model), over the model's blocks, and how many blocks one model call checks."""
+    blocks = [m for m in model.modules() if isinstance(m, CachedBlock) and m.guard is not None]
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for block in blocks:
+            assert block.guard.holds()
+    return 1e6 * (time.perf_counter() - start) / (repeats * len(blocks)), len(blocks)
 
 
 def time_call(model, kwargs) -> float:
@@ -156,6 +167,9 @@ def main() -> None:
     # The ideal reuse step skips exactly the branch operations and nothing else. Their share of a
     # call is measured in one window (operation timings, then whole calls) so drift cancels.
     b_seconds, block_seconds = branch_seconds(static, kwargs)
+    guard_us, guarded_blocks = guard_microseconds(nocache)
+    compute_steps = [t for t, reuse in zip(steps["static"], reuse_steps) if not reuse]
+    reuse_step_times = [t for t, reuse in zip(steps["static"], reuse_steps) if reuse]
     call_seconds = min(time_call(original, kwargs) for _ in range(3))
     branch_share = min(b_seconds / call_seconds, 1.0)
     ideal_loop = sum(t * (1 - branch_share) if reuse else t for t, reuse in zip(steps["original"], reuse_steps))
@@ -187,6 +201,10 @@ def main() -> None:
         "static2_speedup_measured": round(measured_speedup, 3),
         "static2_speedup_ideal": round(ideal_speedup, 3),
         "static2_measured_over_ideal": round(measured_speedup / ideal_speedup, 3),
+        "reuse_step_over_compute_step": round(statistics.median(reuse_step_times) / statistics.median(compute_steps), 4)
+        if reuse_step_times and compute_steps else None,
+        "guard_check_us_per_block_call": round(guard_us, 2),
+        "guard_checks_per_model_call": guarded_blocks,
     }
     RESULTS.mkdir(exist_ok=True)
     name = "core_cpu_small.json" if args.small else "core_cpu.json"

@@ -314,7 +314,7 @@ def test_runner_switches_engines_per_step_like_the_onnx_runner(zoo_exports, tmp_
     assert runner.plans == reference.plans
     assert executed == [engine_of[plan] for plan in runner.plans]  # the engine of each step's plan
     assert [len(p) for p in runner.plans] == [0, 4, 0, 4, 0, 4, 0]  # Static(2): compute, reuse, ...
-    assert set(runner.caches) == {b.id for b in exported.branches}
+    assert set(runner.session.caches.values(0)) == {b.id for b in exported.branches}
 
     runner.start(steps)  # a new generation starts from no cache: the first step computes
     runner(**entry.inputs(timestep=999.0))

@@ -159,6 +159,15 @@ CHANGES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _keep_the_global_attention_backend():
+    """``set_attention_backend`` also sets diffusers' process-wide active backend: restore it."""
+    from diffusers.models.attention_dispatch import attention_backend
+
+    with attention_backend("native"):
+        yield
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_nocache_follows_every_change(name):
     """After each change, in order, the transformed model equals the untransformed one."""

@@ -31,7 +31,7 @@ from ..passes.rewrite import RegionState
 from ..policies.base import BranchInfo, Capabilities, Plan, Policy
 from ..runtime.executor import Executor
 from ..runtime.session import FixedSession, Session
-from ..runtime.whole_model import ConditionalModel
+from ..runtime.whole_model import ConditionalModel, TensorArguments
 
 logger = logging.getLogger("adacache_fx")
 
@@ -142,17 +142,13 @@ class _PlanModule(nn.Module):
         self.reuse = reuse
         self.cache_in = cache_in
         self.cache_out = cache_out
-        self._leaves, self._spec = pytree.tree_flatten(kwargs)
-        self._is_tensor = [isinstance(leaf, torch.Tensor) for leaf in self._leaves]
+        self.__dict__["arguments"] = TensorArguments(kwargs)
         self.stored: dict[str, tuple[torch.Tensor, ...]] = {}
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        count = sum(self._is_tensor)
-        given = iter(tensors[:count])
-        leaves = [next(given) if is_tensor else leaf for leaf, is_tensor in zip(self._leaves, self._is_tensor)]
-        kwargs = pytree.tree_unflatten(leaves, self._spec)
+        kwargs = self.arguments.kwargs(tensors)
         caches: dict[str, list[torch.Tensor]] = {}
-        for (branch, _index), value in zip(self.cache_in, tensors[count:]):
+        for (branch, _index), value in zip(self.cache_in, tensors[self.arguments.count:]):
             caches.setdefault(branch, []).append(value)
         runtime = get_runtime(self.model)
         session = FixedSession(runtime.policy, runtime.caps, Plan.reuse_only(self.reuse), self.policy_state)

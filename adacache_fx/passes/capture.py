@@ -134,7 +134,8 @@ def drop_dead_code(graph_module: fx.GraphModule) -> fx.GraphModule:
 CLEANUP_PASSES = (drop_runtime_checks, drop_eval_dropout, drop_redundant_clones, drop_dead_code)
 
 
-def _leaf_key(leaf: Any) -> Any:
+def leaf_key(leaf: Any) -> Any:
+    """What a capture is specialised to, for one flattened call input."""
     if isinstance(leaf, torch.Tensor):
         # Strides too: export may specialise reshape to view for a contiguous input.
         return (leaf.shape, leaf.stride(), leaf.dtype, leaf.device)
@@ -146,7 +147,7 @@ def _leaf_key(leaf: Any) -> Any:
 def call_signature(args: tuple, kwargs: dict) -> tuple:
     """A hashable key of everything a captured graph is specialised to."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
-    return (spec, tuple(_leaf_key(leaf) for leaf in leaves))
+    return (spec, tuple(leaf_key(leaf) for leaf in leaves))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from .capture import eliminate_dead_code
 from .residuals import Region, identifier
-from .rewrite import set_branch_value
+from .rewrite import copy_for_rewrite, set_branch_value
 
 
 def _region_function(
@@ -106,12 +106,7 @@ def build_conditional(
     per residual of the region, shaped like its branch value)."""
     if len(cached) != len(regions):
         raise ValueError(f"{len(cached)} cached flags for {len(regions)} regions")
-    graph = fx.Graph()
-    value_map: dict[fx.Node, fx.Node] = {}
-    output_value = graph.graph_copy(graph_module.graph, value_map)
-    by_name = {old.name: new for old, new in value_map.items()}
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    anchor = placeholders[-1] if placeholders else None
+    graph, by_name, output_value, anchor = copy_for_rewrite(graph_module)
     order = {node: i for i, node in enumerate(graph.nodes)}
 
     branches: dict[str, fx.Graph] = {}

@@ -44,6 +44,17 @@ def set_branch_value(add: fx.Node, residual: Residual, value: fx.Node) -> None:
     add.args = tuple(args)
 
 
+def copy_for_rewrite(graph_module: fx.GraphModule) -> tuple[fx.Graph, dict[str, fx.Node], object, fx.Node | None]:
+    """A copy of ``graph_module``'s graph to rewrite: ``(graph, new node by old name, the output
+    value, the last placeholder)``; the caller adds the output."""
+    graph = fx.Graph()
+    value_map: dict[fx.Node, fx.Node] = {}
+    output_value = graph.graph_copy(graph_module.graph, value_map)
+    by_name = {old.name: new for old, new in value_map.items()}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    return graph, by_name, output_value, placeholders[-1] if placeholders else None
+
+
 def build_variant(
     graph_module: fx.GraphModule,
     regions: list[Region],
@@ -74,12 +85,7 @@ def build_variant(
                 raise ValueError(
                     f"region {region.name!r}: {count} tokens to recompute, expected 1..{region.token_flow.tokens}"
                 )
-    graph = fx.Graph()
-    value_map: dict[fx.Node, fx.Node] = {}
-    output_value = graph.graph_copy(graph_module.graph, value_map)
-    by_name = {old.name: new for old, new in value_map.items()}
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    last_placeholder = placeholders[-1] if placeholders else None
+    graph, by_name, output_value, last_placeholder = copy_for_rewrite(graph_module)
 
     new_inputs: list[fx.Node] = []
     new_outputs: list[fx.Node] = []
@@ -121,7 +127,7 @@ def build_variant(
     graph.lint()
 
     alive_new = set(graph.nodes)
-    remaining = {old.name for old, new in value_map.items() if new in alive_new}
+    remaining = {name for name, new in by_name.items() if new in alive_new}
     for region, state in zip(regions, states):
         if state == RegionState.REUSE:
             alive = region.nodes & remaining

@@ -12,25 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from ..passes.capture import leaf_key
 from ..passes.guards import guard_module
 from .runtime import ModelRuntime, Uncached
 
 # What a CachedBlock keeps beside nn.Module's own state; none of it survives pickling.
 _RUNTIME_STATE = ("bindings", "guard")
-
-
-def leaf_key(leaf: Any) -> Any:
-    """What a capture is specialised to, for one flattened input."""
-    if isinstance(leaf, torch.Tensor):
-        # Strides too: export may specialise reshape to view for a contiguous input.
-        return (leaf.shape, leaf.stride(), leaf.dtype, leaf.device)
-    if leaf is None or isinstance(leaf, (bool, int, float, str)):
-        return leaf
-    return (type(leaf), repr(leaf))
 
 
 class CachedBlock(nn.Module):

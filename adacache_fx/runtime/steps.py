@@ -35,6 +35,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 #: Share of a new latent's norm that the last step's latent and outputs may leave unexplained for
 #: the call to still continue the same generation (see the module docstring).
@@ -148,7 +149,14 @@ class StepTracker:
 
     def on_call(self, timestep: float | None, latent: torch.Tensor | None = None,
                 context_step: int | None = None) -> CallEvent:
-        """Advance on a model call; say whether it starts a generation and/or a step."""
+        """Advance on a model call; say whether it starts a generation and/or a step. The checks
+        are bookkeeping, not the model's work: they run outside any dispatch mode of the caller
+        (a FlopCounterMode measuring the call does not count them)."""
+        with _disable_current_modes():
+            return self._on_call(timestep, latent, context_step)
+
+    def _on_call(self, timestep: float | None, latent: torch.Tensor | None,
+                 context_step: int | None) -> CallEvent:
         reason = ""
         if self.generation < 0:
             self.start_generation()
@@ -175,7 +183,8 @@ class StepTracker:
     def after_call(self, output: torch.Tensor | None) -> None:
         """Remember a call's output: the next step's latent is checked against it."""
         if output is not None and not self.explicit:
-            self._outputs.append(output.detach().clone())
+            with _disable_current_modes():
+                self._outputs.append(output.detach().clone())
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -28,6 +28,21 @@ from .runtime import ModelRuntime
 from .session import Session, TracedSession
 
 
+class TensorArguments:
+    """One call's keyword arguments with their tensor leaves as the inputs of a traced function:
+    ``kwargs(tensors)`` rebuilds the call from the tensors (first ``count``); the rest stays fixed."""
+
+    def __init__(self, kwargs: dict) -> None:
+        self.leaves, self.spec = pytree.tree_flatten(kwargs)
+        self.is_tensor = [isinstance(leaf, torch.Tensor) for leaf in self.leaves]
+        self.count = sum(self.is_tensor)
+
+    def kwargs(self, tensors: tuple) -> dict:
+        given = iter(tensors[: self.count])
+        return pytree.tree_unflatten(
+            [next(given) if is_tensor else leaf for leaf, is_tensor in zip(self.leaves, self.is_tensor)], self.spec)
+
+
 class ConditionalModel(nn.Module):
     """A transformed model as a function of tensors only, every cached branch deciding at run time:
     ``(*model tensors, *[reuse_b, *cache_b for b in decisions]) -> (*output tensors, *new cache_b)``.
@@ -51,18 +66,14 @@ class ConditionalModel(nn.Module):
         self.decisions = decisions
         self.residuals = residuals
         self.first_output_only = first_output_only
-        self._leaves, self._spec = pytree.tree_flatten(kwargs)
-        self._is_tensor = [isinstance(leaf, torch.Tensor) for leaf in self._leaves]
+        self.__dict__["arguments"] = TensorArguments(kwargs)
         # The model output's structure, filled when traced (export restores module attributes, so
         # it is a dict mutated in place).
         self.__dict__["output"] = {}
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        count = sum(self._is_tensor)
-        given = iter(tensors[:count])
-        leaves = [next(given) if is_tensor else leaf for leaf, is_tensor in zip(self._leaves, self._is_tensor)]
-        kwargs = pytree.tree_unflatten(leaves, self._spec)
-        rest = iter(tensors[count:])
+        kwargs = self.arguments.kwargs(tensors)
+        rest = iter(tensors[self.arguments.count:])
         reuse, cache_in = {}, {}
         for branch in self.decisions:
             reuse[branch] = next(rest)
