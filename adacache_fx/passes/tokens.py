@@ -46,7 +46,7 @@ _VIEW = {"view", "_unsafe_view", "reshape", "view_copy"}
 _EXPAND = {"expand", "expand_copy"}
 # Ops that only move, copy or retype data: the token axis moves with them.
 _LAYOUT = {
-    "permute", "transpose", "t", "unsqueeze", "squeeze", "clone", "contiguous", "alias", "detach",
+    "permute", "transpose", "t", "unsqueeze", "squeeze", "flatten", "clone", "contiguous", "alias", "detach",
     "_to_copy", "to", "type_as", "empty_like", "zeros_like", "ones_like", "full_like",
     "view_as_complex", "view_as_real", "lift_fresh_copy", "getitem",
 }
