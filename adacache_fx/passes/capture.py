@@ -63,14 +63,20 @@ def drop_runtime_checks(graph_module: fx.GraphModule) -> fx.GraphModule:
 
 
 def drop_eval_dropout(graph_module: fx.GraphModule) -> fx.GraphModule:
-    """Pass: replace eval-mode (or zero-probability) dropouts, identities, by their inputs."""
+    """Pass: replace eval-mode (or zero-probability) dropouts, identities, by copies of their input
+    (what export's inference IR makes of them); :func:`drop_redundant_clones` then removes every copy
+    that does not keep an output apart from an input."""
     out = copy_graph_module(graph_module)
-    for node in list(out.graph.nodes):
+    graph = out.graph
+    for node in list(graph.nodes):
         if node.op == "call_function" and node.target is torch.ops.aten.dropout.default and (
             node.args[2] is False or node.args[1] == 0.0
         ):
-            node.replace_all_uses_with(node.args[0])
-            out.graph.erase_node(node)
+            with graph.inserting_before(node):
+                copy = graph.call_function(torch.ops.aten.clone.default, (node.args[0],))
+            copy.meta = dict(node.meta)
+            node.replace_all_uses_with(copy)
+            graph.erase_node(node)
     out.recompile()
     return out
 
