@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import types
 from typing import Iterator
 
 import torch.nn as nn
@@ -12,6 +13,7 @@ from .errors import AlreadyTransformedError, NotTransformedError
 from .passes.find_blocks import find_block_lists
 from .policies.base import Policy
 from .runtime.cached_block import CachedBlock
+from .runtime.dynamo import HandOffForward
 from .runtime.executor import GraphRunner
 from .runtime.report import Report, build_report
 from .runtime.runtime import RECAPTURE_LIMIT, ModelRuntime
@@ -22,9 +24,15 @@ logger = logging.getLogger("adacache_fx")
 _RUNTIME_ATTR = "_adacache_fx_runtime"
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model itself behind ``torch.compile``'s wrapper."""
+    inner = model.__dict__.get("_modules", {}).get("_orig_mod")
+    return inner if inner is not None and type(model).__name__ == "OptimizedModule" else model
+
+
 def get_runtime(model: nn.Module) -> ModelRuntime:
     """The runtime state of a transformed model (caches, steps, statistics)."""
-    runtime = model.__dict__.get(_RUNTIME_ATTR)
+    runtime = _unwrapped(model).__dict__.get(_RUNTIME_ATTR)
     if runtime is None:
         raise NotTransformedError(
             f"{type(model).__name__} is not transformed; call adacache_fx.transform(model, policy) first"
@@ -33,7 +41,7 @@ def get_runtime(model: nn.Module) -> ModelRuntime:
 
 
 def is_transformed(model: nn.Module) -> bool:
-    return _RUNTIME_ATTR in model.__dict__
+    return _RUNTIME_ATTR in _unwrapped(model).__dict__
 
 
 def transform(
@@ -65,6 +73,8 @@ def transform(
             it (a LoRA scale changed every step, say); beyond it the block runs uncached, with a
             warning, as dynamo falls back after its recompile limit.
     """
+    compiled = model
+    model = _unwrapped(model)  # torch.compile(model) first, then transform: the model inside
     if is_transformed(model):
         raise AlreadyTransformedError(
             f"{type(model).__name__} is already transformed by adacache_fx; call "
@@ -103,22 +113,33 @@ def transform(
         model.register_forward_pre_hook(runtime.on_model_call, with_kwargs=True),
         model.register_forward_hook(runtime.after_model_call, with_kwargs=True),
     ]
+    # torch.compile meets a forward that hands the call over (see runtime/dynamo.py).
+    model.__dict__["forward"] = HandOffForward(runtime, model.forward)
     model.__dict__[_RUNTIME_ATTR] = runtime
     runtime.attach_pipeline_signals(model)
-    return model
+    return compiled
 
 
 def restore(model: nn.Module) -> nn.Module:
     """Undo :func:`transform`: the original block objects go back in place. Returns ``model``."""
+    compiled = model
+    model = _unwrapped(model)
     runtime = get_runtime(model)
     runtime.detach_pipeline_signals(model)
+    forward = model.__dict__.get("forward")
+    if isinstance(forward, HandOffForward):
+        if isinstance(forward.forward, types.MethodType) and forward.forward.__self__ is model \
+                and forward.forward.__func__ is type(model).forward:
+            del model.__dict__["forward"]  # the class's own forward again
+        else:
+            model.__dict__["forward"] = forward.forward  # what was installed before transform
     for wrapper in runtime.blocks:
         model.get_submodule(wrapper.list_name)[wrapper.index] = wrapper.original
         wrapper.original.training = wrapper.training
     for hook in runtime.hooks:
         hook.remove()
     del model.__dict__[_RUNTIME_ATTR]
-    return model
+    return compiled
 
 
 @contextlib.contextmanager
@@ -172,8 +193,10 @@ def compile(  # noqa: A001 - mirrors torch.compile, which it applies
     ``scope="model"``: on torch 2.13 Inductor fails on the whole-model graph (a stride assertion
     inside a compiled ``torch.cond`` branch whose operand Inductor laid out differently outside it).
 
-    Calling ``torch.compile(model, fullgraph=True)`` yourself on a transformed model is not
-    supported: the runtime's host-side step tracking breaks the graph. Use one of the two scopes.
+    ``torch.compile(model)`` on a transformed model (before or after its first call) hands each
+    call over to this runtime at the model's entry (one graph break): the blocks run their
+    plan-variant graphs compiled with these options (Inductor, ``fullgraph=True`` when this function
+    was not called). ``fullgraph=True`` there raises, naming ``scope="model"``.
     """
     runtime = get_runtime(model)
     if scope not in ("blocks", "model"):

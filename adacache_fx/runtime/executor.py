@@ -185,7 +185,8 @@ class Executor:
                 inputs.append(tokens[i])
                 inputs.extend(entries[i].values)
                 partial_flops[i] = program.partial_flops(i, counts[i])
-        outputs = self.graphs.variant(program, states, counts)(*inputs)
+        graphs = session.call.graphs or self.graphs
+        outputs = graphs.variant(program, states, counts)(*inputs)
         offset = program.num_user_outputs
         for i, (info, state) in enumerate(zip(binding.branches, states)):
             values: tuple = ()
@@ -244,7 +245,7 @@ class Executor:
         """Read the in-step signal that must exist before the first block runs."""
         signal = self.caps.signal
         if signal.kind == "modulated_input":
-            probe = self.graphs.probe(binding.program)
+            probe = (session.call.graphs or self.graphs).probe(binding.program)
             if probe is None:
                 raise PolicyError(
                     f"{type(self.policy).__name__} needs the {signal.kind!r} signal, but the first block "
@@ -292,7 +293,7 @@ class Executor:
         if state not in (STORE, PARTIAL):
             return
         new = tuple(t.detach() for t in values)
-        if self.graphs.copies_outputs:  # the next replay of this graph reuses its output buffers
+        if (call.graphs or self.graphs).copies_outputs:  # the next replay reuses its output buffers
             new = tuple(t.clone() for t in new)
         policy_state = session.policy_state
         if self.caps.watches(info, policy_state) and session.context is not None:

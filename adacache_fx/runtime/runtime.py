@@ -135,6 +135,7 @@ class ModelRuntime:
         self.left_alone: list[tuple[str, str]] = []
         self.hooks: list[Any] = []
         self.signals: Any = None  # the diffusers hook that hears pipeline calls end (if any)
+        self._handoff_graphs: GraphRunner | None = None  # block graphs of calls torch.compile hands over
         self._init_state()
 
     def _init_state(self) -> None:
@@ -157,7 +158,7 @@ class ModelRuntime:
         state = dict(self.__dict__)
         for key in ("_lock", "programs", "branches", "_branch_tuple", "block_order", "block_flops",
                     "uncached_blocks", "recaptures", "model_flops", "_validated_for", "_sessions", "_local",
-                    "_threads", "executor", "signals"):
+                    "_threads", "executor", "signals", "_handoff_graphs"):
             state.pop(key, None)
         state["graph_options"] = self.executor.graphs.options
         return state
@@ -167,6 +168,7 @@ class ModelRuntime:
         self.__dict__.update(state)
         self.executor = Executor(self.caps, GraphRunner(options))
         self.signals = None
+        self._handoff_graphs = None
         self._init_state()
 
     # -- sessions -----------------------------------------------------------------------------------
@@ -315,6 +317,8 @@ class ModelRuntime:
 
     # -- model call boundaries ----------------------------------------------------------------------
     def on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+            return None  # the handed-over call runs it (see .dynamo)
         session = self.session()
         if not session.live:
             return None
@@ -351,6 +355,8 @@ class ModelRuntime:
         return guidance.halve_call(args, kwargs, call.rows, layout, type(self.policy).__name__)
 
     def after_model_call(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+            return None
         session = self.session()
         if not session.live:
             return None
@@ -385,6 +391,23 @@ class ModelRuntime:
             for index, leaf in enumerate(leaves)
         ]
         return pytree.tree_unflatten(rebuilt, spec)
+
+    def call_handed_over(self, forward: Any, args: tuple, kwargs: dict) -> Any:
+        """One model call that ``torch.compile`` handed over (see :mod:`.dynamo`): the hooks' work
+        and the forward, eagerly, the blocks on fullgraph-compiled variant graphs."""
+        changed = self.on_model_call(None, args, kwargs)
+        if changed is not None:
+            args, kwargs = changed
+        session = self.session()
+        graphs = self.executor.graphs
+        if not graphs.compiling:
+            if self._handoff_graphs is None:
+                self._handoff_graphs = GraphRunner({"backend": "inductor", "fullgraph": True})
+            graphs = self._handoff_graphs
+        session.call.graphs = graphs
+        output = forward(*args, **kwargs)
+        result = self.after_model_call(None, args, kwargs, output)
+        return output if result is None else result
 
     # -- what a diffusers pipeline says -------------------------------------------------------------
     def on_pipeline_end(self) -> None:

@@ -51,6 +51,7 @@ class CallState:
     rows: int | None = None  # batch of the call as the caller made it
     stream_start: torch.Tensor | None = None  # main stream entering block 0 (First-Block-Cache)
     tokens: dict = field(default_factory=dict)  # token indices of the plan, per device
+    graphs: Any = None  # the GraphRunner of this call, when not the executor's own (a torch.compile hand-over)
 
 
 class Session:
