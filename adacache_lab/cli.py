@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:  # torchao (a test extra) reports its optional CUDA kernels on every import
+        logging.getLogger("torchao").setLevel(logging.ERROR)
     return args.func(args)
 
 

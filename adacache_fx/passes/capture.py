@@ -186,17 +186,46 @@ class CapturedGraph:
         }
 
 
+def subclass_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors inside a tensor subclass (torchao's quantized weights), in the order export
+    names them when it unwraps a subclass parameter (``<name>.parametrizations.<param>.original<i>``):
+    depth first through ``__tensor_flatten__``'s attributes."""
+    if type(tensor) is torch.Tensor or isinstance(tensor, nn.Parameter) and type(tensor.data) is torch.Tensor:
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    out: list[torch.Tensor] = []
+    for name in names:
+        out.extend(subclass_tensors(getattr(tensor, name)))
+    return out
+
+
 class BoundInputs:
-    """Resolves a captured graph's parameter/buffer inputs against one live block, cheaply per call."""
+    """Resolves a captured graph's parameter/buffer inputs against one live block, cheaply per call.
+
+    A tensor-subclass parameter that export unwrapped (``to_q.parametrizations.weight.original0``)
+    is read as the live parameter's inner tensor."""
 
     def __init__(self, captured: CapturedGraph, block: nn.Module) -> None:
         self._sources: list[tuple[str, Any, Any]] = []
         for binding in captured.bindings:
             if binding.kind in ("parameter", "buffer"):
-                owner_path, _, name = str(binding.target).rpartition(".")
+                target = str(binding.target)
+                unwrapped = ".parametrizations." in f".{target}"
+                if unwrapped:
+                    owner_path, _, rest = f".{target}".partition(".parametrizations.")
+                    owner_path = owner_path.lstrip(".")
+                    name, _, original = rest.partition(".")
+                    index = int(original.removeprefix("original"))
+                else:
+                    owner_path, _, name = target.rpartition(".")
                 owner = block.get_submodule(owner_path) if owner_path else block
-                store = owner._parameters if binding.kind == "parameter" else owner._buffers
-                self._sources.append(("state", store, name))
+                store = owner._parameters if binding.kind == "parameter" or unwrapped else owner._buffers
+                if unwrapped and name not in store:
+                    store = owner._buffers
+                if unwrapped:
+                    self._sources.append(("inner", (store, name), index))
+                else:
+                    self._sources.append(("state", store, name))
             elif binding.kind == "constant":
                 self._sources.append(("constant", binding.target, None))
             else:
@@ -207,6 +236,9 @@ class BoundInputs:
         for kind, a, b in self._sources:
             if kind == "state":
                 out.append(a[b])
+            elif kind == "inner":
+                store, name = a
+                out.append(subclass_tensors(store[name])[b])
             elif kind == "user":
                 out.append(leaves[a])
             else:
@@ -214,8 +246,12 @@ class BoundInputs:
         return out
 
 
-def _is_functional(graph_module: fx.GraphModule) -> bool:
-    """No in-place op and no higher-order op (autocast or grad-mode regions) in export's graph."""
+def _is_functional(graph_module: fx.GraphModule, block: nn.Module) -> bool:
+    """No in-place op and no higher-order op (autocast or grad-mode regions) in export's graph, and
+    no tensor-subclass weight (quantized: decomposing unwraps it into plain tensors)."""
+    if any(type(t) is not torch.Tensor and type(getattr(t, "data", t)) is not torch.Tensor
+           for t in (*block.parameters(), *block.buffers())):
+        return False
     for node in graph_module.graph.nodes:
         if node.op != "call_function":
             continue
@@ -247,7 +283,7 @@ def export_block(block: nn.Module, args: tuple, kwargs: dict, name: str) -> Capt
             # torch's own pytree internals warn about a deprecated LeafSpec check here.
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             program = torch.export.export(block, args, kwargs, strict=False)
-            if not _is_functional(program.graph_module):
+            if not _is_functional(program.graph_module, block):
                 # Functionalise (in-place writes such as RoPE's ``out[..., 0::2] = ...`` become pure
                 # ops that dead-code elimination can drop) without decomposing linear/attention/norms.
                 # Two thirds of a capture's time, so only where the graph needs it.
