@@ -25,8 +25,13 @@ _RUNTIME_ATTR = "_adacache_fx_runtime"
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
-    """The model itself behind ``torch.compile``'s wrapper."""
-    inner = model.__dict__.get("_modules", {}).get("_orig_mod")
+    """The model itself behind ``torch.compile``'s wrapper or ``ax.compile(scope="model")``'s."""
+    from .runtime.whole_model import CompiledModel
+
+    modules = model.__dict__.get("_modules", {})
+    if isinstance(model, CompiledModel):
+        return modules["model"]
+    inner = modules.get("_orig_mod")
     return inner if inner is not None and type(model).__name__ == "OptimizedModule" else model
 
 
@@ -186,12 +191,12 @@ def compile(  # noqa: A001 - mirrors torch.compile, which it applies
     stands in for ``model``): the whole model is one compiled graph in which each cached branch is a
     ``torch.cond`` on a boolean input; the host plans each step and feeds the decisions and caches in
     (explicit state). One graph for every plan: no recompiles when plans change, embedders and final
-    layer compiled too. Schedule-driven policies only (Static, AdaCache, PAB, TaylorSeer, FasterCache
-    without CFG-Cache); the first call runs eagerly to capture the blocks.
+    layer compiled too. Schedule-driven policies and First-Block-Cache (its decision inside the
+    graph); the first call at each input signature runs eagerly to capture the blocks.
 
-    ``backend``: default ``"inductor"`` for ``scope="blocks"`` and ``"aot_eager"`` for
-    ``scope="model"``: on torch 2.13 Inductor fails on the whole-model graph (a stride assertion
-    inside a compiled ``torch.cond`` branch whose operand Inductor laid out differently outside it).
+    ``backend``: default ``"inductor"``. Under ``scope="model"`` also ``"aot_inductor"``: the graph is
+    compiled ahead of time into a package (``torch._inductor.aoti_compile_and_package``;
+    ``options={"package_path": "model.pt2"}``, default a temporary file) and loaded for the loop.
 
     ``torch.compile(model)`` on a transformed model (before or after its first call) hands each
     call over to this runtime at the model's entry (one graph break): the blocks run their
@@ -202,7 +207,9 @@ def compile(  # noqa: A001 - mirrors torch.compile, which it applies
     if scope not in ("blocks", "model"):
         raise ValueError(f"ax.compile(scope={scope!r}): 'blocks' (each plan-variant block graph) or 'model' (one graph)")
     if backend is None:
-        backend = "aot_eager" if scope == "model" else "inductor"
+        backend = "inductor"
+    if backend == "aot_inductor" and scope != "model":
+        raise ValueError("ax.compile(backend='aot_inductor') compiles the whole model ahead of time: pass scope='model'")
     options_ = {"backend": backend, "mode": mode, "dynamic": dynamic, **({"options": options} if options else {})}
     if scope == "model":
         from .runtime.whole_model import CompiledModel

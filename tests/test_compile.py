@@ -80,19 +80,21 @@ def test_compile_needs_a_transformed_model():
 
 
 # -- scope="model": the whole model as one graph, each cached branch a torch.cond -------------------
-def _run_whole(name, make_policy):
-    return _run_pair(name, make_policy, compile_model=lambda model: ax.compile(model, scope="model"))
+def _run_whole(name, make_policy, backend="aot_eager"):
+    return _run_pair(name, make_policy, compile_model=lambda model: ax.compile(model, scope="model", backend=backend))
 
 
 @pytest.mark.parametrize(
-    "name, policy_name",
-    [("dit", "static"), ("latte", "static"), ("wan", "static"), ("latte", "adacache"),
+    "name, policy_name, backend",
+    [("dit", "static", "inductor"), ("latte", "static", "aot_eager"), ("wan", "static", "inductor"),
+     ("latte", "adacache", "aot_eager"),
      # In-step: First-Block-Cache decides inside the graph (torch.cond on a computed flag, its
      # reference residual as explicit state); on Flux its decisions change from step to step.
-     ("flux", "first_block_cache")],
+     ("flux", "first_block_cache", "inductor")],
 )
-def test_whole_model_compiles_to_one_graph_with_decisions_inside(name, policy_name):
-    eager, model, diffs, graphs_after_warmup = _run_whole(name, POLICIES[policy_name])
+def test_whole_model_compiles_to_one_graph_with_decisions_inside(name, policy_name, backend):
+    """Inductor (the default) as well: its cond operands are pinned to the traced layouts."""
+    eager, model, diffs, graphs_after_warmup = _run_whole(name, POLICIES[policy_name], backend)
     assert dict(counters["graph_break"]) == {}
     # One graph for every plan of both generations: plans change the reuse inputs, not the graph.
     assert counters["stats"]["unique_graphs"] == graphs_after_warmup == 1
@@ -188,3 +190,35 @@ def test_fullgraph_torch_compile_says_why_and_names_the_one_graph_form():
     with pytest.raises(Exception, match=r"adacache_fx\.compile\(model, scope='model'\)"):
         with torch.no_grad():
             compiled(**entry.inputs(timestep=500.0))
+
+
+def test_whole_model_follows_a_batch_change_with_inductor():
+    """Shapes re-specialise as in eager: batch 1 then 2 gets a graph each, caches per shape."""
+    entry = ZOO["wan"]
+    eager = ax.transform(entry.build(), ax.Static(2))
+    compiled = ax.compile(ax.transform(entry.build(), ax.Static(2)), scope="model")
+    with torch.no_grad():
+        for batch in (1, 2, 1):
+            for i in range(4):
+                inputs = entry.inputs(timestep=999.0 - i * 100.0, batch=batch)
+                assert max_abs(_sample(eager(**inputs)), _sample(compiled(**inputs))) <= 1e-4, (batch, i)
+    plans = [(s.computed, s.reused) for s in ax.report(eager).steps]
+    assert plans == [(s.computed, s.reused) for s in ax.report(compiled).steps]
+
+
+def test_aot_inductor_package_runs_a_20_step_loop_like_eager(tmp_path):
+    """torch._inductor.aoti_compile_and_package of the transformed model's one graph, loaded back."""
+    entry = ZOO["dit"]
+    eager = ax.transform(entry.build(), ax.Static(2))
+    package = tmp_path / "dit.pt2"
+    compiled = ax.compile(ax.transform(entry.build(), ax.Static(2)), scope="model", backend="aot_inductor",
+                          options={"package_path": str(package)})
+    diffs = []
+    with torch.no_grad(), ax.generation(eager, num_steps=STEPS), ax.generation(compiled, num_steps=STEPS):
+        for i in range(STEPS):
+            inputs = entry.inputs(timestep=999.0 - i * (999.0 / STEPS))
+            diffs.append(max_abs(_sample(eager(**inputs)), _sample(compiled(**inputs))))
+    assert package.exists() and max(diffs) <= 1e-4
+    plans = [(s.computed, s.reused) for s in ax.report(eager).steps]
+    assert plans == [(s.computed, s.reused) for s in ax.report(compiled).steps]
+    assert any(reused for _, reused in plans)

@@ -238,3 +238,17 @@ def test_capture_drops_free_copies_but_keeps_an_output_from_aliasing_the_input()
     out = captured.graph_module(*[p for p in block.parameters()], x)
     torch.testing.assert_close(out[0], block(x)[0], rtol=0, atol=0)
     assert out[1].data_ptr() != x.data_ptr()
+
+
+def test_a_capture_at_new_shapes_is_not_taken_for_a_change_of_the_model():
+    """Export swaps a block's parameters and back while it captures: the guards must not read
+    that as the user changing the model (which would drop the block's caches at every new shape)."""
+    entry = ZOO["wan"]
+    model = ax.transform(entry.build(), ax.Static(2))
+    with torch.no_grad():
+        for batch in (1, 2, 1, 2):
+            for step in range(2):
+                model(**entry.inputs(timestep=999.0 - 100.0 * step, batch=batch))
+    report = ax.report(model)
+    assert report.recaptures == []
+    assert [s.reused > 0 for s in report.steps] == [False, True] * 4

@@ -45,6 +45,7 @@ def copy_graph_module(graph_module: fx.GraphModule, class_name: str = "CapturedB
     """A new graph module with a copy of ``graph_module``'s graph (node metadata included): what a
     pass edits, so that the graph it was given stays as it was."""
     graph = fx.Graph()
+    graph._codegen = graph_module.graph._codegen  # how inputs and outputs are (un)flattened
     output = graph.graph_copy(graph_module.graph, {})
     graph.output(output)
     return fx.GraphModule(graph_module, graph, class_name=class_name)

@@ -16,7 +16,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .capture import eliminate_dead_code
+from .capture import copy_graph_module, eliminate_dead_code
 from .residuals import Region, identifier
 from .rewrite import copy_for_rewrite, set_branch_value
 
@@ -91,10 +91,66 @@ def _unaliased(graph: fx.Graph, operands: list[fx.Node]) -> list[fx.Node]:
     out = []
     for node in operands:
         root = base(node)
+        value = node.meta.get("val")
         if root in seen:
-            node = graph.call_function(torch.ops.aten.clone.default, (node,))
+            node = _copy(graph, node, torch.contiguous_format)
+        elif isinstance(value, torch.Tensor) and not value.is_contiguous():
+            # Inductor may lay a strided view out densely outside a cond and still compile the
+            # branch for the view's strides (an assert_size_stride fails at run time): a dense copy
+            # gives both sides one layout.
+            node = _copy(graph, node, torch.contiguous_format)
         seen.add(root)
         out.append(node)
+    return out
+
+
+def _copy(graph: fx.Graph, node: fx.Node, memory_format: torch.memory_format) -> fx.Node:
+    copy = graph.call_function(torch.ops.aten.clone.default, (node,), {"memory_format": memory_format})
+    value = node.meta.get("val")
+    if isinstance(value, torch.Tensor):
+        copy.meta["val"] = value.clone(memory_format=memory_format)
+    return copy
+
+
+@torch.library.custom_op("adacache_fx::dense_copy", mutates_args=())
+def dense_copy(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy that compilers keep as it is (an opaque op with a fixed output layout)."""
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+@dense_copy.register_fake
+def _dense_copy_fake(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def pin_cond_operands(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """Pass: every tensor operand of every ``torch.cond`` computed inside the graph goes through
+    :func:`dense_copy` first.
+
+    Inductor compiles a cond's branches for the strides its operands had when traced, but lays out
+    an operand computed by a fused kernel as it likes (a transposed buffer for a ``cat``, say); the
+    branch then fails its ``assert_size_stride`` at run time (torch 2.13). An opaque copy with a
+    fixed contiguous layout gives both sides the same strides. Graph inputs keep theirs as given.
+    For Inductor only: other backends take the graph as it is.
+    """
+    out = copy_graph_module(graph_module, class_name=type(graph_module).__name__)
+    graph = out.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.higher_order.cond:
+            continue
+        predicate, true_fn, false_fn, operands = node.args
+        pinned = []
+        for operand in operands:
+            value = operand.meta.get("val") if isinstance(operand, fx.Node) else None
+            if isinstance(value, torch.Tensor) and operand.op != "placeholder":
+                with graph.inserting_before(node):
+                    copy = graph.call_function(torch.ops.adacache_fx.dense_copy.default, (operand,))
+                copy.meta["val"] = _dense_copy_fake(value)
+                operand = copy
+            pinned.append(operand)
+        node.args = (predicate, true_fn, false_fn, tuple(pinned))
+    graph.lint()
+    out.recompile()
     return out
 
 

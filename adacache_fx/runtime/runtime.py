@@ -285,6 +285,8 @@ class ModelRuntime:
                     self.uncached_blocks[block.path] = str(exc)
                     return block.remember(signature, Uncached(str(exc)))
                 self.programs[key] = program
+                if block.guard is not None:  # export swapped the block's parameters and back
+                    block.record_guard()
                 for note in program.notes:
                     logger.info("adacache_fx: %s: %s", block.path, note)
                 if not program.regions:

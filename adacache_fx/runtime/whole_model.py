@@ -21,7 +21,8 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from ..errors import PolicyError
-from ..passes.guards import ModuleGuard, guard_module
+from ..passes.conditional import pin_cond_operands
+from ..passes.guards import guard_module
 from ..passes.rewrite import RegionState
 from ..policies.base import BranchInfo
 from .runtime import ModelRuntime
@@ -149,28 +150,33 @@ class CompiledModel(nn.Module):
         except AttributeError:
             return getattr(self._modules["model"], name)
 
-    def _model_guard(self) -> "_AllOf":
-        runtime = self.runtime
-        guards = [(guard_module(self.model, skip=tuple(runtime.blocks)), self.model)]
-        guards += [(block.guard or guard_module(block.original), block.original) for block in runtime.blocks]
-        return _AllOf(guards)
+    def _holds(self) -> bool:
+        """The model outside the blocks, and every block, as when the graphs were made."""
+        guard = self._guard
+        return guard is not None and guard.holds() and all(
+            block.guard is not None and block.guard.holds() for block in self.runtime.blocks)
+
+    def _changes(self) -> list[str]:
+        changes = [] if self._guard is None or self._guard.holds() else self._guard.changes(self.model)
+        for block in self.runtime.blocks:
+            if block.guard is not None and not block.guard.holds():
+                changes += [f"{block.path}: {c}" for c in block.guard.changes(block.original)]
+        return changes[:4] or ["a block was captured again"]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         runtime = self.runtime
         if args:
             raise TypeError("ax.compile(scope='model'): call the model with keyword arguments")
-        guard = self._guard
-        if guard is not None and not guard.holds():
-            runtime.note_recapture(runtime.session(), "the whole model", guard.changes())
+        if self._graphs and not self._holds():
+            runtime.note_recapture(runtime.session(), "the whole model", self._changes())
             self._graphs.clear()
-            self.__dict__["_guard"] = None
         key = _signature(kwargs)
         entry = self._graphs.get(key)
         if entry is None:
             output = self.model(**kwargs)  # eager: captures the blocks at these shapes (and plans)
             self._graphs[key] = self._build(kwargs, runtime.session())
-            if self._guard is None:
-                self.__dict__["_guard"] = self._model_guard()
+            # After the export (it swaps parameters): the model outside the blocks, as it is now.
+            self.__dict__["_guard"] = guard_module(self.model, skip=tuple(runtime.blocks))
             return output
         return self._run(entry, kwargs)
 
@@ -226,6 +232,19 @@ class CompiledModel(nn.Module):
         runtime.after_model_call(self.model, (), kwargs, output)
         return output
 
+    def _compile(self, program: Any, example: list) -> Any:
+        """The exported whole-model program compiled with the options of ``ax.compile``."""
+        options = dict(self.compile_options)
+        backend = options.pop("backend")
+        if backend not in ("inductor", "aot_inductor"):
+            return torch.compile(program.module(), fullgraph=True, backend=backend, **options)
+        pinned = pin_cond_operands(program.module())  # Inductor's cond operand layouts (see there)
+        if backend == "inductor":
+            return torch.compile(pinned, fullgraph=True, backend=backend, **options)
+        with torch.no_grad():
+            pinned_program = torch.export.export(pinned, tuple(example), strict=False)
+        return _aot_inductor(pinned_program, example, options.get("options") or {})
+
     def _build(self, kwargs: dict, session: Session) -> _Graph:
         """After an eager call: which branches decide in the graph, their cache shapes; export, compile."""
         runtime = self.runtime
@@ -266,7 +285,7 @@ class CompiledModel(nn.Module):
         with torch.no_grad(), runtime.tracing():
             traced(*example)  # eagerly once: records the output structure (export keeps no record)
             program = torch.export.export(traced, tuple(example), strict=False)
-        graph = torch.compile(program.module(), fullgraph=True, **self.compile_options)
+        graph = self._compile(program, example)
         built = _Graph(graph, traced, conditional, zeros, covered, reference_zeros)
         # The eager call's residuals go on serving the compiled graph's steps.
         for info in conditional:
@@ -275,17 +294,19 @@ class CompiledModel(nn.Module):
         return built
 
 
-class _AllOf:
-    """The guards of several modules as one."""
+def _aot_inductor(program: Any, example: list, options: dict) -> Any:
+    """``program`` compiled ahead of time with AOTInductor into a package, loaded back."""
+    import tempfile
 
-    def __init__(self, guards: list[tuple[ModuleGuard, nn.Module]]) -> None:
-        self.guards = guards
+    from torch._inductor import aoti_compile_and_package, aoti_load_package
 
-    def holds(self) -> bool:
-        return all(guard.holds() for guard, _ in self.guards)
-
-    def changes(self) -> list[str]:
-        return [c for guard, module in self.guards if not guard.holds() for c in guard.changes(module)][:4]
+    path = options.get("package_path")
+    if path is None:
+        path = tempfile.NamedTemporaryFile(suffix=".pt2", prefix="adacache_fx_", delete=False).name
+    inductor_options = {k: v for k, v in options.items() if k != "package_path"}
+    package = aoti_compile_and_package(program, package_path=path, inductor_configs=inductor_options or None)
+    runner = aoti_load_package(package)
+    return lambda *feeds: runner(*feeds)
 
 
 def _signature(kwargs: dict) -> tuple:
