@@ -1,11 +1,14 @@
 """Compiled cached vs compiled uncached vs eager: mid-size Latte on a CPU, Latte-1's size on a GPU.
 
-Three models from one config and weights, run as interleaved 10-step loops (fastest of ``--loops``
-at each step position):
+Models from one config and weights, run as interleaved 10-step loops (fastest of ``--loops`` at
+each step position):
 
+* the untransformed model, eager and ``torch.compile``'d (Inductor): the baselines;
 * eager, ``NoCache``;
 * ``ax.compile`` (Inductor, every plan variant ``fullgraph=True``), ``NoCache``;
-* ``ax.compile``, ``Static(2)``.
+* ``ax.compile``, ``Static(2)``;
+* plain ``torch.compile`` of a ``Static(2)``-transformed model (the call handed over at the entry);
+* ``ax.compile(scope="model")`` (Inductor, one graph, every cached branch a ``torch.cond``), ``Static(2)``.
 
 Ideal speed-up of the compiled cached loop over the compiled uncached one: each reuse step takes the
 uncached step's time scaled by the FLOPs that still run (``FlopCounterMode`` on one uncached call and
@@ -79,22 +82,28 @@ def main() -> None:
     config = LATTE_SIZES[size]
     dtype = torch.float16 if args.fp16 else torch.float32
     eager, make_inputs = latte(**config)
-    compiled_nocache, _ = latte(**config)
-    compiled_static, _ = latte(**config)
-    for m in (compiled_nocache, compiled_static):
+    others = {name: latte(**config)[0] for name in ("original", "original_compiled", "compiled_nocache",
+                                                     "compiled_static", "torch_compile_static", "model_scope_static")}
+    for m in others.values():
         m.load_state_dict(eager.state_dict())
-    for m in (eager, compiled_nocache, compiled_static):
+    for m in (eager, *others.values()):
         m.to(device=args.device, dtype=dtype)
+    compiled_nocache, compiled_static = others["compiled_nocache"], others["compiled_static"]
 
     def inputs(**kwargs):
         return {k: (v.to(device=args.device, dtype=dtype if v.is_floating_point() else v.dtype)
                     if isinstance(v, torch.Tensor) else v) for k, v in make_inputs(**kwargs).items()}
 
+    static = lambda: ax.Static(interval=2, warmup=1, cooldown=1)  # noqa: E731
     ax.transform(eager, ax.NoCache())
     ax.compile(ax.transform(compiled_nocache, ax.NoCache()), mode=args.mode)
-    ax.compile(ax.transform(compiled_static, ax.Static(interval=2, warmup=1, cooldown=1)), mode=args.mode)
+    ax.compile(ax.transform(compiled_static, static()), mode=args.mode)
+    torch_compiled = torch.compile(ax.transform(others["torch_compile_static"], static()))
+    model_scope = ax.compile(ax.transform(others["model_scope_static"], static()), scope="model")
     timesteps = [999.0 - i * (999.0 / args.steps) for i in range(args.steps)]
-    models = {"eager": eager, "compiled_nocache": compiled_nocache, "compiled_static2": compiled_static}
+    models = {"original_eager": others["original"], "original_compiled": torch.compile(others["original_compiled"]),
+              "eager": eager, "compiled_nocache": compiled_nocache, "compiled_static2": compiled_static,
+              "torch_compile_static2": torch_compiled, "model_scope_static2": model_scope}
 
     counters.clear()
     start = time.perf_counter()
@@ -107,7 +116,8 @@ def main() -> None:
     loops: dict[str, list[list[float]]] = {name: [] for name in models}
     for _ in tqdm(range(args.loops), desc="interleaved loops"):
         for name, model in models.items():
-            ax.reset(model)
+            if ax.is_transformed(model):
+                ax.reset(model)
             loops[name].append(run_loop(model, inputs, timesteps, args.steps))
     steps = {name: [min(ts) for ts in zip(*runs)] for name, runs in loops.items()}
 
@@ -134,7 +144,7 @@ def main() -> None:
         "backend": f"inductor, fullgraph=True per plan variant (ax.compile), mode={args.mode}",
         "warmup_seconds_all_three_models": round(warmup_seconds, 1),
         "compiled_graphs": graphs,
-        "graph_breaks": sum(counters["graph_break"].values()),
+        "graph_breaks": sum(counters["graph_break"].values()),  # the torch.compile hand-over: 1
         "recompiles_after_warmup": 0,  # error_on_recompile was on for every timed loop
         "loop_s": {name: round(v, 3) for name, v in total.items()},
         "step_s": {name: [round(t, 3) for t in ts] for name, ts in steps.items()},
@@ -144,6 +154,9 @@ def main() -> None:
         "static2_speedup_ideal_flops": round(ideal, 3),
         "static2_measured_over_ideal": round(measured / ideal, 3),
         "speedup_compiled_static2_over_eager_uncached": round(total["eager"] / total["compiled_static2"], 3),
+        "torch_compile_static2_over_ax_compile_static2": round(total["torch_compile_static2"] / total["compiled_static2"], 3),
+        "model_scope_static2_over_ax_compile_static2": round(total["model_scope_static2"] / total["compiled_static2"], 3),
+        "compiled_nocache_over_original_compiled": round(total["compiled_nocache"] / total["original_compiled"], 3),
     }
     RESULTS.mkdir(exist_ok=True)
     device = args.device.split(":")[0]
