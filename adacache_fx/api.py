@@ -56,6 +56,7 @@ def transform(
     blocks: list[str] | None = None,
     on_capture_error: str = "raise",
     recapture_limit: int = RECAPTURE_LIMIT,
+    fold: bool = True,
 ) -> nn.Module:
     """Rewrite every residual branch of the model's transformer blocks into a cached region.
 
@@ -77,6 +78,10 @@ def transform(
         recapture_limit: captures one block may go through because the model keeps changing under
             it (a LoRA scale changed every step, say); beyond it the block runs uncached, with a
             warning, as dynamo falls back after its recompile limit.
+        fold: for policies that reuse whole blocks together (Static, AdaCache, First-Block-Cache,
+            TeaCache), keep one residual per stream for each span of consecutive blocks instead of
+            one per branch (``stream_out - stream_in``; equal to per-branch reuse up to float
+            rounding), and on a reuse step pass the span's blocks through and add it once.
     """
     compiled = model
     model = _unwrapped(model)  # torch.compile(model) first, then transform: the model inside
@@ -94,7 +99,7 @@ def transform(
     if isinstance(recapture_limit, bool) or not isinstance(recapture_limit, int) or recapture_limit < 1:
         raise ValueError(f"recapture_limit must be an int >= 1, got {recapture_limit!r}")
     search = find_block_lists(model, blocks)
-    runtime = ModelRuntime(model, policy, recapture_limit)
+    runtime = ModelRuntime(model, policy, recapture_limit, fold=fold)
     runtime.left_alone = list(search.left_alone)
     for block_list in search.chosen:
         module_list = model.get_submodule(block_list.name)
@@ -102,6 +107,7 @@ def transform(
             wrapper = CachedBlock(block, block_list.name, index, runtime, on_capture_error)
             module_list[index] = wrapper
             runtime.blocks.append(wrapper)
+            runtime.executor.blocks[wrapper.path] = wrapper
         logger.info(
             "adacache_fx: transformed %s (%d x %s)",
             block_list.name, len(block_list.blocks), block_list.block_class,

@@ -2,10 +2,12 @@
 
 Every peer tool leaves AdaCache codebooks, TeaCache coefficients and First-Block-Cache thresholds to
 hand tuning. :func:`calibrate` runs a few uncached generations of *your* model, records the signal the
-policy decides from (the metric branch's residuals, the modulated input, the first blocks' residual)
-and fits the policy's one threshold knob so that its decisions, replayed on those recordings, reach the
-requested fraction of branch executions computed. TeaCache's rescaling polynomial is fitted too, from
-the recorded pairs (modulated-input change, model-output change), as the TeaCache authors do offline.
+policy decides from (the metric branch's residuals, the modulated input, the first blocks' residual,
+the model's input latent and output) and fits the policy's one threshold knob so that its decisions,
+replayed on those recordings, reach the requested fraction of branch executions computed. TeaCache's
+rescaling polynomial is fitted too, from the recorded pairs (modulated-input change, model-output
+change), as the TeaCache authors do offline; MagCache's magnitude-ratio curve is recorded from the
+whole model's residual (output minus input latent), as its authors calibrate it from one run.
 
 The replay assumes the trajectory does not change when steps are reused; it does a little, which is why
 the fitted knob sits in the middle of the range of values that give the closest fraction.
@@ -28,12 +30,16 @@ from .api import generation, get_runtime, is_transformed, report, restore, trans
 from .errors import PolicyError
 from .policies.adacache import AdaCache
 from .policies.base import BranchInfo, InStepDecider, InStepSignal, Observer, Plan, Policy, StepContext
+from .policies.easycache import EasyCache
 from .policies.first_block import FirstBlockCache
+from .policies.magcache import MagCache, magnitude_ratios, model_residual, nearest_interp
 from .policies.teacache import TeaCache, relative_l1
 
 logger = logging.getLogger("adacache_fx")
 
-CALIBRATABLE = (AdaCache, TeaCache, FirstBlockCache)
+CALIBRATABLE = (AdaCache, TeaCache, FirstBlockCache, MagCache, EasyCache)
+#: Policies that decide from the model's input latent and output (recorded per step).
+_LATENT_POLICIES = (MagCache, EasyCache)
 
 
 @dataclass
@@ -48,6 +54,7 @@ class Calibration:
     runs: int
     steps_per_run: list[int]
     coefficients: tuple[float, ...] | None = None  # TeaCache's fitted rescaling polynomial
+    mag_ratios: tuple[float, ...] | None = None  # MagCache's recorded magnitude-ratio curve
     curve: list[tuple[float, float]] = field(default_factory=list, repr=False)  # (knob, replayed fraction)
     # (knob, compute fraction measured by running the model with it) for each refinement round
     measured: list[tuple[float, float]] = field(default_factory=list)
@@ -68,6 +75,8 @@ class Calibration:
             lines.append(f"  measured by running the model ({self.knob} -> compute fraction): {rounds}")
         if self.coefficients is not None:
             lines.append("  fitted rescale coefficients: [" + ", ".join(f"{c:.6g}" for c in self.coefficients) + "]")
+        if self.mag_ratios is not None:
+            lines.append("  recorded magnitude ratios: [" + ", ".join(f"{r:.5f}" for r in self.mag_ratios) + "]")
         return "\n".join(lines)
 
 
@@ -78,6 +87,8 @@ class _Recording:
     frames: int | None = None  # the model's latent frames, for MoReg in the replay
     residuals: dict[int, dict[int, tuple[torch.Tensor, ...]]] = field(default_factory=dict)
     signals: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
+    # The input latent of each step's first call (MagCache, EasyCache); outputs come from a hook.
+    latents: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,6 +123,13 @@ class _Recorder(Policy):
         return self.target.in_step_signal() if isinstance(self.target, InStepDecider) else None
 
     def plan(self, ctx: StepContext, state: _RecorderState) -> Plan:
+        if isinstance(self.target, _LATENT_POLICIES):
+            # They decide from the input latent (and the output, which calibrate's hook records);
+            # their plan() needs what is being recorded (MagCache's curve), so it is not run here.
+            if ctx.latent is not None:
+                self.recording.latents.setdefault(ctx.generation, {})[ctx.step] = ctx.latent.detach().float().cpu()
+            state.ready = bool(ctx.branches)
+            return Plan.compute_all()
         if ctx.branches:
             self.target.plan(ctx, state.target)  # for what it derives from the branches (AdaCache's layout)
             state.ready = True
@@ -179,7 +197,7 @@ def _pick(curve: list[tuple[float, float]], target: float) -> tuple[float, float
 
 def calibrate(
     model: nn.Module,
-    policy: AdaCache | TeaCache | FirstBlockCache,
+    policy: AdaCache | TeaCache | FirstBlockCache | MagCache | EasyCache,
     run: Callable[[nn.Module, int], Any],
     *,
     target: float,
@@ -195,13 +213,15 @@ def calibrate(
         model: the untransformed model (e.g. ``pipe.transformer``); it is transformed with a recording
             policy for the runs and restored afterwards.
         policy: the policy to fit, with every other setting as you want it (``AdaCache.fast(30)``,
-            ``TeaCache()``, ``FirstBlockCache(blocks=1)``); its thresholds are the starting point.
+            ``TeaCache()``, ``FirstBlockCache(blocks=1)``, ``MagCache()``, ``EasyCache()``); its
+            thresholds are the starting point.
         run: ``run(model, i)`` performs one whole generation with your inputs number ``i`` (e.g. calls
             your pipeline with seed ``i``). Use the step count you will use in production.
         target: requested fraction of branch executions computed, in (0, 1].
         runs: how many generations to record.
-        fit_coefficients: TeaCache only: fit the rescaling polynomial (default: when the policy has no
-            coefficients).
+        fit_coefficients: TeaCache: fit the rescaling polynomial (default: when the policy has no
+            coefficients). MagCache: record the magnitude-ratio curve from the runs (default: when the
+            policy has none). Ignored by the other policies.
         refine: rounds of checking the fit by running the model with it (``runs`` generations each)
             and correcting the knob by the gap between measured and replayed fraction (reusing
             moves the trajectory, which the replay cannot see). 0: replay only.
@@ -212,7 +232,8 @@ def calibrate(
     """
     if not isinstance(policy, CALIBRATABLE):
         raise PolicyError(
-            f"calibrate() fits AdaCache, TeaCache and FirstBlockCache; got {type(policy).__name__}"
+            f"calibrate() fits AdaCache, TeaCache and FirstBlockCache, and MagCache and EasyCache; "
+            f"got {type(policy).__name__}"
         )
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target compute fraction must be in (0, 1], got {target}")
@@ -251,6 +272,12 @@ def calibrate(
     elif isinstance(policy, TeaCache):
         fitted = _fit_teacache(policy, recorder.recording, outputs, target, points, fit_coefficients)
         with_knob = fitted.policy.with_delta  # keeps the fitted coefficients
+    elif isinstance(policy, MagCache):
+        fitted = _fit_magcache(policy, recorder.recording, outputs, target, points, fit_coefficients)
+        with_knob = fitted.policy.with_threshold  # keeps the recorded curve
+    elif isinstance(policy, EasyCache):
+        fitted = _fit_easycache(policy, recorder.recording, outputs, target, points)
+        with_knob = fitted.policy.with_threshold
     else:
         fitted = _fit_first_block(policy, recorder.recording, branches, target, points)
         with_knob = fitted.policy.with_threshold
@@ -385,4 +412,81 @@ def _fit_first_block(
     return Calibration(
         policy.with_threshold(threshold), target, predicted, "threshold", threshold, len(runs),
         [len(r) for r in runs], curve=curve,
+    )
+
+
+def _latent_runs(recorder: _Recording, outputs: dict[int, dict[int, torch.Tensor]], owner: str
+                 ) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """(latents, outputs) per recorded generation, over the steps that have both."""
+    runs = []
+    for gen, latents in recorder.latents.items():
+        outs = outputs.get(gen, {})
+        steps = sorted(s for s in latents if s in outs)
+        if len(steps) > 1 and steps == list(range(len(steps))):
+            runs.append(([latents[s] for s in steps], [outs[s] for s in steps]))
+    if not runs:
+        raise PolicyError(
+            f"calibrate(): {owner} needs the model's input latent and output of every step; no run of "
+            "at least 2 steps recorded both (does the model take its latent as hidden_states or its "
+            "first argument?)"
+        )
+    return runs
+
+
+def _fit_magcache(
+    policy: MagCache,
+    recorder: _Recording,
+    outputs: dict[int, dict[int, torch.Tensor]],
+    target: float,
+    points: int,
+    fit_curve: bool | None,
+) -> Calibration:
+    runs = _latent_runs(recorder, outputs, "MagCache")
+    lengths = [len(latents) for latents, _ in runs]
+    if fit_curve is None:
+        fit_curve = policy.ratios is None
+    curve = None
+    if fit_curve:
+        # One curve per run (the authors calibrate from a single sample); runs of other lengths are
+        # stretched to the most common length, then averaged step by step.
+        length = max(set(lengths), key=lengths.count)
+        curves = []
+        for latents, outs in runs:
+            ratios = magnitude_ratios([model_residual(x, o) for x, o in zip(latents, outs)])
+            curves.append(ratios if len(ratios) == length else nearest_interp(ratios, length))
+        curve = tuple(float(np.mean([c[i] for c in curves])) for i in range(length))
+        policy = policy.with_ratios(curve)
+    elif policy.ratios is None:
+        raise PolicyError("calibrate(MagCache, fit_coefficients=False): the policy has no curve to keep")
+
+    def flags_for(threshold: float) -> list[list[bool]]:
+        candidate = policy.with_threshold(threshold)
+        return [candidate.simulate(policy.num_steps or n) for n in lengths]
+
+    curve_points = _fraction_curve(flags_for, 1.0, 1e-6, 1e2, points)
+    threshold, predicted = _pick(curve_points, target)
+    return Calibration(
+        policy.with_threshold(threshold), target, predicted, "threshold", threshold, len(runs),
+        lengths, curve=curve_points, mag_ratios=curve,
+    )
+
+
+def _fit_easycache(
+    policy: EasyCache,
+    recorder: _Recording,
+    outputs: dict[int, dict[int, torch.Tensor]],
+    target: float,
+    points: int,
+) -> Calibration:
+    runs = _latent_runs(recorder, outputs, "EasyCache")
+
+    def flags_for(threshold: float) -> list[list[bool]]:
+        candidate = policy.with_threshold(threshold)
+        return [candidate.simulate(latents, outs) for latents, outs in runs]
+
+    curve_points = _fraction_curve(flags_for, 1.0, 1e-6, 1e2, points)
+    threshold, predicted = _pick(curve_points, target)
+    return Calibration(
+        policy.with_threshold(threshold), target, predicted, "threshold", threshold, len(runs),
+        [len(latents) for latents, _ in runs], curve=curve_points,
     )

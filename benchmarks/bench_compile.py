@@ -142,7 +142,7 @@ def main() -> None:
         "model": f"LatteTransformer3DModel {config or '8 spatial + 8 temporal blocks, hidden 384, 4096 tokens'}",
         "dtype": str(dtype),
         "backend": f"inductor, fullgraph=True per plan variant (ax.compile), mode={args.mode}",
-        "warmup_seconds_all_three_models": round(warmup_seconds, 1),
+        "warmup_seconds_all_models": round(warmup_seconds, 1),
         "compiled_graphs": graphs,
         "graph_breaks": sum(counters["graph_break"].values()),  # the torch.compile hand-over: 1
         "recompiles_after_warmup": 0,  # error_on_recompile was on for every timed loop

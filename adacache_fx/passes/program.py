@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from .capture import BoundInputs, CapturedGraph, capture_block
 from .conditional import build_conditional
 from .flops import count_node_flops
+from .fold import fold_map
 from .probe import extract_value, modulated_input
 from .residuals import BlockAnalysis, Region, analyse_block
 from .rewrite import RegionState, build_variant
@@ -76,7 +77,9 @@ class BlockProgram:
 
     ``regions``: the cacheable residual regions, in graph order; ``node_flops``: FLOPs per node
     (None when they could not be counted); ``stream``: (input, output) index of the main stream;
-    ``probe_node``: the node holding the first branch's modulated input (TeaCache's signal).
+    ``probe_node``: the node holding the first branch's modulated input (TeaCache's signal);
+    ``fold``: per user output, the call input (flattened leaf index) it carries when every branch
+    is reused (see :mod:`.fold`), or None when the block cannot be folded.
     """
 
     name: str
@@ -87,6 +90,7 @@ class BlockProgram:
     node_flops: Mapping[str, int] | None
     stream: tuple[int, int] | None
     probe_node: str | None
+    fold: tuple[int, ...] | None = None
     _memo: dict = field(default_factory=dict, repr=False)
     _lock: Any = field(default_factory=threading.Lock, repr=False)
 
@@ -165,6 +169,13 @@ def build_program(block: nn.Module, args: tuple, kwargs: dict, *, name: str, tem
     regions = with_token_flows(captured, analysis)
     probe = modulated_input(captured, analysis) if regions else None
     stream = main_stream(captured, analysis.stream_inputs) if regions else None
+    fold = None
+    if regions:
+        reused = build_variant(captured.graph_module, list(regions), (RegionState.REUSE,) * len(regions))
+        placeholders = captured.placeholders()
+        users = {node.name: binding.target for node, binding in zip(placeholders, captured.bindings)
+                 if binding.kind == "user"}
+        fold = fold_map(reused, users, captured.num_user_outputs)
     return BlockProgram(
         name=name,
         captured=captured,
@@ -174,5 +185,6 @@ def build_program(block: nn.Module, args: tuple, kwargs: dict, *, name: str, tem
         node_flops=node_flops,
         stream=stream,
         probe_node=probe,
+        fold=fold,
     )
 

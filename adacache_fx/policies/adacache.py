@@ -456,6 +456,9 @@ class AdaCache(Policy):
     def watches(self, branch: BranchInfo, state: AdaCacheState) -> bool:
         return state is not None and state.layout is not None and branch.id in state.layout.feeds
 
+    def folds(self) -> bool:
+        return not self.per_layer  # one global schedule: a step reuses every branch, or none
+
     def validate(self, branches: tuple[BranchInfo, ...]) -> None:
         if branches:
             self.layout(branches)

@@ -57,6 +57,10 @@ class StepContext:
     # Latent frames per sample after patching, for video models (derived from the model's input
     # shape and config; None for image models or when it cannot be derived). MoReg needs it.
     frames: int | None = None
+    # The latent this step's first call denoises (the model's ``hidden_states`` or first tensor
+    # argument, as the caller passed it), for policies that decide from the input's change
+    # (EasyCache); None when the runtime has none (exported runners).
+    latent: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def is_last(self, count: int) -> bool:
         """True inside the last ``count`` steps (False when the step count is unknown)."""
@@ -180,6 +184,13 @@ class Policy:
         """Which branches reuse this step, decided before the step runs."""
         raise NotImplementedError(f"{type(self).__name__} has no plan()")
 
+    def folds(self) -> bool:
+        """True when every plan reuses all cached branches of a block together, adds them as they
+        were stored (no forecast, no token subset) and caches every branch of the blocks it reuses:
+        the runtime may then keep one residual per stream for a span of such blocks instead of one
+        per branch (``transform(..., fold=True)``, see ``passes/fold.py``)."""
+        return False
+
 
 @runtime_checkable
 class Observer(Protocol):
@@ -191,6 +202,15 @@ class Observer(Protocol):
     def observe(self, ctx: StepContext, state: Any, branch: BranchInfo,
                 new: tuple[torch.Tensor, ...], previous: tuple[torch.Tensor, ...] | None) -> None:
         """A watched branch computed: ``new`` residuals, and the ones it replaces (None at first)."""
+
+
+@runtime_checkable
+class OutputObserver(Protocol):
+    """Sees each model call's output (the first tensor of it), e.g. to estimate how fast the model's
+    output moves against its input (EasyCache), or the whole model's residual (MagCache)."""
+
+    def observe_output(self, ctx: StepContext, state: Any, slot: int, output: torch.Tensor) -> None:
+        """A model call of step ``ctx.step`` (call slot ``slot``) returned ``output``."""
 
 
 @runtime_checkable
@@ -265,9 +285,11 @@ class Capabilities:
     policy: Policy
     signal: "InStepSignal | None"
     observes: bool
+    observes_outputs: bool
     forecasts: bool
     in_graph: bool
     guidance_layout: str | None
+    folds: bool = False
 
     @classmethod
     def of(cls, policy: Policy) -> "Capabilities":
@@ -281,9 +303,11 @@ class Capabilities:
             policy=policy,
             signal=signal,
             observes=isinstance(policy, Observer),
+            observes_outputs=isinstance(policy, OutputObserver),
             forecasts=isinstance(policy, Forecaster),
             in_graph=signal is not None and isinstance(policy, InGraphDecider),
             guidance_layout=layout,
+            folds=policy.folds() and layout is None and not (isinstance(policy, Forecaster)),
         )
 
     @property

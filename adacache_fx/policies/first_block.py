@@ -150,6 +150,9 @@ class FirstBlockCache(Policy):
         return state.previous.get(slot)
 
     # -- live path ------------------------------------------------------------------------------
+    def folds(self) -> bool:
+        return True  # the blocks after the first ones (but the tail) reuse together, every branch
+
     def in_step_signal(self) -> InStepSignal:
         return InStepSignal("first_blocks_residual", blocks=self.blocks)
 

@@ -57,6 +57,9 @@ class Static(Policy):
             return True
         return ctx.step % self.interval == 0
 
+    def folds(self) -> bool:
+        return self.kinds is None  # a step reuses every branch of every block, or none
+
     def plan(self, ctx: StepContext, state: Any) -> Plan:
         if self.is_compute_step(ctx):
             return Plan.compute_all()

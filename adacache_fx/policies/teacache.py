@@ -224,6 +224,9 @@ class TeaCache(Policy):
         return flags
 
     # -- live path ------------------------------------------------------------------------------
+    def folds(self) -> bool:
+        return True  # a call reuses every branch of every block, or computes
+
     def in_step_signal(self) -> InStepSignal:
         return InStepSignal("modulated_input")
 

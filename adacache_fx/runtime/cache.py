@@ -26,11 +26,44 @@ class CacheEntry:
     history: list[tuple[int, tuple[torch.Tensor, ...]]] = field(default_factory=list)
 
 
+@dataclass
+class FoldedSpan:
+    """What a span of blocks, each taking the last one's outputs and all reused together, adds to
+    each stream: ``stream_out - stream_in`` at the step that computed it (see ``passes/fold.py``).
+
+    ``bindings``: the span's blocks, in order, as bound then; ``residuals``: per stream, keyed by the
+    output position at the span's first block; ``layouts``: the strides each block's outputs had,
+    which a replay gives them again (the next block was captured for them)."""
+
+    bindings: tuple[Any, ...]
+    residuals: dict[int, torch.Tensor]
+    layouts: tuple[tuple[tuple[int, ...], ...], ...] = ()  # per block, the strides of its outputs then
+
+
 class CacheState:
-    """Residual caches of one session, by (call slot, branch id)."""
+    """Residual caches of one session: per branch by (call slot, branch id), and folded spans by
+    (call slot, first block)."""
 
     def __init__(self) -> None:
         self._entries: dict[tuple[int, str], CacheEntry] = {}
+        self._spans: dict[tuple[int, str], FoldedSpan] = {}
+        self.peak = 0  # the most bytes held at once in the last generation (at each call's end)
+
+    def span(self, slot: int, first_block: str) -> FoldedSpan | None:
+        return self._spans.get((slot, first_block))
+
+    def drop(self, slot: int, branch_id: str) -> None:
+        self._entries.pop((slot, branch_id), None)
+
+    def keep_span(self, slot: int, span: FoldedSpan) -> None:
+        self._spans[(slot, span.bindings[0].path)] = span
+
+    def spans(self, slot: int = 0) -> list[FoldedSpan]:
+        return [span for (s, _), span in self._spans.items() if s == slot]
+
+    def note_peak(self) -> None:
+        """Fold the bytes held now into :attr:`peak` (once per model call)."""
+        self.peak = max(self.peak, self.nbytes())
 
     def entry(self, slot: int, branch_id: str) -> CacheEntry | None:
         return self._entries.get((slot, branch_id))
@@ -48,16 +81,22 @@ class CacheState:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._spans.clear()
 
     def values(self, slot: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:
         """The residuals cached for call slot ``slot``, by branch id."""
         return {branch: e.values for (s, branch), e in self._entries.items() if s == slot}
 
-    def nbytes(self) -> int:
+    def nbytes(self, slot: int | None = None) -> int:
+        """Bytes of every cached tensor (of call slot ``slot`` only, when given)."""
         seen: set[int] = set()
         total = 0
-        for entry in self._entries.values():
-            for tensors in (entry.values, *(v for _, v in entry.history)):
+        groups = [(s, (e.values, *(v for _, v in e.history))) for (s, _), e in self._entries.items()]
+        groups += [(s, (tuple(span.residuals.values()),)) for (s, _), span in self._spans.items()]
+        for entry_slot, tensor_groups in groups:
+            if slot is not None and entry_slot != slot:
+                continue
+            for tensors in tensor_groups:
                 for t in tensors:
                     if id(t) not in seen:
                         seen.add(id(t))

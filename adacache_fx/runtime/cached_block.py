@@ -103,8 +103,10 @@ class CachedBlock(nn.Module):
             changes = guard.changes(self.original)
             self.unbind("; ".join(changes))
             if not runtime.note_recapture(session, self.path, changes):
+                runtime.executor.note_inputs(session, pytree.tree_leaves((args, kwargs)))
                 return self.original(*args, **kwargs)
         elif guard is None and session.rebinds.get(self.path, 0) > runtime.recapture_limit:
+            runtime.executor.note_inputs(session, pytree.tree_leaves((args, kwargs)))
             return self.original(*args, **kwargs)
         leaves, tree = pytree.tree_flatten((args, kwargs))
         signature = (tree, tuple(map(leaf_key, leaves)), session.ambient)
@@ -112,5 +114,6 @@ class CachedBlock(nn.Module):
         if binding is None:
             binding = runtime.bind(self, args, kwargs, signature, session.call.cond_only)
         if isinstance(binding, Uncached) or not binding.branches:
+            runtime.executor.note_inputs(session, leaves)  # a span's output read here ends the span
             return self.original(*args, **kwargs)
         return runtime.executor.run_block(binding, leaves, session)

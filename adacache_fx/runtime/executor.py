@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,13 +23,13 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from ..errors import CaptureError, PolicyError
+from ..errors import AdaCacheError, CaptureError, PolicyError
 from ..passes.capture import BoundInputs
 from ..passes.program import BlockProgram
 from ..passes.rewrite import RegionState
 from ..policies.base import BranchInfo, Capabilities
 from . import guidance
-from .cache import CacheEntry, cond_rows
+from .cache import CacheEntry, FoldedSpan, cond_rows
 from .session import Session, TracedSession
 
 logger = logging.getLogger("adacache_fx")
@@ -95,6 +96,73 @@ class GraphRunner:
         return self._run(program, ("probe",), program.probe())
 
 
+class _Chain:
+    """A span of blocks being recorded on a computing call, each taking the last one's outputs.
+
+    Streams are keyed by output position at the chain's first block. Outputs are held weakly (a
+    replay needs them only where a later block also reads them: a cut), the chain's inputs and
+    its current outputs strongly until the call ends."""
+
+    def __init__(self, carried: list[torch.Tensor]) -> None:
+        self.bindings: list[Binding] = []
+        self.start = dict(enumerate(carried))  # key -> the tensor entering the first block
+        self.keys: list[list[int]] = []  # per block: the key of each output position
+        self.layouts: list[tuple[tuple[int, ...], ...]] = []
+        self.last: dict[int, torch.Tensor] = {}
+        self.ends: dict[int, int] = {}  # id of a current output -> its key
+        self.cuts: dict[int, dict[int, torch.Tensor]] = {}  # position -> key -> that block's output
+        self.broken = False
+
+    def continued_by(self, carried: list[torch.Tensor]) -> bool:
+        return len(carried) == len(self.ends) and all(
+            self.ends.get(id(t)) is not None and self.last[self.ends[id(t)]] is t for t in carried)
+
+    def extend(self, binding: Binding, carried: list[torch.Tensor], outputs: list[torch.Tensor],
+               produced: dict) -> None:
+        keys = [self.ends[id(t)] for t in carried] if self.bindings else list(range(len(carried)))
+        position = len(self.bindings)
+        self.bindings.append(binding)
+        self.keys.append(keys)
+        self.layouts.append(tuple(o.stride() for o in outputs))
+        self.last = dict(zip(keys, outputs))
+        self.ends = {id(o): key for o, key in zip(outputs, keys)}
+        for output, key in zip(outputs, keys):
+            produced[id(output)] = (weakref.ref(output), self, position, key)
+
+    def cut(self, position: int, produced: dict) -> None:
+        """Block ``position``'s outputs are read elsewhere: a span ends after it."""
+        if position in self.cuts:
+            return
+        if position == len(self.bindings) - 1:  # the chain's current end: its outputs are at hand
+            self.cuts[position] = dict(self.last)
+            return
+        outputs = {key: ref() for ref, chain, p, key in produced.values() if chain is self and p == position}
+        if len(outputs) != len(self.start) or any(v is None for v in outputs.values()):
+            self.broken = True  # a stream's value there is gone: keep no span of this chain
+            return
+        self.cuts[position] = outputs
+
+    def spans(self) -> list[FoldedSpan]:
+        if self.broken or not self.bindings:
+            return []
+        out, begin = [], 0
+        ends = sorted(p for p in self.cuts if p < len(self.bindings) - 1) + [len(self.bindings) - 1]
+        for end in ends:
+            before = self.start if begin == 0 else self.cuts[begin - 1]
+            after = self.cuts.get(end, self.last) if end < len(self.bindings) - 1 else self.last
+            residuals = {}
+            for position, key in enumerate(self.keys[begin]):
+                start, stop = before[key], after[key]
+                if stop.shape != start.shape:
+                    break  # the stream changed shape: it cannot be added back
+                residuals[position] = (stop - start.to(stop.dtype)).detach()
+            else:  # keyed by the output positions at the piece's first block, as a replay counts
+                out.append(FoldedSpan(tuple(self.bindings[begin:end + 1]), residuals,
+                                      tuple(self.layouts[begin:end + 1])))
+            begin = end + 1
+        return out
+
+
 class Executor:
     """See the module docstring. One per transformed model (or exported runner)."""
 
@@ -102,6 +170,7 @@ class Executor:
         self.caps = caps
         self.policy = caps.policy
         self.graphs = graphs or GraphRunner()
+        self.blocks: dict[str, Any] = {}  # block path -> the wrapper block (a span checks them live)
 
     # -- cache entries ----------------------------------------------------------------------------
     def entry(self, session: Session, binding: Binding | None, info: BranchInfo) -> CacheEntry | None:
@@ -133,6 +202,9 @@ class Executor:
         """Region states for this call's plan, and the token indices of ``PARTIAL`` regions."""
         plan, state = session.plan, session.policy_state
         reuse, partial = plan.reuse, plan.partial
+        # A folded span keeps them, not each branch; but not on a call whose policy watches branches
+        # and has not seen the model's yet (the first call): what it watches may depend on them.
+        folds = self._folds(session, binding) and self._knows_watches(session)
         states: list[RegionState] = []
         tokens: list[torch.Tensor | None] = []
         for region, info, entry in zip(binding.program.regions, binding.branches, entries):
@@ -151,7 +223,7 @@ class Executor:
                     continue
             if info.id in reuse and entry is not None:
                 states.append(REUSE)
-            elif self.caps.keeps(info, state):
+            elif self.caps.watches(info, state) or (self.policy.caches(info, state) and not folds):
                 states.append(STORE)
             else:
                 states.append(COMPUTE)
@@ -166,14 +238,17 @@ class Executor:
         if isinstance(session, TracedSession):
             outputs = self._run_traced(binding, inputs, session)
         else:
-            outputs = self._run_variant(binding, inputs, session)
+            signal = self.caps.signal if session.live else None
+            if signal is not None and binding.depth == 0:
+                self._signal_before(binding, inputs, session)
+            outputs = self._replay(session, binding, leaves) if session.call.fold else None
+            if outputs is None:
+                outputs = self._run_variant(binding, inputs, session, leaves)
         return pytree.tree_unflatten(list(outputs[: program.num_user_outputs]), program.captured.out_spec)
 
-    def _run_variant(self, binding: Binding, inputs: list[Any], session: Session) -> Any:
+    def _run_variant(self, binding: Binding, inputs: list[Any], session: Session, leaves: list[Any]) -> Any:
         program = binding.program
         signal = self.caps.signal if session.live else None
-        if signal is not None and binding.depth == 0:
-            self._signal_before(binding, inputs, session)
         entries = [self.entry(session, binding, info) for info in binding.branches]
         states, tokens = self.region_states(session, binding, entries)
         counts = tuple(0 if t is None else int(t.shape[0]) for t in tokens)
@@ -194,10 +269,152 @@ class Executor:
                 values = tuple(outputs[offset:offset + info.num_residuals])
                 offset += info.num_residuals
             self.commit(session, info, state, values, binding, entries[i], partial_flops.get(i))
+        if session.call.fold:
+            self._record_span(session, binding, leaves, states, outputs)
         if (signal is not None and signal.kind == "first_blocks_residual" and binding.depth == signal.blocks - 1
                 and session.call.stream_start is not None):
             session.decide(outputs[self._stream(binding)[1]] - session.call.stream_start)
         return outputs
+
+    # -- folded spans (see passes/fold.py) ---------------------------------------------------------
+    def _folds(self, session: Session, binding: Binding) -> bool:
+        """Whether this block's branches are kept as part of a folded span instead of one by one."""
+        state = session.policy_state
+        return (session.call.fold and binding.program.fold is not None
+                and all(self.policy.caches(info, state) for info in binding.branches))
+
+    def _record_span(self, session: Session, binding: Binding, leaves: list[Any], states: tuple,
+                     outputs: Any) -> None:
+        """On a computing call: extend the span the block's inputs end, or start one."""
+        call = session.call
+        if not self._folds(session, binding) or any(s in (REUSE, PARTIAL) for s in states):
+            self.note_inputs(session, leaves)
+            self._end_chain(session)
+            return
+        carried = [leaves[i] for i in binding.program.fold]
+        chain = call.chain
+        continues = chain is not None and chain.continued_by(carried)
+        self.note_inputs(session, leaves, carried if continues else ())
+        if not continues:
+            self._end_chain(session)
+            chain = call.chain = _Chain(carried)
+        chain.extend(binding, carried, list(outputs[:len(carried)]), call.produced)
+
+    def note_inputs(self, session: Session, leaves: list[Any], carried: Any = ()) -> None:
+        """Inputs of a block call that are outputs of a recorded span's block, other than the stream
+        the next block of the span carries on (HunyuanDiT's long skips): the span must end there,
+        since a replay gives its inner blocks' outputs other values."""
+        produced = session.call.produced
+        if not produced:
+            return
+        carried_ids = {id(t) for t in carried}
+        for leaf in leaves:
+            entry = produced.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+            if entry is None or entry[0]() is not leaf or id(leaf) in carried_ids:
+                continue
+            entry[1].cut(entry[2], produced)
+
+    def _end_chain(self, session: Session) -> None:
+        call = session.call
+        if call.chain is not None:
+            call.closed.append(call.chain)
+            call.chain = None
+
+    def _store_spans(self, session: Session) -> None:
+        """At the end of a computing call, every recorded chain, cut where its blocks' outputs were
+        used elsewhere, becomes one folded span per piece."""
+        self._end_chain(session)
+        state = session.policy_state
+        # The span replaces its blocks' own residuals, but those the policy watches (see above).
+        knows = self._knows_watches(session)
+        for chain in session.call.closed:
+            for span in chain.spans():
+                session.caches.keep_span(session.slot, span)
+                for binding in span.bindings if knows else ():
+                    for info in binding.branches:
+                        if not self.caps.watches(info, state):
+                            session.caches.drop(session.slot, info.id)
+        session.call.closed = []
+        session.call.produced = {}
+    def _knows_watches(self, session: Session) -> bool:
+        """Whether the policy can say which branches it watches on this call: it watches none, or
+        it has seen the model's branches (not on the very first call)."""
+        return not self.caps.observes or bool(session.context and session.context.branches)
+
+    def _reused_whole(self, session: Session, binding: Binding) -> bool:
+        plan = session.plan
+        return not plan.partial and not session.call.cond_only and all(
+            info.id in plan.reuse for info in binding.branches)
+
+    def _intact(self, binding: Binding) -> bool:
+        """The block is bound as when the span was recorded, and its guard holds."""
+        block = self.blocks.get(binding.path)
+        return (block is not None and block.epoch == binding.epoch and block.guard is not None
+                and block.guard.holds())
+
+    def _replay(self, session: Session, binding: Binding, leaves: list[Any]) -> Any:
+        """On a reusing call: the span's first block adds each stream's folded residual, the others
+        pass their inputs through (what they return is what the computing call gave the next block:
+        a sum, so the next block's input layout is the recorded one). None when no recorded span
+        starts here: the block runs as usual."""
+        call = session.call
+        fold = binding.program.fold
+        replay = call.replay
+        if replay is None:
+            if fold is None or not self._reused_whole(session, binding):
+                return None
+            span = session.caches.span(session.slot, binding.path)
+            if span is None or span.bindings[0] is not binding or not all(
+                    self._intact(b) and self._reused_whole(session, b) for b in span.bindings):
+                return None
+            replay = call.replay = {"span": span, "position": 0, "keys": {}}
+            keys = list(range(len(fold)))
+        else:
+            span = replay["span"]
+            carried = [leaves[i] for i in fold] if fold is not None else []
+            keys = [replay["keys"].get(id(t)) for t in carried]
+            if (span.bindings[replay["position"]] is not binding or None in keys
+                    or not self._reused_whole(session, binding)):
+                raise AdaCacheError(
+                    f"{binding.path}: the folded span starting at {span.bindings[0].path} was recorded with "
+                    f"{span.bindings[replay['position']].path} here, taking its stream from the block before; "
+                    "this call does otherwise (the model's code between blocks changed its path). Transform "
+                    "with fold=False to cache every branch on its own"
+                )
+        carried = [leaves[i] for i in fold]
+        position = replay["position"]
+        first, last = position == 0, position == len(span.bindings) - 1
+        outputs = []
+        for j, key in enumerate(keys):
+            value, stride = carried[j], span.layouts[position][j]
+            if first or value.stride() != stride:  # what the next block was captured for: this layout
+                out = torch.empty_strided(value.shape, stride, dtype=value.dtype, device=value.device)
+                if first:
+                    torch.add(value, span.residuals[key].to(value.dtype), out=out)
+                else:
+                    out.copy_(value)
+                value = out
+            outputs.append(value)
+        for info in binding.branches:
+            self.commit(session, info, REUSE, (), binding, None)
+        if last:
+            call.replay = None
+        else:
+            replay["position"] += 1
+            replay["keys"] = {id(out): key for out, key in zip(outputs, keys)}
+        return outputs
+
+    def finish_call(self, session: Session) -> None:
+        """The model call ended: store the span still open; a replay cut short is an error."""
+        if session.call.replay is not None:
+            span = session.call.replay["span"]
+            session.call.replay = None
+            raise AdaCacheError(
+                f"the folded span {span.bindings[0].path} .. {span.bindings[-1].path} ended early this call: its "
+                "blocks were recorded in one chain that this call left. Transform with fold=False"
+            )
+        self._store_spans(session)
+        session.caches.note_peak()
 
     def _run_traced(self, binding: Binding, inputs: list[Any], session: TracedSession) -> Any:
         """Every cached region decides on its boolean input inside the graph (``torch.cond``)."""

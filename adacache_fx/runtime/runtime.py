@@ -124,8 +124,10 @@ class FramesReader:
 class ModelRuntime:
     """State of one transformed model (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, policy: Policy, recapture_limit: int = RECAPTURE_LIMIT) -> None:
+    def __init__(self, model: nn.Module, policy: Policy, recapture_limit: int = RECAPTURE_LIMIT,
+                 fold: bool = True) -> None:
         self.policy = policy
+        self.fold = fold
         self.caps = Capabilities.of(policy)
         self.executor = Executor(self.caps)
         self.recapture_limit = recapture_limit
@@ -167,6 +169,7 @@ class ModelRuntime:
         options = state.pop("graph_options", None)
         self.__dict__.update(state)
         self.executor = Executor(self.caps, GraphRunner(options))
+        self.executor.blocks = {block.path: block for block in self.blocks}
         self.signals = None
         self._handoff_graphs = None
         self._init_state()
@@ -178,7 +181,7 @@ class ModelRuntime:
         if session is None:
             with self._lock:
                 self._drop_dead_sessions()
-                session = Session(self.policy, self.caps, number=len(self._sessions))
+                session = Session(self.policy, self.caps, number=len(self._sessions), fold=self.fold)
                 self._sessions.append(session)
                 self._threads[threading.current_thread()] = session
                 self._local.session = session
@@ -194,6 +197,17 @@ class ModelRuntime:
             yield session
         finally:
             self._local.session = previous
+
+    @contextlib.contextmanager
+    def per_branch(self) -> Iterator[None]:
+        """The calling thread's calls keep every branch's residual on its own for a while (a driver
+        that feeds them to one graph, ``scope="model"``), instead of folding spans."""
+        session = self.session()
+        previous, session.fold_allowed = session.fold_allowed, False
+        try:
+            yield
+        finally:
+            session.fold_allowed = previous
 
     @contextlib.contextmanager
     def tracing(self) -> Iterator[None]:
@@ -326,7 +340,7 @@ class ModelRuntime:
             return None
         self.executor.graphs.on_model_call()
         context = session.pipeline_context
-        latent = main_input(args, kwargs) if not session.tracker.explicit else None
+        latent = main_input(args, kwargs)
         event = session.begin_call(
             self._branch_tuple,
             self.read_timestep(args, kwargs) if self.read_timestep else None,
@@ -366,12 +380,12 @@ class ModelRuntime:
         if branches and self._validated_for is not branches:
             self._validated_for = branches
             self.policy.validate(branches)
+        self.executor.finish_call(session)
         result = None
         if self.caps.guidance_layout is not None and session.context is not None and session.call.rows is not None:
             result = self._guidance_output(session, output)
         leaves = pytree.tree_leaves(result if result is not None else output)
-        if not session.tracker.explicit:
-            session.end_call(next((t for t in leaves if isinstance(t, torch.Tensor)), None))
+        session.end_call(next((t for t in leaves if isinstance(t, torch.Tensor)), None))
         return result
 
     def _guidance_output(self, session: Session, output: Any) -> Any:

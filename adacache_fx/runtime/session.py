@@ -52,6 +52,11 @@ class CallState:
     stream_start: torch.Tensor | None = None  # main stream entering block 0 (First-Block-Cache)
     tokens: dict = field(default_factory=dict)  # token indices of the plan, per device
     graphs: Any = None  # the GraphRunner of this call, when not the executor's own (a torch.compile hand-over)
+    fold: bool = False  # spans of whole reused blocks are folded (see passes/fold.py)
+    chain: Any = None  # the span being recorded on a computing call
+    closed: list = field(default_factory=list)  # spans recorded this call, stored when it ends
+    produced: dict = field(default_factory=dict)  # id of a recorded block output -> where it came from
+    replay: Any = None  # the folded span being replayed on a reusing call
 
 
 class Session:
@@ -59,7 +64,7 @@ class Session:
 
     live = True
 
-    def __init__(self, policy: Policy, caps: Capabilities, number: int = 0) -> None:
+    def __init__(self, policy: Policy, caps: Capabilities, number: int = 0, fold: bool = True) -> None:
         self.policy = policy
         self.caps = caps
         self.number = number
@@ -77,6 +82,7 @@ class Session:
         # Reference tensors of in-graph decisions (ax.compile(scope="model")), per call slot.
         self.in_graph: dict[int, torch.Tensor] = {}
         self.rebinds: dict[str, int] = {}  # block path -> times bound anew this generation
+        self.fold_allowed = fold  # off while a driver needs per-branch residuals (scope="model")
 
     @property
     def slot(self) -> int:
@@ -105,6 +111,7 @@ class Session:
 
     def _fresh_generation(self) -> None:
         self.caches.clear()
+        self.caches.peak = 0
         self.in_graph.clear()
         self.rebinds.clear()
         self.warned = {w for w in self.warned if not w.startswith("limit:")}
@@ -114,6 +121,7 @@ class Session:
         """Forget caches, step position and statistics."""
         self.tracker = StepTracker()
         self.caches.clear()
+        self.caches.peak = 0
         self.in_graph.clear()
         self.records.clear()
         self.policy_state = self.policy.new_state()
@@ -140,16 +148,19 @@ class Session:
                 generation=self.tracker.generation,
                 branches=branches,
                 frames=frames,
+                latent=latent,
             )
             self.step_plan = self.policy.plan(self.context, self.policy_state)
             self.records.append(StepRecord(self.tracker.generation, self.tracker.step, timestep,
                                            len(self.step_plan.reuse), session=self.number))
         self.plan = self.step_plan
-        self.call = CallState()
+        self.call = CallState(fold=self.caps.folds and self.fold_allowed)
         self.records[-1].calls += 1
         return event
 
     def end_call(self, output: torch.Tensor | None) -> None:
+        if output is not None and self.caps.observes_outputs and self.context is not None:
+            self.policy.observe_output(self.context, self.policy_state, self.tracker.slot, output)
         self.tracker.after_call(output)
 
     def decide(self, signal: torch.Tensor) -> None:

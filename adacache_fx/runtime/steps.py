@@ -176,7 +176,7 @@ class StepTracker:
         self.step += 1
         self.slot = 0
         self.timestep = timestep
-        self._latent = None if latent is None else latent.detach().clone()
+        self._latent = None if latent is None or self.explicit else latent.detach().clone()
         self._outputs = []
         return CallEvent(new_generation, True, reason)
 

@@ -173,7 +173,8 @@ class CompiledModel(nn.Module):
         key = _signature(kwargs)
         entry = self._graphs.get(key)
         if entry is None:
-            output = self.model(**kwargs)  # eager: captures the blocks at these shapes (and plans)
+            with runtime.per_branch():  # the graph takes every cached branch's residual
+                output = self.model(**kwargs)  # eager: captures the blocks at these shapes (and plans)
             self._graphs[key] = self._build(kwargs, runtime.session())
             # After the export (it swaps parameters): the model outside the blocks, as it is now.
             self.__dict__["_guard"] = guard_module(self.model, skip=tuple(runtime.blocks))
