@@ -10,6 +10,7 @@ from .api import compile, generation, get_runtime, is_transformed, policy_state,
 from .errors import (
     AdaCacheError,
     AlreadyTransformedError,
+    CacheBudgetError,
     CaptureError,
     NoBlocksFoundError,
     NotTransformedError,
@@ -30,6 +31,10 @@ from .policies.base import (
 )
 from .policies.adacache import AdaCache, MoReg
 from .policies.duca import DuCa
+from .policies.easycache import EasyCache
+from .policies.foca import FoCa
+from .policies.lemica import LeMiCa, lexicographic_minimax_path, record_costs
+from .policies.magcache import MagCache
 from .policies.fastercache import FasterCache
 from .policies.first_block import FirstBlockCache
 from .policies.pab import PAB
@@ -47,7 +52,9 @@ __all__ = [
     "transform", "compile", "restore", "report", "reset", "generation", "get_runtime", "is_transformed",
     "policy_state", "Policy", "Plan", "StepContext", "BranchInfo", "KINDS", "InStepSignal",
     "Observer", "Forecaster", "InStepDecider", "InGraphDecider", "GuidanceCacher", "NoCache", "Static", "Report",
-    "AdaCache", "MoReg", "PAB", "TeaCache", "FirstBlockCache", "TaylorSeer", "FasterCache", "DuCa", "ToCa", "calibrate", "Calibration", "export",
-    "AdaCacheError", "AlreadyTransformedError", "CaptureError", "NoBlocksFoundError",
+    "AdaCache", "MoReg", "PAB", "TeaCache", "FirstBlockCache", "TaylorSeer", "FasterCache", "DuCa", "ToCa",
+    "MagCache", "EasyCache", "FoCa", "LeMiCa", "lexicographic_minimax_path", "record_costs",
+    "calibrate", "Calibration", "export",
+    "AdaCacheError", "AlreadyTransformedError", "CacheBudgetError", "CaptureError", "NoBlocksFoundError",
     "NotTransformedError", "PolicyError",
 ]

@@ -57,6 +57,7 @@ def transform(
     on_capture_error: str = "raise",
     recapture_limit: int = RECAPTURE_LIMIT,
     fold: bool = True,
+    cache_budget: int | None = None,
 ) -> nn.Module:
     """Rewrite every residual branch of the model's transformer blocks into a cached region.
 
@@ -82,6 +83,9 @@ def transform(
             TeaCache), keep one residual per stream for each span of consecutive blocks instead of
             one per branch (``stream_out - stream_in``; equal to per-branch reuse up to float
             rounding), and on a reuse step pass the span's blocks through and add it once.
+        cache_budget: bytes of cached residuals one thread may hold; a call that leaves more
+            raises :class:`~adacache_fx.CacheBudgetError` naming what holds them (None: no limit).
+            ``ax.report(model).cache_peak_bytes`` says what a generation needed.
     """
     compiled = model
     model = _unwrapped(model)  # torch.compile(model) first, then transform: the model inside
@@ -99,7 +103,11 @@ def transform(
     if isinstance(recapture_limit, bool) or not isinstance(recapture_limit, int) or recapture_limit < 1:
         raise ValueError(f"recapture_limit must be an int >= 1, got {recapture_limit!r}")
     search = find_block_lists(model, blocks)
+    if cache_budget is not None and (isinstance(cache_budget, bool) or not isinstance(cache_budget, int)
+                                     or cache_budget < 0):
+        raise ValueError(f"cache_budget must be a number of bytes (int >= 0) or None, got {cache_budget!r}")
     runtime = ModelRuntime(model, policy, recapture_limit, fold=fold)
+    runtime.executor.cache_budget = cache_budget
     runtime.left_alone = list(search.left_alone)
     for block_list in search.chosen:
         module_list = model.get_submodule(block_list.name)

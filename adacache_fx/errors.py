@@ -23,3 +23,7 @@ class NotTransformedError(AdaCacheError):
 
 class PolicyError(AdaCacheError):
     """A policy asked for something the model does not have (a branch kind, a block)."""
+
+
+class CacheBudgetError(AdaCacheError):
+    """The residual caches grew beyond ``transform(..., cache_budget=...)``."""

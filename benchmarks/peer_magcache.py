@@ -9,7 +9,9 @@ On tiny zoo models (Wan, Flux; random weights, float32, CPU) and one flow-matchi
    ..., mag_ratios=curve))``) and ``ax.transform(model, MagCache(..., mag_ratios=curve))`` each run the
    same loop on seed 1 from the same weights; the per-step compute/skip decisions (diffusers: the
    head hook's ``should_compute``; ours: the report's per-step reuse) and the final latents are
-   compared, and both are measured against the uncached loop;
+   compared, and both are measured against the uncached loop. Ours runs twice: with the default
+   ``fold=True`` (one residual per span of blocks, what diffusers keeps) and with ``fold=False``
+   (one residual per branch, re-added branch by branch);
 3. for reference, the curve ``ax.calibrate`` records for MagCache on the same model (the whole
    model's residual, output minus input latent) is stored beside diffusers' (hidden-state residual).
 
@@ -101,10 +103,10 @@ def run_diffusers(entry, steps: int, setting, curve) -> tuple[list[bool], torch.
     return decisions, latents
 
 
-def run_ours(entry, steps: int, setting, curve) -> tuple[list[bool], torch.Tensor]:
+def run_ours(entry, steps: int, setting, curve, fold: bool) -> tuple[list[bool], torch.Tensor]:
     threshold, max_skip, retention = setting
     policy = MagCache(threshold=threshold, max_skip_steps=max_skip, retention_ratio=retention, mag_ratios=curve)
-    model = ax.transform(entry.build(), policy)
+    model = ax.transform(entry.build(), policy, fold=fold)
     with ax.generation(model, num_steps=steps):
         latents = denoise(model, entry, steps, EVAL_SEED)
     report = ax.report(model)
@@ -134,7 +136,9 @@ def compare(name: str, steps: int) -> dict:
     rows = []
     for setting in SETTINGS:
         d_decisions, d_latents = run_diffusers(entry, steps, setting, curve)
-        o_decisions, o_latents = run_ours(entry, steps, setting, curve)
+        o_decisions, o_latents = run_ours(entry, steps, setting, curve, fold=True)
+        b_decisions, b_latents = run_ours(entry, steps, setting, curve, fold=False)
+        assert b_decisions == o_decisions
         rows.append({
             "threshold": setting[0], "max_skip_steps": setting[1], "retention_ratio": setting[2],
             "diffusers_computes": d_decisions,
@@ -143,6 +147,9 @@ def compare(name: str, steps: int) -> dict:
             "computed_steps": [sum(d_decisions), sum(o_decisions)],
             "final_latents_max_abs_diff_ours_vs_diffusers": float((o_latents - d_latents).abs().max()),
             "final_latents_rel_l2_ours_vs_diffusers": rel_l2(o_latents, d_latents),
+            # fold=False: every branch's residual cached and re-added (summed in another order)
+            "per_branch_final_latents_max_abs_diff_vs_diffusers": float((b_latents - d_latents).abs().max()),
+            "per_branch_final_latents_rel_l2_vs_diffusers": rel_l2(b_latents, d_latents),
             "rel_l2_vs_uncached": {"diffusers": rel_l2(d_latents, uncached), "ours": rel_l2(o_latents, uncached)},
         })
         print(f"{name} {setting}: decisions equal {rows[-1]['decisions_equal']}, computed "
@@ -175,6 +182,8 @@ def main() -> None:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "command": "python benchmarks/peer_magcache.py " + " ".join(sys.argv[1:]),
         "diffusers": diffusers.__version__,
+        "ours": "ax.transform(model, MagCache(...)) with fold=True (the default: one stream_out - stream_in "
+                "residual per span of reused blocks, as diffusers' hook keeps); per_branch_*: fold=False",
         "summary": {
             "all_decisions_equal": all(r["decisions_equal"] for r in rows),
             "settings_compared": len(rows),
@@ -182,6 +191,8 @@ def main() -> None:
                 r["final_latents_rel_l2_ours_vs_diffusers"] for r in rows),
             "max_final_latents_abs_diff_ours_vs_diffusers": max(
                 r["final_latents_max_abs_diff_ours_vs_diffusers"] for r in rows),
+            "max_final_latents_rel_l2_per_branch_vs_diffusers": max(
+                r["per_branch_final_latents_rel_l2_vs_diffusers"] for r in rows),
         },
         "models": models,
     }

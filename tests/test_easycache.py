@@ -144,6 +144,7 @@ def test_presets_and_validation():
 def test_easycache_observes_outputs_and_decides_before_the_step():
     caps = Capabilities.of(EasyCache())
     assert caps.observes_outputs and not caps.decides_in_step and not caps.observes
+    assert EasyCache().folds()  # all-or-nothing plans: one residual per block span
 
 
 def test_docstring_examples():

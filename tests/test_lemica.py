@@ -92,7 +92,8 @@ def _brute_force(costs, budget, max_span, objective):
         path = (0, *middle, n - 1)
         if max_span is not None and any(j - i > max_span for i, j in zip(path, path[1:])):
             continue
-        errors = path_errors(costs, path)
+        errors = tuple(sorted((0.0 if j == i + 1 else float(costs[i][j]) for i, j in zip(path, path[1:])),
+                              reverse=True))
         if any(math.isinf(e) for e in errors):
             continue
         key = errors if objective == "lexicographic" else sum(errors)
@@ -104,7 +105,7 @@ def _brute_force(costs, budget, max_span, objective):
 @pytest.mark.parametrize("objective", ["lexicographic", "sum"])
 def test_the_search_is_exact_against_brute_force(objective):
     rng = random.Random(0)
-    for trial in range(30):
+    for trial in range(20):
         n = rng.randint(3, 8)
         # Few distinct values, so that ties are frequent; some edges forbidden.
         costs = [[rng.choice([0.0, 1.0, 2.0, 3.0, INF]) if j - i >= 2 else 0.0 for j in range(n)] for i in range(n)]
@@ -220,7 +221,7 @@ def test_from_costs_and_docstring_examples():
 
 # -- real diffusers architectures --------------------------------------------------------------------
 ARCHITECTURES = ["dit", "pixart", "latte", "wan", "flux"]
-STEPS = 8
+STEPS = 6
 
 
 def _timesteps():
@@ -248,14 +249,14 @@ def test_on_real_architectures(name):
         assert torch.equal(got, want)
     assert ax.report(exact).compute_fraction == 1.0
 
-    model = ax.transform(entry.build(), LeMiCa(compute_steps=(0, 1, 3, 6, 7), num_steps=STEPS))
+    model = ax.transform(entry.build(), LeMiCa(compute_steps=(0, 1, 3, 5), num_steps=STEPS))
     got = _outputs(model, entry)
     report = ax.report(model)
-    assert [s.step for s in report.steps if s.reused] == [2, 4, 5]
+    assert [s.step for s in report.steps if s.reused] == [2, 4]
     assert all(s.computed == 0 for s in report.steps if s.reused)  # every branch is reused
-    for step in (0, 1, 3, 6, 7):  # computed steps see the model's own inputs: exact
+    for step in (0, 1, 3, 5):  # computed steps see the model's own inputs: exact
         torch.testing.assert_close(got[step], expected[step], rtol=0, atol=1e-5)
-    for step in (2, 4, 5):
+    for step in (2, 4):
         assert (got[step] - expected[step]).abs().max() > 0
 
 

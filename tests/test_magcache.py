@@ -206,6 +206,7 @@ def test_magnitude_ratios_of_scaled_residuals():
 def test_magcache_decides_before_the_step():
     caps = Capabilities.of(MagCache(mag_ratios="flux"))
     assert not caps.decides_in_step and not caps.observes and not caps.observes_outputs
+    assert MagCache(mag_ratios="flux").folds()  # all-or-nothing plans: one residual per block span
 
 
 def test_docstring_examples():

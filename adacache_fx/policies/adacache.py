@@ -454,7 +454,17 @@ class AdaCache(Policy):
         return True
 
     def watches(self, branch: BranchInfo, state: AdaCacheState) -> bool:
-        return state is not None and state.layout is not None and branch.id in state.layout.feeds
+        if state is not None and state.layout is not None:
+            return branch.id in state.layout.feeds
+        # The first call, before the model's branches are known: the middle block's attention (what
+        # the layout picks when every block has a branch of the metric kind), so its residual is
+        # kept for the next step to compare with, and no other is.
+        if branch.blocks is None:
+            return False
+        depths = self.metric_blocks if self.metric_blocks is not None else ((branch.blocks - 1) // 2,)
+        kinds = (self.metric_kind,) if self.metric_kind is not None else (
+            TEMPORAL_ATTENTION, SELF_ATTENTION, JOINT_ATTENTION)
+        return branch.depth in depths and (branch.kind in kinds or bool(branch.tags & set(kinds)))
 
     def folds(self) -> bool:
         return not self.per_layer  # one global schedule: a step reuses every branch, or none

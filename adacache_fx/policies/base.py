@@ -38,6 +38,9 @@ class BranchInfo:
     # subset of its tokens (:attr:`Plan.partial`); None when that is not valid for it (its ops mix
     # tokens, or it updates several streams): such a branch computes fully when a plan asks for it.
     tokens: int | None = None
+    # Blocks a model call runs (the transformed block lists' length), known from the first call on,
+    # before every branch has been seen: where the middle block is.
+    blocks: int | None = None
 
     @property
     def partial(self) -> bool:

@@ -58,6 +58,9 @@ class CacheState:
     def keep_span(self, slot: int, span: FoldedSpan) -> None:
         self._spans[(slot, span.bindings[0].path)] = span
 
+    def slots(self) -> list[int]:
+        return sorted({s for s, _ in self._entries} | {s for s, _ in self._spans})
+
     def spans(self, slot: int = 0) -> list[FoldedSpan]:
         return [span for (s, _), span in self._spans.items() if s == slot]
 

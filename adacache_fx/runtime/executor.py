@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from ..errors import AdaCacheError, CaptureError, PolicyError
+from ..errors import AdaCacheError, CacheBudgetError, CaptureError, PolicyError
 from ..passes.capture import BoundInputs
 from ..passes.program import BlockProgram
 from ..passes.rewrite import RegionState
@@ -171,6 +171,7 @@ class Executor:
         self.policy = caps.policy
         self.graphs = graphs or GraphRunner()
         self.blocks: dict[str, Any] = {}  # block path -> the wrapper block (a span checks them live)
+        self.cache_budget: int | None = None  # bytes one session may hold (transform(cache_budget=))
 
     # -- cache entries ----------------------------------------------------------------------------
     def entry(self, session: Session, binding: Binding | None, info: BranchInfo) -> CacheEntry | None:
@@ -202,9 +203,7 @@ class Executor:
         """Region states for this call's plan, and the token indices of ``PARTIAL`` regions."""
         plan, state = session.plan, session.policy_state
         reuse, partial = plan.reuse, plan.partial
-        # A folded span keeps them, not each branch; but not on a call whose policy watches branches
-        # and has not seen the model's yet (the first call): what it watches may depend on them.
-        folds = self._folds(session, binding) and self._knows_watches(session)
+        folds = self._folds(session, binding)  # a folded span keeps them, not each branch
         states: list[RegionState] = []
         tokens: list[torch.Tensor | None] = []
         for region, info, entry in zip(binding.program.regions, binding.branches, entries):
@@ -325,22 +324,15 @@ class Executor:
         used elsewhere, becomes one folded span per piece."""
         self._end_chain(session)
         state = session.policy_state
-        # The span replaces its blocks' own residuals, but those the policy watches (see above).
-        knows = self._knows_watches(session)
         for chain in session.call.closed:
             for span in chain.spans():
                 session.caches.keep_span(session.slot, span)
-                for binding in span.bindings if knows else ():
+                for binding in span.bindings:  # the span replaces them, but those the policy watches
                     for info in binding.branches:
                         if not self.caps.watches(info, state):
                             session.caches.drop(session.slot, info.id)
         session.call.closed = []
         session.call.produced = {}
-    def _knows_watches(self, session: Session) -> bool:
-        """Whether the policy can say which branches it watches on this call: it watches none, or
-        it has seen the model's branches (not on the very first call)."""
-        return not self.caps.observes or bool(session.context and session.context.branches)
-
     def _reused_whole(self, session: Session, binding: Binding) -> bool:
         plan = session.plan
         return not plan.partial and not session.call.cond_only and all(
@@ -415,6 +407,20 @@ class Executor:
             )
         self._store_spans(session)
         session.caches.note_peak()
+        budget = self.cache_budget
+        if budget is not None and session.caches.peak > budget:
+            held = session.caches.nbytes()
+            spans = sum(len(session.caches.spans(slot)) for slot in session.caches.slots())
+            hint = ("folding is on" if session.call.fold else
+                    "transform(..., fold=True) keeps one residual per stream for each span of blocks reused "
+                    "together" if self.policy.folds() else
+                    f"{type(self.policy).__name__} needs each branch's residual (it does not fold)")
+            session.caches.clear()
+            raise CacheBudgetError(
+                f"the residual caches reached {held / 2**30:.3f} GiB ({held} bytes, {spans} folded span(s)), above "
+                f"cache_budget={budget} bytes; {hint}. Cache fewer branches (Static(kinds=...)), run fewer call "
+                "slots at once, or raise the budget. The caches were dropped"
+            )
 
     def _run_traced(self, binding: Binding, inputs: list[Any], session: TracedSession) -> Any:
         """Every cached region decides on its boolean input inside the graph (``torch.cond``)."""

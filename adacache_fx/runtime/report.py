@@ -47,6 +47,9 @@ class Report:
     notes: list[str] = field(default_factory=list)
     recaptures: list[tuple[str, str]] = field(default_factory=list)  # (block, what changed)
     sessions: int = 1  # callers (threads) with a session of their own
+    cache_bytes_per_slot: dict[int, int] = field(default_factory=dict)  # held now, by call slot
+    cache_peak_bytes: int = 0  # the most held at once in the last generation (largest session)
+    folded_spans: int = 0  # spans held as one residual per stream (transform(fold=True))
 
     @property
     def compute_fraction(self) -> float | None:
@@ -128,7 +131,9 @@ class Report:
             else "compute_fraction n/a (no branch executed yet)"
         )
         lines.append(f"cache held: {_fmt_bytes(self.cache_bytes)}"
-                     + (f" over {self.sessions} sessions (threads)" if self.sessions > 1 else ""))
+                     + (f" over {self.sessions} sessions (threads)" if self.sessions > 1 else "")
+                     + (f", {self.folded_spans} folded span(s)" if self.folded_spans else "")
+                     + f"; peak in the last generation {_fmt_bytes(self.cache_peak_bytes)}")
         if self.recaptures:
             lines.append(f"re-captured after the model changed: {len(self.recaptures)} time(s)")
             for path, what in self.recaptures[-5:]:
@@ -156,4 +161,8 @@ def build_report(runtime: ModelRuntime) -> Report:
         notes=[f"note: {n}" for n in notes],
         recaptures=list(runtime.recaptures),
         sessions=max(1, len(sessions)),
+        cache_bytes_per_slot=runtime.cache_bytes_per_slot(),
+        cache_peak_bytes=max((session.caches.peak for session in sessions), default=0),
+        folded_spans=sum(len(session.caches.spans(slot)) for session in sessions
+                         for slot in session.caches.slots()),
     )

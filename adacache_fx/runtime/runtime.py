@@ -68,8 +68,8 @@ class TimestepReader:
         if value is None:
             return None
         if isinstance(value, torch.Tensor):
-            if value.numel() == 0:
-                return None
+            if value.numel() == 0 or value.device.type == "meta":
+                return None  # a shapes-only run (meta tensors) has no timestep to read
             return float(value.detach().reshape(-1)[0].item())
         return float(value)
 
@@ -264,7 +264,7 @@ class ModelRuntime:
             info = BranchInfo(
                 id=f"{path}.{region.name}", block=path, block_list=list_name, block_index=index, depth=depth,
                 name=region.name, kind=region.kind, tags=region.tags, flops=region.flops,
-                num_residuals=len(region.residuals),
+                num_residuals=len(region.residuals), blocks=len(self.blocks),
                 tokens=region.token_flow.tokens if region.token_flow is not None else None,
             )
             known = self.branches.get(info.id)
@@ -454,6 +454,13 @@ class ModelRuntime:
     def cached_residuals(self, slot: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:
         """The residuals the calling thread's session holds for call slot ``slot``, by branch id."""
         return self.session().caches.values(slot)
+
+    def cache_bytes_per_slot(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for session in self._sessions:
+            for slot in session.caches.slots():
+                out[slot] = out.get(slot, 0) + session.caches.nbytes(slot)
+        return out
 
     def cache_bytes(self) -> int:
         return sum(session.caches.nbytes() for session in self._sessions)

@@ -1,0 +1,116 @@
+"""Folded spans: one residual per stream for each span of blocks reused together.
+
+* every zoo architecture (multi-stream Flux double and single blocks, CogVideoX, SD3, HunyuanVideo
+  included): a folded Static(2) generation equals the per-branch one up to float rounding, with
+  the same plans, and holds fewer bytes;
+* HunyuanDiT's long skips (a block's output read by a later block): the span is cut there;
+* First-Block-Cache, TeaCache and AdaCache fold too (the same plans as per-branch);
+* a Wan2.1-14B-shaped 720p, 81-frame run on meta tensors (no weights): the cache per call slot,
+  from the tensors' shapes, is one stream's hidden states for Static;
+* ``cache_budget`` refuses a generation that holds more.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adacache_fx as ax
+from adacache_lab.zoo import ZOO
+
+STEPS = 7
+
+
+def _generation(name, policy, fold, steps=STEPS):
+    entry = ZOO[name]
+    model = ax.transform(entry.build(), policy, fold=fold)
+    outs = []
+    with torch.no_grad(), ax.generation(model, num_steps=steps):
+        for i in range(steps):
+            outs.append(entry.output(model(**entry.inputs(timestep=999.0 - 120.0 * i))))
+    return model, outs
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_folded_spans_equal_per_branch_reuse_up_to_rounding(name):
+    per_branch, expected = _generation(name, ax.Static(2), fold=False)
+    folded, got = _generation(name, ax.Static(2), fold=True)
+    assert max((a - b).abs().max().item() for a, b in zip(got, expected)) <= 1e-5
+    plans = [(s.computed, s.reused) for s in ax.report(folded).steps]
+    assert plans == [(s.computed, s.reused) for s in ax.report(per_branch).steps]
+    assert any(reused for _, reused in plans)
+    report = ax.report(folded)
+    assert 0 < report.cache_peak_bytes < ax.report(per_branch).cache_peak_bytes
+    assert report.folded_spans == 0  # the generation context freed them on exit
+
+
+def test_a_span_ends_where_a_later_block_reads_a_block_output():
+    """HunyuanDiT feeds early blocks' outputs to later blocks (long skips): inside a span a
+    replay would hand them other values, so the spans end at those blocks."""
+    entry = ZOO["hunyuandit"]
+    model = ax.transform(entry.build(), ax.Static(2))
+    with torch.no_grad():
+        model(**entry.inputs(timestep=999.0))
+        spans = ax.get_runtime(model).session().caches.spans(0)
+    paths = [[b.path for b in span.bindings] for span in spans]
+    assert paths and all(len(p) == 1 for p in paths), paths  # every skip source ends a span
+
+
+@pytest.mark.parametrize("name", ["flux", "wan", "latte", "hunyuandit"])
+@pytest.mark.parametrize("policy", [
+    lambda: ax.FirstBlockCache(threshold=0.3), lambda: ax.TeaCache(delta=0.5),
+    lambda: ax.AdaCache(codebook=((0.5, 3), (1e9, 1)), num_steps=10),
+], ids=["first_block_cache", "teacache", "adacache"])
+def test_in_step_and_adaptive_policies_fold_with_the_same_plans(name, policy):
+    per_branch, expected = _generation(name, policy(), fold=False, steps=10)
+    folded, got = _generation(name, policy(), fold=True, steps=10)
+    assert max((a - b).abs().max().item() for a, b in zip(got, expected)) <= 1e-5
+    plans = [(s.computed, s.reused) for s in ax.report(folded).steps]
+    assert plans == [(s.computed, s.reused) for s in ax.report(per_branch).steps]
+    assert any(reused for _, reused in plans)
+
+
+def test_policies_that_need_each_branch_do_not_fold():
+    for policy in (ax.PAB(), ax.TaylorSeer(ax.Static(2)), ax.FasterCache(), ax.DuCa(), ax.ToCa(),
+                   ax.Static(2, kinds=("mlp",)), ax.AdaCache(per_layer=True)):
+        assert not ax.get_runtime(ax.transform(ZOO["dit"].build(), policy)).caps.folds, policy
+
+
+def test_wan_14b_720p_cache_per_call_slot_from_shapes():
+    """Wan2.1-14B at 720p, 81 frames (21 x 90 x 160 latents, 75,600 tokens of width 5120) on meta
+    tensors: per-branch caching needed ~93 GB per call slot; a folded span holds one stream."""
+    from diffusers import WanTransformer3DModel
+
+    config = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
+                  out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
+                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+    with torch.device("meta"):
+        base = WanTransformer3DModel(**config).to(torch.bfloat16)
+    inputs = dict(hidden_states=torch.empty(1, 16, 21, 90, 160, dtype=torch.bfloat16, device="meta"),
+                  timestep=torch.empty(1, device="meta"),
+                  encoder_hidden_states=torch.empty(1, 512, 4096, dtype=torch.bfloat16, device="meta"),
+                  return_dict=False)
+    stream = 75_600 * 5120 * 2  # one bf16 stream
+    held = {}
+    for name, policy in (("static", ax.Static(2)), ("adacache", ax.AdaCache.fast(50))):
+        model = ax.transform(base, policy)
+        with torch.no_grad(), ax.generation(model, num_steps=50):
+            model(**inputs)  # a computing step: what every later step holds
+            held[name] = ax.report(model).cache_bytes_per_slot[0]
+        ax.restore(model)
+    assert held["static"] == stream  # 0.77 GB: one residual over all 40 blocks
+    assert held["static"] <= 2e9
+    # AdaCache adds its metric branch's residual, float32 inside Wan's blocks: 2.32 GB (see README).
+    assert held["adacache"] == stream + 2 * stream
+
+
+def test_cache_budget_refuses_with_what_holds_the_caches():
+    entry = ZOO["wan"]
+    small = ax.transform(entry.build(), ax.Static(2), cache_budget=1_000)
+    with pytest.raises(ax.CacheBudgetError, match="cache_budget=1000"), torch.no_grad():
+        small(**entry.inputs(timestep=999.0))
+    roomy = ax.transform(entry.build(), ax.Static(2), cache_budget=10**9)
+    with torch.no_grad():
+        roomy(**entry.inputs(timestep=999.0))
+    with pytest.raises(ValueError, match="cache_budget"):
+        ax.transform(entry.build(), ax.Static(2), cache_budget=-1)
