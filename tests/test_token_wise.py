@@ -70,10 +70,10 @@ def _step_inputs(entry, step: int) -> dict:
 
 
 def _run_steps(entry, state_dict, policy, steps: int):
-    """Outputs and cached residuals after each step."""
+    """Outputs and cached residuals after each step (fold=False: every branch's own residual)."""
     model = entry.build()
     model.load_state_dict(state_dict)
-    ax.transform(model, policy)
+    ax.transform(model, policy, fold=False)
     outputs, residuals = [], []
     with torch.no_grad(), ax.generation(model, num_steps=steps):
         for step in range(steps):
@@ -285,7 +285,7 @@ def test_a_token_mixing_branch_is_never_recomputed_partially(mode, caplog):
 def test_attention_written_with_matmuls_is_query_local_and_exact():
     target = "transformer_blocks.1.attn1"
     torch.manual_seed(0)  # the same weights as _toy_run's models
-    reference = ax.transform(_Toy("none").eval(), ax.Static(interval=1))
+    reference = ax.transform(_Toy("none").eval(), ax.Static(interval=1), fold=False)
     xs = [torch.randn(BATCH, 12, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     with torch.no_grad(), ax.generation(reference, num_steps=2):
         reference(xs[0], torch.full((BATCH,), 999.0))

@@ -189,14 +189,20 @@ class Executor:
             return None
         if owner is None or owner is binding or binding is None:
             return entry
-        if same_block and f"shape:{binding.path}" not in session.warned:
-            session.warned.add(f"shape:{binding.path}")
-            logger.warning(
-                "adacache_fx: %s was called with new input shapes at step %d of a generation; it was "
-                "captured for them and its cache starts empty (it computes until its next compute step "
-                "has stored a residual of the new shape).", binding.path, session.tracker.step,
-            )
+        if same_block:
+            self._warn_new_shapes(session, binding)
         return None
+
+    @staticmethod
+    def _warn_new_shapes(session: Session, binding: Binding) -> None:
+        if f"shape:{binding.path}" in session.warned:
+            return
+        session.warned.add(f"shape:{binding.path}")
+        logger.warning(
+            "adacache_fx: %s was called with new input shapes at step %d of a generation; it was "
+            "captured for them and its cache starts empty (it computes until its next compute step "
+            "has stored a residual of the new shape).", binding.path, session.tracker.step,
+        )
 
     def region_states(self, session: Session, binding: Binding,
                       entries: list[CacheEntry | None]) -> tuple[tuple[RegionState, ...], tuple]:
@@ -356,6 +362,8 @@ class Executor:
             if fold is None or not self._reused_whole(session, binding):
                 return None
             span = session.caches.span(session.slot, binding.path)
+            if span is not None and span.bindings[0] is not binding and span.bindings[0].epoch == binding.epoch:
+                self._warn_new_shapes(session, binding)  # recorded for other shapes: never replayed here
             if span is None or span.bindings[0] is not binding or not all(
                     self._intact(b) and self._reused_whole(session, b) for b in span.bindings):
                 return None

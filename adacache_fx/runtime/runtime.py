@@ -452,8 +452,15 @@ class ModelRuntime:
 
     # -- inspection ---------------------------------------------------------------------------------
     def cached_residuals(self, slot: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:
-        """The residuals the calling thread's session holds for call slot ``slot``, by branch id."""
+        """The residuals the calling thread's session holds for call slot ``slot``, by branch id.
+        Branches reused as part of a folded span are not listed: see ``folded_residuals``."""
         return self.session().caches.values(slot)
+
+    def folded_residuals(self, slot: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:
+        """The folded spans the calling thread's session holds for ``slot``: one residual per stream
+        (stream out minus stream in), keyed ``"first block .. last block"``, by stream index."""
+        return {f"{span.bindings[0].path} .. {span.bindings[-1].path}": tuple(span.residuals.values())
+                for span in self.session().caches.spans(slot)}
 
     def cache_bytes_per_slot(self) -> dict[int, int]:
         out: dict[int, int] = {}
