@@ -24,6 +24,7 @@ from .policies.base import (
     InGraphDecider,
     InStepDecider,
     InStepSignal,
+    MetricGroup,
     Observer,
     Plan,
     Policy,
@@ -51,7 +52,7 @@ __version__ = "0.1.0"
 __all__ = [
     "transform", "compile", "restore", "report", "reset", "generation", "get_runtime", "is_transformed",
     "policy_state", "Policy", "Plan", "StepContext", "BranchInfo", "KINDS", "InStepSignal",
-    "Observer", "Forecaster", "InStepDecider", "InGraphDecider", "GuidanceCacher", "NoCache", "Static", "Report",
+    "Observer", "MetricGroup", "Forecaster", "InStepDecider", "InGraphDecider", "GuidanceCacher", "NoCache", "Static", "Report",
     "AdaCache", "MoReg", "PAB", "TeaCache", "FirstBlockCache", "TaylorSeer", "FasterCache", "DuCa", "ToCa",
     "MagCache", "EasyCache", "FoCa", "LeMiCa", "lexicographic_minimax_path", "record_costs",
     "calibrate", "Calibration", "export",

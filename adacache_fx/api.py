@@ -12,7 +12,7 @@ import torch.nn as nn
 from .errors import AlreadyTransformedError, NotTransformedError
 from .passes.find_blocks import find_block_lists
 from .policies.base import Policy
-from .runtime.cached_block import CachedBlock
+from .runtime.cached_block import move_parallel_hooks, wrap_block
 from .runtime.dynamo import HandOffForward
 from .runtime.executor import GraphRunner
 from .runtime.report import Report, build_report
@@ -112,7 +112,7 @@ def transform(
     for block_list in search.chosen:
         module_list = model.get_submodule(block_list.name)
         for index, block in enumerate(block_list.blocks):
-            wrapper = CachedBlock(block, block_list.name, index, runtime, on_capture_error)
+            wrapper = wrap_block(block, block_list.name, index, runtime, on_capture_error)
             module_list[index] = wrapper
             runtime.blocks.append(wrapper)
             runtime.executor.blocks[wrapper.path] = wrapper
@@ -153,6 +153,7 @@ def restore(model: nn.Module) -> nn.Module:
         else:
             model.__dict__["forward"] = forward.forward  # what was installed before transform
     for wrapper in runtime.blocks:
+        move_parallel_hooks(wrapper, wrapper.original)
         model.get_submodule(wrapper.list_name)[wrapper.index] = wrapper.original
         wrapper.original.training = wrapper.training
     for hook in runtime.hooks:

@@ -36,9 +36,24 @@ _CHECK_OPS = {
 }
 
 
+# Functional collectives (context parallelism's all-to-alls inside attention) return new tensors; their
+# only effect is the exchange itself. A reused region must not run them, and dropping them is safe
+# because every rank runs the same graph under the same, group-reduced decision.
+COLLECTIVE_NAMESPACES = frozenset({"_c10d_functional", "_c10d_functional_autograd", "c10d_functional"})
+
+
+def is_collective(node: fx.Node) -> bool:
+    """Whether ``node`` calls a functional collective (or waits on one)."""
+    target = node.target
+    return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and (
+        target.namespace in COLLECTIVE_NAMESPACES)
+
+
 def eliminate_dead_code(graph: fx.Graph) -> None:
-    """Dead-code elimination that treats random ops (eval dropout) as pure: their values are unused."""
-    graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure(impure_random=False))
+    """Dead-code elimination that treats random ops (eval dropout) and functional collectives as pure:
+    their values are unused."""
+    graph.eliminate_dead_code(
+        is_impure_node=lambda node: not is_collective(node) and node.is_impure(impure_random=False))
 
 
 def copy_graph_module(graph_module: fx.GraphModule, class_name: str = "CapturedBlock") -> fx.GraphModule:

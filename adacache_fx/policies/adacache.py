@@ -32,7 +32,7 @@ import torch
 
 from ..errors import PolicyError
 from ..kinds import JOINT_ATTENTION, SELF_ATTENTION, TEMPORAL_ATTENTION
-from .base import BranchInfo, Plan, Policy, StepContext, require_kinds_present, validate_kinds
+from .base import LOCAL, BranchInfo, MetricGroup, Plan, Policy, StepContext, require_kinds_present, validate_kinds
 
 #: ``((threshold, rate), ...)`` with ascending thresholds; the last entry catches every larger value.
 Codebook = tuple[tuple[float, int], ...]
@@ -125,13 +125,15 @@ def slow_codebook(num_steps: int) -> Codebook:
 
 
 def relative_distance(
-    new: Sequence[torch.Tensor], previous: Sequence[torch.Tensor], distance: str = "l1"
+    new: Sequence[torch.Tensor], previous: Sequence[torch.Tensor], distance: str = "l1",
+    group: MetricGroup = LOCAL,
 ) -> torch.Tensor:
     """The change of a branch's residuals relative to ``previous``, as a 0-d float32 tensor.
 
     All residual tensors of the branch count as one concatenated vector. ``"l1"``:
     ``|new - prev|_1 / |prev|_1`` (the default, the authors' metric); ``"l2"``: the same with L2
     norms; ``"cosine"``: ``1 - cos(new, prev)``. Returned as a tensor so no device sync happens here.
+    Under context parallelism the sums run over every rank's shard (``group``) before the ratio.
     """
     if len(new) != len(previous):
         raise ValueError(f"relative_distance: {len(new)} new residuals but {len(previous)} previous ones")
@@ -139,16 +141,14 @@ def relative_distance(
         raise ValueError(f"relative_distance: unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
     pairs = [(n.detach().float(), p.detach().float()) for n, p in zip(new, previous)]
     if distance == "l1":
-        num = sum((n - p).abs().sum() for n, p in pairs)
-        den = sum(p.abs().sum() for _, p in pairs)
+        num, den = group.sum(sum((n - p).abs().sum() for n, p in pairs), sum(p.abs().sum() for _, p in pairs))
         return num / den.clamp_min(_TINY)
     if distance == "l2":
-        num = sum((n - p).square().sum() for n, p in pairs)
-        den = sum(p.square().sum() for _, p in pairs)
+        num, den = group.sum(sum((n - p).square().sum() for n, p in pairs), sum(p.square().sum() for _, p in pairs))
         return num.sqrt() / den.sqrt().clamp_min(_TINY)
-    dot = sum((n * p).sum() for n, p in pairs)
-    norms = sum(n.square().sum() for n, _ in pairs).sqrt() * sum(p.square().sum() for _, p in pairs).sqrt()
-    return 1.0 - dot / norms.clamp_min(_TINY)
+    dot, new_sq, prev_sq = group.sum(sum((n * p).sum() for n, p in pairs), sum(n.square().sum() for n, _ in pairs),
+                                     sum(p.square().sum() for _, p in pairs))
+    return 1.0 - dot / (new_sq.sqrt() * prev_sq.sqrt()).clamp_min(_TINY)
 
 
 def frame_view(residual: torch.Tensor, frames: int) -> tuple[torch.Tensor, int, int]:
@@ -180,7 +180,8 @@ def frame_view(residual: torch.Tensor, frames: int) -> tuple[torch.Tensor, int, 
     )
 
 
-def motion_magnitude(residuals: Sequence[torch.Tensor], frames: int, stride: int = 1) -> torch.Tensor:
+def motion_magnitude(residuals: Sequence[torch.Tensor], frames: int, stride: int = 1,
+                     group: MetricGroup = LOCAL) -> torch.Tensor:
     """MoReg's normalised motion of a residual, as a 0-d float32 tensor.
 
     ``m = |r[i:] - r[:-i]|_1 / (|r[i:]|_1 + |r[:-i]|_1)`` with ``r`` shifted by ``stride`` frames
@@ -188,6 +189,8 @@ def motion_magnitude(residuals: Sequence[torch.Tensor], frames: int, stride: int
     and text streams) is measured on its largest one, the video stream.
     """
     residual = max(residuals, key=lambda t: t.numel())
+    # A frame shift pairs tokens across the ranks' slices of the sequence: measured on the whole one.
+    residual = group.gather(residual.detach(), dim=-2) if group.world_size > 1 else residual
     view, axis, unit = frame_view(residual.detach().float(), frames)
     shift = stride * unit
     length = view.shape[axis] - shift
@@ -558,12 +561,12 @@ class AdaCache(Policy):
         schedules = [s for s in (state.schedules.get(k) for k in keys) if s is not None and s.last_compute == ctx.step]
         if not schedules:
             return
-        distance = relative_distance(new, previous, self.distance)
+        distance = relative_distance(new, previous, self.distance, ctx.group)
         motion = None
         if self.moreg is not None:
             steps = ctx.num_steps if ctx.num_steps is not None else self.num_steps
             if self.moreg.applies(ctx.step, steps):
-                motion = motion_magnitude(new, frames, self.moreg.frame_stride)
+                motion = motion_magnitude(new, frames, self.moreg.frame_stride, ctx.group)
         for schedule in schedules:
             schedule.distances.append(distance)
             if motion is not None:

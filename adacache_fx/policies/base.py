@@ -48,6 +48,46 @@ class BranchInfo:
         return self.tokens is not None
 
 
+class MetricGroup:
+    """The processes whose shards of the tokens make up one model call, as a policy's metrics see them.
+
+    Under context parallelism each rank holds a slice of the sequence; a metric taken on one slice is
+    not the model's, and ranks that decide differently skip different collectives (a hang). Policies
+    therefore sum a metric's numerator and denominator terms over the group *before* the ratio, in
+    one small collective per decision: ``num, den = ctx.group.sum(num, den)``. This base class is the
+    single process (the default); the runtime passes one for the model's process group.
+
+        >>> a, b = torch.ones(4), torch.zeros(4)
+        >>> num, den = LOCAL.sum((a - b).abs().sum(), a.abs().sum())
+        >>> float(num / den)
+        1.0
+    """
+
+    world_size: int = 1
+    description: str = "single process"
+
+    def sum(self, *terms: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each 0-d tensor summed over the group (one collective for all of them)."""
+        return terms
+
+    def mean(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each tensor's mean over all ranks' elements, as float32 0-d tensors."""
+        if self.world_size == 1:
+            return tuple(t.float().mean() for t in tensors)
+        sums = self.sum(*(t.float().sum() for t in tensors),
+                        *(torch.tensor(float(t.numel()), device=t.device) for t in tensors))
+        n = len(tensors)
+        return tuple(sums[i] / sums[n + i].clamp_min(1.0) for i in range(n))
+
+    def gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """The whole tensor from the ranks' slices along ``dim`` (the token axis), in rank order."""
+        return tensor
+
+
+#: One process: metrics are the shard's own, which is the model's.
+LOCAL = MetricGroup()
+
+
 @dataclass(frozen=True)
 class StepContext:
     """What a policy knows when planning one denoising step."""
@@ -64,6 +104,8 @@ class StepContext:
     # argument, as the caller passed it), for policies that decide from the input's change
     # (EasyCache); None when the runtime has none (exported runners).
     latent: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # Sums a metric's terms over the ranks of a context-parallel model (see MetricGroup); LOCAL else.
+    group: MetricGroup = field(default=LOCAL, compare=False, repr=False)
 
     def is_last(self, count: int) -> bool:
         """True inside the last ``count`` steps (False when the step count is unknown)."""
@@ -245,10 +287,11 @@ class InStepDecider(Protocol):
 class InGraphDecider(Protocol):
     """:meth:`InStepDecider.decide` as tensor operations, for ``ax.compile(scope="model")``."""
 
-    def decide_in_graph(self, signal: torch.Tensor, reference: torch.Tensor,
-                        allow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decide_in_graph(self, signal: torch.Tensor, reference: torch.Tensor, allow: torch.Tensor,
+                        group: MetricGroup = LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
         """``(reuse, new_reference)`` from this call's signal, the reference it compares against and
-        ``allow`` (a boolean scalar: False on steps that must compute). Only tensor operations."""
+        ``allow`` (a boolean scalar: False on steps that must compute). Only tensor operations;
+        metric terms summed over ``group``."""
 
     def in_graph_branches(self, branches: tuple[BranchInfo, ...]) -> frozenset[str]:
         """The branches an in-graph ``reuse`` decision covers."""

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from ..errors import PolicyError
-from .base import BranchInfo, InStepSignal, Plan, Policy, StepContext
+from .base import LOCAL, BranchInfo, InStepSignal, MetricGroup, Plan, Policy, StepContext
 from .teacache import relative_l1, relative_l1_below
 
 
@@ -102,7 +102,8 @@ class FirstBlockCache(Policy):
         return step < self.warmup or (num_steps is not None and step >= num_steps - self.cooldown)
 
     def advance(
-        self, previous: torch.Tensor | None, residual: torch.Tensor, step: int, num_steps: int | None
+        self, previous: torch.Tensor | None, residual: torch.Tensor, step: int, num_steps: int | None,
+        group: MetricGroup = LOCAL,
     ) -> tuple[bool, torch.Tensor | None]:
         """One call of the rule: ``(compute, new reference residual)``.
 
@@ -112,7 +113,7 @@ class FirstBlockCache(Policy):
             previous is None
             or previous.shape != residual.shape
             or self.forced(step, num_steps)
-            or not relative_l1(residual, previous) < self.threshold
+            or not relative_l1(residual, previous, group) < self.threshold
         )
         if compute:
             return True, residual.detach().clone()
@@ -134,10 +135,10 @@ class FirstBlockCache(Policy):
         return flags
 
     # -- in-graph path (ax.compile(scope="model")) ------------------------------------------------
-    def decide_in_graph(self, signal, reference, allow):
+    def decide_in_graph(self, signal, reference, allow, group: MetricGroup = LOCAL):
         """:meth:`advance` as tensor operations: reuse when allowed and the relative L1 change of
         the first blocks' residual since the ``reference`` is below the threshold."""
-        reuse = allow & relative_l1_below(signal, reference, self.threshold)
+        reuse = allow & relative_l1_below(signal, reference, self.threshold, group)
         return reuse, torch.where(reuse, reference, signal)
 
     def in_graph_branches(self, branches: tuple[BranchInfo, ...]) -> frozenset[str]:
@@ -161,7 +162,7 @@ class FirstBlockCache(Policy):
         return Plan.compute_all()
 
     def decide(self, ctx: StepContext, state: FirstBlockState, slot: int, signal: torch.Tensor) -> Plan:
-        compute, reference = self.advance(state.previous.get(slot), signal, ctx.step, ctx.num_steps)
+        compute, reference = self.advance(state.previous.get(slot), signal, ctx.step, ctx.num_steps, ctx.group)
         if reference is not None:
             state.previous[slot] = reference
         plan = self._reuse_plan(ctx.branches, state)

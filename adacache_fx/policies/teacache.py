@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..errors import PolicyError
-from .base import InStepSignal, Plan, Policy, StepContext
+from .base import LOCAL, InStepSignal, MetricGroup, Plan, Policy, StepContext
 
 #: Published rescaling polynomials, highest degree first (np.polyval order), by normalised model
 #: name. Each was fitted by the TeaCache authors on the modulated input of the model's block 0.
@@ -53,30 +53,33 @@ def _table_key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-def l1_change(current: torch.Tensor, previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def l1_change(current: torch.Tensor, previous: torch.Tensor,
+              group: MetricGroup = LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean|current - previous|, mean|previous|)`` as float32 tensors: :func:`relative_l1`'s two
-    terms, kept as tensors where the comparison must stay in a traced graph."""
+    terms, kept as tensors where the comparison must stay in a traced graph; means over every rank's
+    elements of ``group`` (a context-parallel model's shards)."""
     prev = previous.float()
-    return (current.float() - prev).abs().mean(), prev.abs().mean()
+    return group.mean((current.float() - prev).abs(), prev.abs())
 
 
-def relative_l1_below(current: torch.Tensor, previous: torch.Tensor, threshold: float) -> torch.Tensor:
+def relative_l1_below(current: torch.Tensor, previous: torch.Tensor, threshold: float,
+                      group: MetricGroup = LOCAL) -> torch.Tensor:
     """``relative_l1(current, previous) < threshold`` as a bool tensor, for traced graphs: compared
     without dividing, with :func:`relative_l1`'s conventions (0/0 is 0, x/0 is inf)."""
-    num, den = l1_change(current, previous)
+    num, den = l1_change(current, previous, group)
     below = num < threshold * den
     if threshold > 0:
         below = below | ((num == 0) & (den == 0))
     return below
 
 
-def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
+def relative_l1(current: torch.Tensor, previous: torch.Tensor, group: MetricGroup = LOCAL) -> float:
     """``mean|current - previous| / mean|previous|`` over the whole tensor, in float32.
 
     The indicator of TeaCache and First-Block-Cache; 0 when both are zero, inf when only
     ``previous`` is (so a policy computes rather than trusting a zero reference).
     """
-    num, den = l1_change(current.detach(), previous.detach())
+    num, den = l1_change(current.detach(), previous.detach(), group)
     num_f, den_f = torch.stack((num, den)).tolist()  # one device sync for both
     if den_f == 0.0:
         return 0.0 if num_f == 0.0 else math.inf
@@ -243,7 +246,7 @@ class TeaCache(Policy):
             and previous.shape == signal.shape
             and not self.forced(ctx.step, ctx.num_steps)
         ):
-            indicator = relative_l1(signal, previous)
+            indicator = relative_l1(signal, previous, ctx.group)
         compute, slot_state.accumulated = self.advance(slot_state.accumulated, indicator, ctx.step, ctx.num_steps)
         slot_state.previous = signal.detach().clone()  # replaced every step, as in the authors' code
         if compute:

@@ -10,6 +10,7 @@ state, and residuals it cached before are never read again.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch.nn as nn
@@ -21,6 +22,8 @@ from .runtime import ModelRuntime, Uncached
 
 # What a CachedBlock keeps beside nn.Module's own state; none of it survives pickling.
 _RUNTIME_STATE = ("bindings", "guard")
+# Attributes libraries set on a module for itself: the wrapper has its own, not the block's.
+_OWN_ATTRIBUTES = frozenset({"_diffusers_hook"})
 
 
 class CachedBlock(nn.Module):
@@ -56,6 +59,8 @@ class CachedBlock(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name in _OWN_ATTRIBUTES:  # the wrapper's own hook registry, never the block's
+                raise
             # Plain attributes of the block (flags models read, e.g. ``block.context_pre_only``).
             return getattr(self.__dict__["original"], name)
 
@@ -63,6 +68,10 @@ class CachedBlock(nn.Module):
         return f"wraps={type(self.original).__name__}, captured_shapes={len(self.bindings)}"
 
     # -- pickling: the block and its settings, not its captures ------------------------------------
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # The class is made per wrapped class (see wrapper_class): rebuilt from that, not looked up.
+        return (_new_wrapper, (type(self.original),), self.__getstate__())
+
     def __getstate__(self) -> dict:
         state = {k: v for k, v in self.__dict__.items() if k not in _RUNTIME_STATE}
         # A diffusers hook installs a closure as ``forward``: the runtime installs it again.
@@ -117,3 +126,62 @@ class CachedBlock(nn.Module):
             runtime.executor.note_inputs(session, leaves)  # a span's output read here ends the span
             return self.original(*args, **kwargs)
         return runtime.executor.run_block(binding, leaves, session)
+
+
+def wrapper_class(block_class: type) -> type:
+    """A :class:`CachedBlock` subclass whose ``forward`` has ``block_class.forward``'s signature.
+
+    Libraries that map a block's arguments by name from its class (diffusers' context-parallel
+    split hooks, installed on ``blocks.0`` by ``enable_parallelism`` after ``transform``) then find
+    the block's own parameters on the wrapper.
+
+        >>> wrapper_class(nn.Linear).__name__
+        'CachedLinear'
+    """
+    def forward(self: CachedBlock, *args: Any, **kwargs: Any) -> Any:
+        return CachedBlock.forward(self, *args, **kwargs)
+
+    try:
+        forward.__signature__ = inspect.signature(block_class.forward)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):  # a forward with no readable signature keeps (*args, **kwargs)
+        pass
+    forward.__doc__ = CachedBlock.forward.__doc__
+    name = f"Cached{block_class.__name__}"
+    return type(name, (CachedBlock,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+
+
+def _new_wrapper(block_class: type) -> CachedBlock:
+    return nn.Module.__new__(wrapper_class(block_class))
+
+
+def wrap_block(block: nn.Module, list_name: str, index: int, runtime: ModelRuntime,
+               on_capture_error: str = "raise") -> CachedBlock:
+    """The :class:`CachedBlock` standing in for ``block`` (of a class made for ``type(block)``).
+    Context-parallel hooks on the block move to the wrapper (see :func:`move_parallel_hooks`)."""
+    wrapper = wrapper_class(type(block))(block, list_name, index, runtime, on_capture_error)
+    move_parallel_hooks(block, wrapper)
+    return wrapper
+
+
+def move_parallel_hooks(source: nn.Module, target: nn.Module) -> None:
+    """Move diffusers' context-parallel split/gather hooks from ``source`` to ``target``, in order.
+
+    ``enable_parallelism`` before ``transform`` puts the sequence split of ``blocks.0`` on the block
+    itself; a capture would bake that split into the block's graph, whose stream then changes shape
+    inside the block. On the wrapper the split runs before the cached block, as when parallelism is
+    enabled after ``transform``. Other diffusers hooks stay where they are.
+    """
+    registry = getattr(source, "_diffusers_hook", None)
+    if registry is None:
+        return
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.context_parallel import ContextParallelGatherHook, ContextParallelSplitHook
+
+    moving = [(name, hook) for name, hook in registry.hooks.items()
+              if isinstance(hook, (ContextParallelSplitHook, ContextParallelGatherHook))]
+    for name, _ in reversed(moving):
+        registry.remove_hook(name, recurse=False)
+    if moving:
+        target_registry = HookRegistry.check_if_exists_or_initialize(target)
+        for name, hook in moving:
+            target_registry.register_hook(hook, name)

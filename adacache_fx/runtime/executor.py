@@ -27,7 +27,7 @@ from ..errors import AdaCacheError, CacheBudgetError, CaptureError, PolicyError
 from ..passes.capture import BoundInputs
 from ..passes.program import BlockProgram
 from ..passes.rewrite import RegionState
-from ..policies.base import BranchInfo, Capabilities
+from ..policies.base import LOCAL, BranchInfo, Capabilities
 from . import guidance
 from .cache import CacheEntry, FoldedSpan, cond_rows
 from .session import Session, TracedSession
@@ -453,7 +453,8 @@ class Executor:
         signal = self.caps.signal
         if in_step is not None and binding.depth == signal.blocks - 1:
             residual = outputs[self._stream(binding)[1]] - in_step["start"]
-            reuse, new_state = policy.decide_in_graph(residual, in_step["state"], in_step["allow"])
+            group = session.context.group if session.context is not None else LOCAL
+            reuse, new_state = policy.decide_in_graph(residual, in_step["state"], in_step["allow"], group)
             in_step.update(reuse=reuse, new_state=new_state)
             for branch in in_step["covered"]:  # the later blocks decide on the graph's own value
                 session.reuse[branch] = reuse

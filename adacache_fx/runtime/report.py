@@ -50,6 +50,10 @@ class Report:
     cache_bytes_per_slot: dict[int, int] = field(default_factory=dict)  # held now, by call slot
     cache_peak_bytes: int = 0  # the most held at once in the last generation (largest session)
     folded_spans: int = 0  # spans held as one residual per stream (transform(fold=True))
+    # Context parallelism: the group the policy's metrics were summed over (None: one process), and
+    # how many collectives those decisions took (cache bytes are then this rank's shard).
+    parallel: str | None = None
+    reduced_decisions: int = 0
 
     @property
     def compute_fraction(self) -> float | None:
@@ -134,6 +138,9 @@ class Report:
                      + (f" over {self.sessions} sessions (threads)" if self.sessions > 1 else "")
                      + (f", {self.folded_spans} folded span(s)" if self.folded_spans else "")
                      + f"; peak in the last generation {_fmt_bytes(self.cache_peak_bytes)}")
+        if self.parallel is not None:
+            lines.append(f"{self.parallel}: policy metrics summed over the group before each decision "
+                         f"({self.reduced_decisions} reduction(s)); caches hold this rank's shard")
         if self.recaptures:
             lines.append(f"re-captured after the model changed: {len(self.recaptures)} time(s)")
             for path, what in self.recaptures[-5:]:
@@ -165,4 +172,6 @@ def build_report(runtime: ModelRuntime) -> Report:
         cache_peak_bytes=max((session.caches.peak for session in sessions), default=0),
         folded_spans=sum(len(session.caches.spans(slot)) for session in sessions
                          for slot in session.caches.slots()),
+        parallel=next((s.group.description for s in sessions if s.group.world_size > 1), None),
+        reduced_decisions=sum(getattr(g, "reductions", 0) for g in {id(s.group): s.group for s in sessions}.values()),
     )

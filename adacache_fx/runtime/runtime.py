@@ -28,6 +28,7 @@ from ..passes.program import BlockProgram, build_program
 from ..policies.base import BranchInfo, Capabilities, Policy
 from . import guidance
 from .executor import Binding, Executor, GraphRunner
+from .parallel import context_parallel_group
 from .session import Session
 
 logger = logging.getLogger("adacache_fx")
@@ -154,13 +155,14 @@ class ModelRuntime:
         self._sessions: list[Session] = []
         self._local = threading.local()
         self._threads: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._metric_groups: dict = {}  # context-parallel config -> its metric group (see .parallel)
 
     # -- pickling: captures, caches and sessions are not kept ------------------------------------
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         for key in ("_lock", "programs", "branches", "_branch_tuple", "block_order", "block_flops",
                     "uncached_blocks", "recaptures", "model_flops", "_validated_for", "_sessions", "_local",
-                    "_threads", "executor", "signals", "_handoff_graphs"):
+                    "_threads", "executor", "signals", "_handoff_graphs", "_metric_groups"):
             state.pop(key, None)
         state["graph_options"] = self.executor.graphs.options
         return state
@@ -172,6 +174,7 @@ class ModelRuntime:
         self.executor.blocks = {block.path: block for block in self.blocks}
         self.signals = None
         self._handoff_graphs = None
+        self._metric_groups = {}
         self._init_state()
 
     # -- sessions -----------------------------------------------------------------------------------
@@ -348,6 +351,7 @@ class ModelRuntime:
             frames=self.read_frames(args, kwargs),
             context_step=getattr(context, "step_index", None),
             num_steps=getattr(context, "num_inference_steps", None),
+            group=context_parallel_group(module, self._metric_groups),
         )
         if event.new_generation and event.reason and session.tracker.generation > 0:
             logger.debug("adacache_fx: new generation: %s", event.reason)

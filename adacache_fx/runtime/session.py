@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..passes.guards import ambient_state
-from ..policies.base import Capabilities, Plan, Policy, StepContext
+from ..policies.base import LOCAL, Capabilities, MetricGroup, Plan, Policy, StepContext
 from .cache import CacheState
 from .steps import CallEvent, StepTracker
 
@@ -83,6 +83,7 @@ class Session:
         self.in_graph: dict[int, torch.Tensor] = {}
         self.rebinds: dict[str, int] = {}  # block path -> times bound anew this generation
         self.fold_allowed = fold  # off while a driver needs per-branch residuals (scope="model")
+        self.group: MetricGroup = LOCAL  # the ranks the last call's metrics were summed over
 
     @property
     def slot(self) -> int:
@@ -130,7 +131,7 @@ class Session:
     # -- calls ------------------------------------------------------------------------------------
     def begin_call(self, branches: tuple, timestep: float | None, latent: torch.Tensor | None = None,
                    frames: int | None = None, context_step: int | None = None,
-                   num_steps: int | None = None) -> CallEvent:
+                   num_steps: int | None = None, group: MetricGroup = LOCAL) -> CallEvent:
         """Track a model call: a new generation (fresh caches and policy state) and/or a new step
         (the policy plans it); every call starts from its step's plan."""
         if num_steps is not None and not self.tracker.explicit and self.tracker.num_steps is None:
@@ -149,10 +150,12 @@ class Session:
                 branches=branches,
                 frames=frames,
                 latent=latent,
+                group=group,
             )
             self.step_plan = self.policy.plan(self.context, self.policy_state)
             self.records.append(StepRecord(self.tracker.generation, self.tracker.step, timestep,
                                            len(self.step_plan.reuse), session=self.number))
+        self.group = group
         self.plan = self.step_plan
         self.call = CallState(fold=self.caps.folds and self.fold_allowed)
         self.records[-1].calls += 1

@@ -1,0 +1,124 @@
+"""One rank of a context-parallel run (diffusers' Ulysses over gloo), for tests/test_context_parallel.py.
+
+``run_cases(cases, steps)`` runs each (model, policy, order) case for ``steps`` steps, in this
+process, with or without diffusers' context parallelism, and returns per case the per-step plans,
+the outputs and what the report says. ``main`` is the spawned rank: it joins the group, runs the
+cases and saves the results for the parent to compare with a single-process run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from datetime import timedelta
+from unittest import mock
+
+import torch
+
+import adacache_fx as ax
+from adacache_lab.zoo import ZOO
+
+# name -> policy factory; each is a decision class the group reduction must cover.
+POLICIES = {
+    "nocache": lambda: ax.NoCache(),
+    "static": lambda: ax.Static(2),
+    # A codebook for 8 steps whose rates the measured changes (about 0.2-0.35 here) do move.
+    "adacache": lambda: ax.AdaCache(codebook=CODEBOOK, num_steps=STEPS_DEFAULT),
+    "adacache_moreg": lambda: ax.AdaCache(codebook=CODEBOOK, num_steps=STEPS_DEFAULT, moreg=True),
+    "adacache_l2": lambda: ax.AdaCache(codebook=CODEBOOK, num_steps=STEPS_DEFAULT, distance="l2"),
+    "first_block": lambda: ax.FirstBlockCache(threshold=0.3),
+    "teacache": lambda: ax.TeaCache(delta=0.3),
+    "pab": lambda: ax.PAB(window_steps=(1, STEPS_DEFAULT - 1)),
+    "magcache": lambda: ax.MagCache(threshold=0.1, mag_ratios="wan2.1-t2v-1.3b", num_steps=STEPS_DEFAULT),
+    "taylorseer": lambda: ax.TaylorSeer(ax.Static(3)),
+    "easycache": lambda: ax.EasyCache(threshold=0.3, warmup=1),
+    "toca": lambda: ax.ToCa(),
+}
+STEPS_DEFAULT = 8
+CODEBOOK = ((0.2, 3), (0.25, 2), (100.0, 1))
+
+
+def _build_wan_4_heads() -> torch.nn.Module:
+    """The zoo's Wan with 4 heads of 8: Ulysses over 4 ranks splits the heads."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ).eval()
+
+
+MODELS = {**ZOO, "wan4": dataclasses.replace(ZOO["wan"], name="wan4", build=_build_wan_4_heads)}
+
+
+def _timesteps(steps: int) -> list[float]:
+    return [999.0 - i * (999.0 / steps) for i in range(steps)]
+
+
+def _enable(model: torch.nn.Module, world: int) -> None:
+    from diffusers import ContextParallelConfig
+
+    # diffusers picks the rank's device as rank % torch.accelerator.device_count(), which is 0 on a
+    # CPU build of torch: give it one device (the process's CPU).
+    with mock.patch("torch.accelerator.device_count", return_value=1):
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+
+
+def run_case(name: str, policy_name: str, order: str, steps: int, world: int) -> dict:
+    """``order``: ``"before"`` (parallelism, then transform), ``"after"``, or ``"single"`` (none)."""
+    entry = MODELS[name]
+    model = entry.build()
+    policy = POLICIES[policy_name]()
+    if order == "before":
+        _enable(model, world)
+    ax.transform(model, policy)
+    if order == "after":
+        _enable(model, world)
+    outputs = []
+    inputs = entry.inputs(timestep=999.0, seed=0)
+    latent = inputs["hidden_states"]
+    with torch.no_grad(), ax.generation(model, num_steps=steps):
+        for t in _timesteps(steps):  # an Euler loop: each step's latent continues the last
+            out = model(**{**inputs, "hidden_states": latent, "timestep": torch.tensor([t])}, return_dict=False)[0]
+            latent = latent - out / steps
+            outputs.append(out)
+    report = ax.report(model)
+    return {
+        "plans": [(s.computed, s.reused, s.partial) for s in report.steps],
+        "outputs": outputs,
+        "parallel": report.parallel,
+        "reductions": report.reduced_decisions,
+        "cache_peak_bytes": report.cache_peak_bytes,
+        "text": str(report),
+    }
+
+
+def run_cases(cases: list[tuple[str, str, str]], steps: int, world: int = 1) -> dict:
+    return {case: run_case(*case, steps=steps, world=world) for case in cases}
+
+
+def main(rank: int, world: int, port: int, cases: list, steps: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        results = {}
+        for case in cases:
+            try:
+                results[case] = run_case(*case, steps=steps, world=world)
+            except Exception as exc:  # reported to the parent, which fails the test with it
+                results[case] = {"error": f"{type(exc).__name__}: {exc}"}
+                raise
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # python tests/cp_worker.py RANK WORLD PORT OUT_DIR STEPS CASE...
+    rank, world, port, out_dir, steps = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+    main(rank, world, port, [tuple(c.split(":")) for c in sys.argv[6:]], steps, out_dir)
