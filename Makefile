@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/adacache-fx demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py

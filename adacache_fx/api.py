@@ -109,7 +109,8 @@ def transform(
     runtime = ModelRuntime(model, policy, recapture_limit, fold=fold)
     runtime.executor.cache_budget = cache_budget
     runtime.left_alone = list(search.left_alone)
-    for block_list in search.chosen:
+    runtime.auxiliary_lists = frozenset(block_list.name for block_list in search.auxiliary)
+    for block_list in search.chosen + search.auxiliary:
         module_list = model.get_submodule(block_list.name)
         for index, block in enumerate(block_list.blocks):
             wrapper = wrap_block(block, block_list.name, index, runtime, on_capture_error)
@@ -117,8 +118,9 @@ def transform(
             runtime.blocks.append(wrapper)
             runtime.executor.blocks[wrapper.path] = wrapper
         logger.info(
-            "adacache_fx: transformed %s (%d x %s)",
+            "adacache_fx: transformed %s (%d x %s%s)",
             block_list.name, len(block_list.blocks), block_list.block_class,
+            ", a deeper list: numbered after the main blocks" if block_list in search.auxiliary else "",
         )
     for path, reason in search.left_alone:
         logger.info("adacache_fx: left alone %s (%s)", path, reason)

@@ -1,7 +1,14 @@
+import os
+
 import pytest
 import torch
 
 from adacache_lab.zoo import ZOO
+
+
+# Under pytest-xdist (make test: one worker per core) each worker keeps to its share of the cores.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(autouse=True)

@@ -53,7 +53,7 @@ import adacache_fx as ax
 ATOL = 1e-5
 ATTENTION_KINDS = {"self_attention", "cross_attention", "temporal_attention", "joint_attention"}
 SETTINGS = settings(
-    max_examples=25,
+    max_examples=15,
     deadline=None,
     derandomize=True,  # reproducible in CI; failures print the drawn spec
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],

@@ -100,3 +100,41 @@ def test_blocks_with_odd_submodule_names_capture_and_reuse(compiled):
         assert (first - reference(x, torch.full((2,), 999.0))).abs().max().item() <= 1e-5
     assert ax.report(model).steps[-1].reused == len(ids)
     assert not torch.equal(second, reference(x, torch.full((2,), 900.0)))  # reuse changed the result
+
+
+def test_a_deeper_block_list_is_cached_and_numbered_after_the_main_blocks():
+    """HunyuanVideo's token refiner (``context_embedder.token_refiner.refiner_blocks``) is a block list
+    deeper than the main ones; it depends on the timestep, so it gets regions like them."""
+    entry = ZOO["hunyuanvideo"]
+    reference = entry.build()
+    model = ax.transform(entry.build(), ax.NoCache())
+    with torch.no_grad():
+        assert torch.equal(entry.output(model(**entry.inputs())), entry.output(reference(**entry.inputs())))
+    report = ax.report(model)
+    refiner = [b for b in report.branches if b.block_list == "context_embedder.token_refiner.refiner_blocks"]
+    main = [b for b in report.branches if not b.auxiliary]
+    assert refiner and all(b.auxiliary for b in refiner)
+    main_blocks = len({b.block for b in main})
+    assert min(b.depth for b in refiner) == main_blocks  # after every main block, though they run first
+    assert all(b.blocks == main_blocks for b in report.branches)
+
+    cached = ax.transform(entry.build(), ax.Static(2))
+    with ax.generation(cached, num_steps=4):
+        _flops(cached, **entry.inputs(timestep=999.0))
+        reuse = _flops(cached, **entry.inputs(timestep=900.0))
+    with ax.generation(cached, num_steps=4):
+        compute = _flops(cached, **entry.inputs(timestep=999.0))
+    report = ax.report(cached)
+    assert report.steps[1].reused == len(report.branches)
+    block_flops = sum(f for f in report.block_flops.values() if f)
+    assert compute - reuse >= 0.9 * block_flops, (compute, reuse, block_flops)
+
+    # First-Block-Cache decides on the first *main* block; the refiner, run before that, computes.
+    fbc = ax.transform(entry.build(), ax.FirstBlockCache(threshold=10.0))
+    with torch.no_grad(), ax.generation(fbc, num_steps=3):
+        for t in (999.0, 900.0, 800.0):
+            fbc(**entry.inputs(timestep=t))
+    state_caches = {b.id: fbc_policy_caches for b in ax.report(fbc).branches
+                    for fbc_policy_caches in [ax.FirstBlockCache().caches(b)]}
+    assert not any(state_caches[b.id] for b in refiner)
+    assert ax.report(fbc).steps[-1].reused > 0

@@ -29,8 +29,11 @@ class BlockList:
 
 @dataclass(frozen=True)
 class BlockSearch:
-    chosen: tuple[BlockList, ...]
+    chosen: tuple[BlockList, ...]  # the main block lists (the shallowest)
     left_alone: tuple[tuple[str, str], ...]  # (path, reason)
+    # Deeper block lists outside the main ones (text refiners, fusers): cached like them, numbered
+    # after them so that policies' notions of "first", "middle" and "last" block stay the main lists'.
+    auxiliary: tuple[BlockList, ...] = ()
 
 
 def _has_attention(module: nn.Module) -> bool:
@@ -93,10 +96,12 @@ def find_block_lists(model: nn.Module, names: list[str] | None = None) -> BlockS
     chosen = tuple(
         BlockList(name, tuple(module)) for name, module in top if name.count(".") == min_depth
     )
-    left_alone = tuple(
-        (name, "nested inside another block list" if (name, module) not in top
-         else "deeper in the model than the main block lists")
-        for name, module in candidates
-        if all(name != c.name for c in chosen)
+    auxiliary = tuple(
+        BlockList(name, tuple(module)) for name, module in top if name.count(".") != min_depth
     )
-    return BlockSearch(chosen, left_alone)
+    left_alone = tuple(
+        (name, "nested inside another block list")
+        for name, module in candidates
+        if (name, module) not in top
+    )
+    return BlockSearch(chosen, left_alone, auxiliary)

@@ -41,6 +41,9 @@ class BranchInfo:
     # Blocks a model call runs (the transformed block lists' length), known from the first call on,
     # before every branch has been seen: where the middle block is.
     blocks: int | None = None
+    # A block of a deeper list outside the main ones (HunyuanVideo's token refiner): its depth comes
+    # after every main block's, and ``blocks`` counts the main blocks only.
+    auxiliary: bool = False
 
     @property
     def partial(self) -> bool:

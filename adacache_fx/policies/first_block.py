@@ -70,7 +70,7 @@ class FirstBlockCache(Policy):
         """Check that some block is left to skip once the first and tail blocks always compute."""
         if not branches:
             return
-        depths = max(b.depth for b in branches) + 1
+        depths = max((b.depth for b in branches if not b.auxiliary), default=-1) + 1
         if self.blocks + self.tail_blocks >= depths:
             raise PolicyError(
                 f"FirstBlockCache(blocks={self.blocks}, tail_blocks={self.tail_blocks}): the model has "
@@ -78,8 +78,9 @@ class FirstBlockCache(Policy):
             )
 
     def caches(self, branch: BranchInfo, state: FirstBlockState | None = None) -> bool:
-        # The first blocks always compute; the tail too, once the model's depth is known.
-        if branch.depth < self.blocks:
+        # The first blocks always compute; the tail too, once the model's depth is known. Deeper
+        # lists' blocks (a text refiner) run before the decision: they compute.
+        if branch.depth < self.blocks or branch.auxiliary:
             return False
         depths = state.num_depths if state is not None else None
         return depths is None or branch.depth < depths - self.tail_blocks
@@ -88,7 +89,7 @@ class FirstBlockCache(Policy):
         memo = state.reuse_for if state is not None else None
         if memo is not None and memo[0] is branches:
             return memo[1]
-        depths = max((b.depth for b in branches), default=-1) + 1
+        depths = max((b.depth for b in branches if not b.auxiliary), default=-1) + 1
         end = depths - self.tail_blocks
         plan = Plan.reuse_only(b.id for b in branches if self.blocks <= b.depth < end)
         if state is not None:

@@ -127,7 +127,8 @@ class ToCa(Policy):
         """r for ``branch`` at 0-based ``step`` of ``num_steps``, in a model of ``layers`` blocks."""
         step_factor = 1.0 + self.step_weight - 2.0 * self.step_weight * step / num_steps
         # One block: no layer position, so the neutral middle (factor 1).
-        position = branch.depth / (layers - 1) if layers > 1 else 0.5
+        # A deeper list's block (auxiliary: numbered after the main ones) takes the neutral middle too.
+        position = branch.depth / (layers - 1) if layers > 1 and not branch.auxiliary else 0.5
         layer_factor = 1.0 + self.layer_weight - 2.0 * self.layer_weight * position
         value = self.ratio * step_factor * layer_factor * self.module_factor(branch)
         return min(1.0, max(0.0, value))
@@ -148,7 +149,7 @@ class ToCa(Policy):
             raise PolicyError(
                 "ToCa's step factor needs the step count: ToCa(num_steps=N) or ax.generation(model, num_steps=N)"
             )
-        layers = max(b.depth for b in ctx.branches) + 1
+        layers = max((b.depth for b in ctx.branches if not b.auxiliary), default=0) + 1
         reuse: list[str] = []
         partial: dict[str, torch.Tensor] = {}
         for branch in ctx.branches:

@@ -135,6 +135,7 @@ class ModelRuntime:
         self.read_timestep, self.timestep_arg = _timestep_reader(model)
         self.read_frames = FramesReader.of(model)
         self.blocks: list[nn.Module] = []  # the CachedBlock wrappers, set by transform()
+        self.auxiliary_lists: frozenset[str] = frozenset()  # deeper lists (see find_blocks), set by transform()
         self.left_alone: list[tuple[str, str]] = []
         self.hooks: list[Any] = []
         self.signals: Any = None  # the diffusers hook that hears pipeline calls end (if any)
@@ -147,6 +148,7 @@ class ModelRuntime:
         self.branches: dict[str, BranchInfo] = {}
         self._branch_tuple: tuple[BranchInfo, ...] = ()
         self.block_order: list[str] = []
+        self.auxiliary_order: list[str] = []
         self.block_flops: dict[str, int | None] = {}
         self.uncached_blocks: dict[str, str] = {}
         self.recaptures: list[tuple[str, str]] = []  # (block, what changed), in order
@@ -160,7 +162,7 @@ class ModelRuntime:
     # -- pickling: captures, caches and sessions are not kept ------------------------------------
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for key in ("_lock", "programs", "branches", "_branch_tuple", "block_order", "block_flops",
+        for key in ("_lock", "programs", "branches", "_branch_tuple", "block_order", "auxiliary_order", "block_flops",
                     "uncached_blocks", "recaptures", "model_flops", "_validated_for", "_sessions", "_local",
                     "_threads", "executor", "signals", "_handoff_graphs", "_metric_groups"):
             state.pop(key, None)
@@ -254,20 +256,27 @@ class ModelRuntime:
 
     # -- branches -----------------------------------------------------------------------------------
     @property
+    def main_block_count(self) -> int:
+        return sum(1 for block in self.blocks if block.list_name not in self.auxiliary_lists)
+
+    @property
     def branch_tuple(self) -> tuple[BranchInfo, ...]:
         return self._branch_tuple
 
     def _register(self, path: str, list_name: str, index: int, program: BlockProgram) -> tuple[int, tuple[BranchInfo, ...]]:
-        if path not in self.block_order:
-            self.block_order.append(path)
-        depth = self.block_order.index(path)
+        auxiliary = list_name in self.auxiliary_lists
+        order = self.auxiliary_order if auxiliary else self.block_order
+        if path not in order:
+            order.append(path)
+        main_blocks = self.main_block_count
+        depth = order.index(path) + (main_blocks if auxiliary else 0)  # auxiliary blocks after the main ones
         infos = []
         changed = False
         for region in program.regions:
             info = BranchInfo(
                 id=f"{path}.{region.name}", block=path, block_list=list_name, block_index=index, depth=depth,
                 name=region.name, kind=region.kind, tags=region.tags, flops=region.flops,
-                num_residuals=len(region.residuals), blocks=len(self.blocks),
+                num_residuals=len(region.residuals), blocks=main_blocks, auxiliary=auxiliary,
                 tokens=region.token_flow.tokens if region.token_flow is not None else None,
             )
             known = self.branches.get(info.id)
