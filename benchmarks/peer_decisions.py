@@ -14,11 +14,12 @@ Per step and setting:
   wrapped with a counter; FasterCache's denoiser hook also records the batch it passed on, i.e.
   whether the uncond half was skipped), translated into adacache_fx's branches (a branch computes
   when its block (First-Block-Cache) or its module (the attention hooks) ran, or when diffusers
-  hooks nothing there, e.g. MLPs): reused branches, computed branch FLOPs, cond-only call;
-* ours: ``ax.report(model).steps`` (reused, flops_computed, cond_only).
+  hooks nothing there, e.g. MLPs): reused branches, the computed share of a full call's branch FLOPs
+  (weighting each branch by ``BranchInfo.flops``, so it tells which branches, not only how many), and
+  whether the call was cond-only;
+* ours: ``ax.report(model).steps`` (reused, flops_computed / flops_total, cond_only).
 
-Decisions are "equal" when reused-branch counts, computed FLOPs and cond-only flags agree on every
-step. Final latents are compared between the two and each against the uncached loop.
+Decisions are "equal" when these three agree on every step. Final latents are compared between the two and each against the uncached loop.
 
 Settings are mapped so that both sides describe the same schedule where each library can express
 it (timestep windows in diffusers' units are turned into the step indices they select with this
@@ -152,9 +153,11 @@ def block_of(branch_id: str) -> str:
     return branch_id.rsplit(".", 1)[0]
 
 
-def translate(probe: Probe, branches, level: str, full_batch: int) -> list[tuple[int, int, bool]]:
-    """diffusers' per-step record as (reused branches, computed branch FLOPs, cond-only) in our branches."""
+def translate(probe: Probe, branches, level: str, full_batch: int) -> list[tuple[int, float, bool]]:
+    """diffusers' per-step record in our branches: (reused branches, computed share of the branch FLOPs
+    of a full call, cond-only call)."""
     out = []
+    total = sum(b.flops or 0 for b in branches)
     for record in probe.steps:
         cond_only = record["batch"] is not None and record["batch"] < full_batch
         reused, flops = 0, 0
@@ -162,10 +165,11 @@ def translate(probe: Probe, branches, level: str, full_batch: int) -> list[tuple
             key = block_of(b.id) if level == "block" else b.id
             computed = key not in probe.hooked or key in record["ran"]
             if computed:
-                flops += (b.flops or 0) // 2 if cond_only else (b.flops or 0)
+                flops += b.flops or 0
             else:
                 reused += 1
-        out.append((reused, flops, cond_only))
+        share = flops / total / (2 if cond_only else 1)
+        out.append((reused, round(share, 6), cond_only))
     return out
 
 
@@ -185,7 +189,10 @@ def run_ours(entry, steps: int, policy, *, cfg: bool):
         latents = denoise(model, entry, steps, cfg=cfg)
     report = ax.report(model)
     assert len(report.steps) == steps, f"{len(report.steps)} step records for {steps} steps"
-    profile = [(r.reused, r.flops_computed, r.cond_only > 0) for r in report.steps]
+    # The computed share of the step's branch FLOPs; a cond-only call's share is counted against a
+    # full (uncond + cond) call, as ours reports it (flops_computed / flops_total, both at the shape the
+    # cond-only call was captured at, the computed part halved).
+    profile = [(r.reused, round(r.flops_computed / r.flops_total, 6), r.cond_only > 0) for r in report.steps]
     assert all(r.partial == 0 for r in report.steps)
     return report, profile, latents
 
@@ -231,8 +238,8 @@ def compare(pair: str, row: dict, steps: int) -> dict:
         "diffusers_hooked_modules": sorted(probe.hooked),
         "diffusers_reused_branches": [r for r, _, _ in theirs],
         "ours_reused_branches": [r for r, _, _ in ours],
-        "diffusers_computed_flops": [f for _, f, _ in theirs],
-        "ours_computed_flops": [f for _, f, _ in ours],
+        "diffusers_computed_flop_share": [f for _, f, _ in theirs],
+        "ours_computed_flop_share": [f for _, f, _ in ours],
         "decisions_equal": equal,
         "first_differing_step": first_diff,
         "steps_with_reuse": [sum(1 for r, _, _ in theirs if r), sum(1 for r, _, _ in ours if r)],
@@ -243,13 +250,20 @@ def compare(pair: str, row: dict, steps: int) -> dict:
             "ours": {"max_abs": max_abs(o_latents, base), "rel_l2": rel_l2(o_latents, base)},
         },
         "branch_flop_fraction": {
-            "diffusers": sum(f for _, f, _ in theirs) / max(1, sum(r.flops_total for r in report.steps)),
-            "ours": report.flops_fraction,
+            "diffusers": sum(f for _, f, _ in theirs) / steps,
+            "ours_report_flops_fraction": report.flops_fraction,
         },
     }
     if cfg:
         result["diffusers_cond_only_steps"] = [i for i, (_, _, c) in enumerate(theirs) if c]
         result["ours_cond_only_steps"] = [i for i, (_, _, c) in enumerate(ours) if c]
+        # What ours reports a call costs: a cond-only call runs half the rows of a full one, so with no
+        # branch reused its computed FLOPs should be half a full call's.
+        result["ours_step_flops_computed_and_total"] = [[r.flops_computed, r.flops_total] for r in report.steps]
+        full = [r.flops_computed for r in report.steps if not r.cond_only and not r.reused]
+        half = [r.flops_computed for r in report.steps if r.cond_only and not r.reused]
+        if full and half:
+            result["ours_cond_only_call_flops_vs_full_call"] = half[0] / full[0]
     status = "EQUAL" if equal else f"differ from step {first_diff}"
     print(f"[{pair}] {row['model']:6s} {row['name']}: decisions {status} (expected {result['expect']}); "
           f"ours vs diffusers max|d| {result['final_latents_max_abs_diff_ours_vs_diffusers']:.2e}, "
@@ -428,9 +442,10 @@ def fastercache_rows(steps: int, ts: list[float]) -> list[dict]:
         expect="differs",
         cause="different schedules at the defaults: diffusers skips attention only on cond-only steps "
               "(an uncond+cond call can not be served from its cond-only cache), inside timesteps < 681, "
-              "and the uncond half on iteration % 5 != 0 inside timesteps < 641, with band weights 1.1 "
-              "compounding; ours reuses attention (cross attention included) every 2nd step from 30% "
-              "of the steps whether or not the uncond half runs, and CFG-Cache counts from cfg_start"))
+              "and the uncond half on iteration % 5 != 0 inside timesteps < 641 (the last step included), "
+              "with band weights 1.1 compounding; ours reuses attention (cross attention included) every "
+              "2nd step from 30% of the steps whether or not the uncond half runs, counts CFG-Cache's "
+              "period from cfg_start (step 6 here) and never skips the uncond half on the last step"))
     return rows
 
 
@@ -518,8 +533,8 @@ def main() -> None:
         "timesteps": [round(t, 2) for t in ts],
         "loop": f"FlowMatchEulerDiscreteScheduler(shift={SHIFT}), one model call per step, seed {SEED}; "
                 f"FasterCache rows: CFG batched (uncond rows first), guidance {GUIDANCE}",
-        "decision_profile": "per step: reused branches, computed branch FLOPs, cond-only call (diffusers' record "
-                            "translated into adacache_fx's branches)",
+        "decision_profile": "per step: reused branches, computed share of a full call's branch FLOPs, cond-only "
+                            "call (diffusers' record translated into adacache_fx's branches)",
         "wall_s": None,
         "summary": {
             pair: {
@@ -533,6 +548,10 @@ def main() -> None:
             for pair, rs in pairs.items()
         },
         "all_as_expected": all(expected(r) for r in rows),
+        # ax.report's FLOPs of a cond-only guidance call (nothing reused), as a fraction of a full call's:
+        # it runs half the rows, so 0.5 is right.
+        "ours_cond_only_call_flops_vs_full_call": sorted({
+            r["ours_cond_only_call_flops_vs_full_call"] for r in rows if "ours_cond_only_call_flops_vs_full_call" in r}),
         "pairs": pairs,
     }
     record["wall_s"] = round(time.perf_counter() - started, 1)

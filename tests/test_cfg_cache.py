@@ -107,6 +107,13 @@ def test_cond_only_steps_match_the_model_on_the_cond_half(name, layout):
     report = ax.report(model)
     assert report.flops_fraction < 1.0, str(report)
     assert [s.cond_only for s in report.steps] == [int(s in skipped) for s in range(STEPS)]
+    # FLOPs count whole guidance batches: a cond-only step (nothing reused) runs half of its step's
+    # total, and that total is a full step's (the cond-only capture's half-batch FLOPs are doubled).
+    full_total = report.steps[0].flops_total
+    for s in report.steps:
+        assert s.flops_total == full_total, (s, full_total)
+        assert s.flops_computed == (full_total // 2 if s.cond_only else full_total), s
+    assert report.flops_fraction == pytest.approx((STEPS - len(skipped) / 2) / STEPS, rel=1e-3)
 
 
 def test_cond_only_steps_update_only_the_cond_rows_of_the_caches():

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import adacache_fx as ax
 from adacache_fx.policies.base import Capabilities
-from adacache_fx.policies.taylorseer import newton_extrapolate
+from adacache_fx.policies.taylorseer import newton_extrapolate, taylor_extrapolate
 from policy_driver import Live
 
 
@@ -83,9 +83,9 @@ def _run(model, policy, steps=12):
     return errors, ax.report(model)
 
 
-def test_taylorseer_is_exact_once_it_has_three_points_of_a_quadratic_residual():
+def test_taylorseer_newton_is_exact_once_it_has_three_points_of_a_quadratic_residual():
     torch.manual_seed(1)
-    errors, report = _run(PolynomialModel(), ax.TaylorSeer(ax.Static(interval=3), order=2))
+    errors, report = _run(PolynomialModel(), ax.TaylorSeer(ax.Static(interval=3), order=2, series="newton"))
     reused = [s.step for s in report.steps if s.reused]
     assert reused == [1, 2, 4, 5, 7, 8, 10]
     # Steps 7, 8, 10 reuse with three computed points (0, 3, 6 / 3, 6, 9): exact.
@@ -112,9 +112,36 @@ def test_fastercache_extrapolates_linearly_with_its_ramp():
     torch.testing.assert_close(value, torch.full((2,), 2.5))  # 2 + 0.5 * 2 * 1/2
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_taylor_series_forecast_equals_diffusers_taylorseer_state(order):
+    """The default forecast is the authors' recursion, as diffusers' own TaylorSeerState computes it
+    (at irregular spacing, where it differs from the interpolating polynomial for order 2)."""
+    from diffusers.hooks.taylorseer_cache import TaylorSeerState
+
+    torch.manual_seed(0)
+    steps = [0, 2, 3, 7]
+    values = [torch.randn(5) for _ in steps]
+    theirs = TaylorSeerState(taylor_factors_dtype=torch.float32, max_order=order)
+    history = []
+    for step, value in zip(steps, values):
+        theirs.current_step = step
+        theirs.update((value,))
+        history.append((step, (value,)))
+    for target in (8, 9, 12):
+        theirs.current_step = target
+        (expected,) = theirs.predict()
+        (got,) = taylor_extrapolate(history, target, order)
+        torch.testing.assert_close(got, expected)
+        if order == 2:  # the test can fail: Newton's polynomial is another forecast here
+            assert (newton_extrapolate(history, target, order)[0] - expected).abs().max() > 1e-3
+    assert ax.TaylorSeer().series == "taylor"
+
+
 def test_taylorseer_validates_its_settings():
     with pytest.raises(ValueError, match="order must be 1 or 2"):
         ax.TaylorSeer(order=3)
     with pytest.raises(TypeError, match="must be a policy"):
         ax.TaylorSeer(base="static")
+    with pytest.raises(ValueError, match="series"):
+        ax.TaylorSeer(series="chebyshev")
     assert Capabilities.of(ax.TaylorSeer(ax.FirstBlockCache())).decides_in_step

@@ -84,7 +84,12 @@ def expected_pab(index: int | None, spatial=2, temporal=4, cross=6) -> set[str]:
 
 # -- PAB ------------------------------------------------------------------------------------------
 def test_pab_window_steps_schedule_per_kind():
+    # Counted from the generation's first step (the authors' code and diffusers' hook count calls).
     plans = reuse_per_step(PAB(window_steps=(2, 10)), 12)
+    assert plans == [expected_pab(s if 2 <= s < 10 else None) for s in range(12)]
+    assert plans[2] == TEMPORAL | CROSS  # the window's first step may reuse the last computed residual
+    # restart_in_window: the count restarts where the window opens.
+    plans = reuse_per_step(PAB(window_steps=(2, 10), restart_in_window=True), 12)
     # Written out for steps 2..9 (window index 0..7): spatial reuses at odd indices, temporal
     # except 0 and 4, cross except 0 and 6.
     expected = [
@@ -103,12 +108,13 @@ def test_pab_window_steps_schedule_per_kind():
     assert all(not (p & NEVER) for p in plans)
 
 
-def test_pab_timestep_window_is_exclusive_and_counts_from_entry():
+def test_pab_timestep_window_is_exclusive_and_counts_steps():
     timesteps = [950, 850, 790, 700, 600, 500, 400, 300, 200, 100, 50]
     plans = reuse_per_step(PAB(), len(timesteps), timesteps)
     # 790 (step 2) is the first inside (100, 800); 100 (step 9) is outside: the ends are excluded.
-    indices = [None, None, 0, 1, 2, 3, 4, 5, 6, None, None]
-    assert plans == [expected_pab(i) for i in indices]
+    assert plans == [expected_pab(i) for i in [None, None, 2, 3, 4, 5, 6, 7, 8, None, None]]
+    plans = reuse_per_step(PAB(restart_in_window=True), len(timesteps), timesteps)
+    assert plans == [expected_pab(i) for i in [None, None, 0, 1, 2, 3, 4, 5, 6, None, None]]
 
 
 def test_pab_normalised_timesteps_use_the_same_window():
@@ -121,6 +127,11 @@ def test_pab_normalised_timesteps_use_the_same_window():
 
 def test_pab_window_count_restarts_each_generation():
     policy = Live(PAB(window_steps=(1, 6)))
+    first = [set(policy.plan(ctx(s, 6, generation=0)).reuse) for s in range(6)]
+    policy.reset()
+    second = [set(policy.plan(ctx(s, 6, generation=1)).reuse) for s in range(6)]
+    assert first == second == [expected_pab(i) for i in (None, 1, 2, 3, 4, 5)]
+    policy = Live(PAB(window_steps=(1, 6), restart_in_window=True))
     first = [set(policy.plan(ctx(s, 6, generation=0)).reuse) for s in range(6)]
     policy.reset()
     second = [set(policy.plan(ctx(s, 6, generation=1)).reuse) for s in range(6)]

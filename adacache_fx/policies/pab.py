@@ -2,8 +2,9 @@
 
 Attention outputs change little in the middle of sampling, and the less the more global the
 attention: cross attention (to fixed text) least, then temporal, then spatial. Inside the window a
-branch of a kind with broadcast range ``g`` computes every ``g``-th step since the window began and
-reuses its cached residual in between; outside the window everything computes. MLPs always compute,
+branch of a kind with broadcast range ``g`` computes on steps whose index is a multiple of ``g``
+(counted from the generation's first step, as the authors' code and diffusers' hook count; see
+``restart_in_window``) and reuses its cached residual in between; outside the window everything computes. MLPs always compute,
 and so does any region that contains an MLP (Flux's single blocks fuse attention and MLP into one
 region): PAB recomputes MLPs.
 """
@@ -52,8 +53,10 @@ class PAB(Policy):
     ``window_steps=(start, stop)``, when given, replaces ``window`` with step indices
     ``start <= step < stop``: use it for models without a meaningful timestep.
 
-    Unlike diffusers, which counts every call since the start, the broadcast count restarts at the
-    window's first step, so every branch computes there and the caches are fresh.
+    The broadcast count is the step index, as in the authors' code and diffusers' hook (which count
+    calls: the same with one call per step): a branch may reuse on the window's first step the residual
+    its last step outside the window computed. ``restart_in_window=True`` restarts the count at the
+    window's first step instead, so every branch computes there.
     """
 
     spatial: int | None = 2
@@ -61,6 +64,10 @@ class PAB(Policy):
     cross: int | None = 6
     window: tuple[float, float] = (100.0, 800.0)
     window_steps: tuple[int, int] | None = None
+    # The broadcast period counts steps from the generation's first step, as the authors' code and
+    # diffusers' hook count calls; True: from the window's first step (a window opening on an odd
+    # step then computes there).
+    restart_in_window: bool = False
 
     def __post_init__(self) -> None:
         for name in ("spatial", "temporal", "cross"):
@@ -131,10 +138,13 @@ class PAB(Policy):
 
     # -- schedule ----------------------------------------------------------------------------------
     def window_index(self, ctx: StepContext, state: PABState) -> int | None:
-        """Steps since the window began (0 on its first step), or None outside the window."""
+        """The step's count for the broadcast period (the step index, or with ``restart_in_window``
+        the steps since the window began), or None outside the window."""
         if self.window_steps is not None:
             start, stop = self.window_steps
-            return ctx.step - start if start <= ctx.step < stop else None
+            if not start <= ctx.step < stop:
+                return None
+            return ctx.step - start if self.restart_in_window else ctx.step
         if ctx.timestep is None:
             raise PolicyError(
                 f"PAB(window={self.window}) needs the model's timestep, but this model's call has no "
@@ -149,7 +159,7 @@ class PAB(Policy):
             return None
         if state.entered is None:
             state.entered = ctx.step
-        return ctx.step - state.entered
+        return ctx.step - state.entered if self.restart_in_window else ctx.step
 
     def plan(self, ctx: StepContext, state: PABState) -> Plan:
         index = self.window_index(ctx, state)

@@ -263,7 +263,10 @@ class ModelRuntime:
     def branch_tuple(self) -> tuple[BranchInfo, ...]:
         return self._branch_tuple
 
-    def _register(self, path: str, list_name: str, index: int, program: BlockProgram) -> tuple[int, tuple[BranchInfo, ...]]:
+    def _register(self, path: str, list_name: str, index: int, program: BlockProgram,
+                  cond_only: bool = False) -> tuple[int, tuple[BranchInfo, ...]]:
+        """Depth and branch infos of a bound block. A cond-only guidance call's capture runs half the
+        rows: its branches' FLOPs are counted for the whole batch, as every other call's are."""
         auxiliary = list_name in self.auxiliary_lists
         order = self.auxiliary_order if auxiliary else self.block_order
         if path not in order:
@@ -275,7 +278,8 @@ class ModelRuntime:
         for region in program.regions:
             info = BranchInfo(
                 id=f"{path}.{region.name}", block=path, block_list=list_name, block_index=index, depth=depth,
-                name=region.name, kind=region.kind, tags=region.tags, flops=region.flops,
+                name=region.name, kind=region.kind, tags=region.tags,
+                flops=region.flops * 2 if cond_only and region.flops is not None else region.flops,
                 num_residuals=len(region.residuals), blocks=main_blocks, auxiliary=auxiliary,
                 tokens=region.token_flow.tokens if region.token_flow is not None else None,
             )
@@ -319,7 +323,7 @@ class ModelRuntime:
                     logger.warning("adacache_fx: %s (%s): no residual branch found; it runs uncached",
                                    block.path, type(original).__name__)
             self.uncached_blocks.pop(block.path, None)
-            depth, infos = self._register(block.path, block.list_name, block.index, program)
+            depth, infos = self._register(block.path, block.list_name, block.index, program, cond_only)
             if not cond_only:  # a cond-only guidance call's capture counts half the rows
                 self.block_flops[block.path] = program.total_flops
             binding = Binding(block.path, block.epoch, depth, program, program.bind(original), infos)
