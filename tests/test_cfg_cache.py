@@ -31,16 +31,26 @@ def test_frequency_split_separates_a_known_low_and_high_wave():
 
 
 def test_rebuild_weights_each_band_by_stage():
-    policy = Live(ax.FasterCache(cfg_cache=True, alpha=0.2, cfg_split=0.5, num_steps=10))
     cond = torch.randn(1, 4, 2, 32, 32, generator=torch.Generator().manual_seed(0))
     low_bias, high_bias = 0.3 * _wave(1, 0), -0.2 * _wave(7, 5)
     uncond = cond + low_bias + high_bias
-    policy.observe_guidance(None, 0, cond, uncond)
     ctx = lambda step: ax.StepContext(step=step, num_steps=10, timestep=None, generation=0, branches=())
+    # compound_weights=False: the paper's rebuild, each band weighted once.
+    policy = Live(ax.FasterCache(cfg_cache=True, alpha=0.2, cfg_split=0.5, num_steps=10, compound_weights=False))
+    policy.observe_guidance(None, 0, cond, uncond)
     early = policy.rebuild_uncond(ctx(2), 0, cond)
     late = policy.rebuild_uncond(ctx(8), 0, cond)
     assert torch.allclose(early, cond + 1.2 * low_bias + high_bias, atol=1e-5)
     assert torch.allclose(late, cond + low_bias + 1.2 * high_bias, atol=1e-5)
+    # The default, the authors' code and diffusers' hook: the weighted bands are kept, so the weights
+    # compound over consecutive skipped steps.
+    policy = Live(ax.FasterCache(cfg_cache=True, alpha=0.2, cfg_split=0.5, num_steps=10))
+    policy.observe_guidance(None, 0, cond, uncond)
+    first, second = policy.rebuild_uncond(ctx(2), 0, cond), policy.rebuild_uncond(ctx(3), 0, cond)
+    assert torch.allclose(first, cond + 1.2 * low_bias + high_bias, atol=1e-5)
+    assert torch.allclose(second, cond + 1.44 * low_bias + high_bias, atol=1e-5)
+    policy.observe_guidance(None, 0, cond, uncond)  # a full guidance step stores the bias anew
+    assert torch.allclose(policy.rebuild_uncond(ctx(8), 0, cond), cond + low_bias + 1.2 * high_bias, atol=1e-5)
     plain = Live(ax.FasterCache(cfg_cache=True, alpha=0.0, num_steps=10))
     plain.observe_guidance(None, 0, cond, uncond)
     assert torch.allclose(plain.rebuild_uncond(ctx(8), 0, cond), uncond, atol=1e-6)

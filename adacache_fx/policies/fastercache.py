@@ -12,6 +12,9 @@ radius ``min(H, W) // 5`` and the high-frequency rest. From ``cfg_start`` on, on
 ``uncond = IFFT(FFT(cond) + w_low * bias_low + w_high * bias_high)``, where the low band is weighted
 ``1 + alpha`` in the first ``cfg_split`` of the steps and the high band ``1 + alpha`` after it (early
 steps settle layout, late steps detail). With ``alpha = 0`` the rebuild adds the stored bias as is.
+As in the authors' code and diffusers' hook, each rebuild keeps the weighted bands, so the weights
+compound over consecutive skipped steps (``(1 + alpha)**k`` on the k-th); ``compound_weights=False``
+weights the stored bias once, as the paper's formula reads.
 """
 
 from __future__ import annotations
@@ -80,6 +83,10 @@ class FasterCache(Policy):
     cfg_split: float = 0.5
     alpha: float = 0.2
     radius: int | None = None
+    # Each skipped step multiplies the stored bands by their weights again (so the weighting compounds
+    # over consecutive skipped steps), as the authors' code and diffusers' hook do; False: the weights
+    # apply once to the stored bias, as the paper writes the rebuild.
+    compound_weights: bool = True
     _static: Static = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -168,5 +175,8 @@ class FasterCache(Policy):
         if high is None:  # alpha == 0: the bias as it was, no frequency split
             return cond + low.to(cond.dtype)
         w_low, w_high = self.band_weights(ctx.step, self._steps(ctx))
+        low, high = w_low * low, w_high * high
+        if self.compound_weights:
+            state.bias[output] = (low, high)
         spectrum = torch.fft.fftshift(torch.fft.fft2(cond.float()), dim=(-2, -1))
-        return from_spectrum(spectrum + w_low * low + w_high * high).to(cond.dtype)
+        return from_spectrum(spectrum + low + high).to(cond.dtype)
