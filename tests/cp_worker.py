@@ -34,6 +34,11 @@ POLICIES = {
     "taylorseer": lambda: ax.TaylorSeer(ax.Static(3)),
     "easycache": lambda: ax.EasyCache(threshold=0.3, warmup=1),
     "toca": lambda: ax.ToCa(),
+    "duca": lambda: ax.DuCa(early_full=1),
+    "foca": lambda: ax.FoCa(ax.Static(3)),
+    "lemica": lambda: ax.LeMiCa(compute_steps=(0, 1, 3, 5, 7), num_steps=STEPS_DEFAULT),
+    "fastercache": lambda: ax.FasterCache(start=0.2, num_steps=STEPS_DEFAULT),
+    "dbcache": lambda: ax.FirstBlockCache(threshold=0.6, tail_blocks=1),
 }
 STEPS_DEFAULT = 8
 CODEBOOK = ((0.2, 3), (0.25, 2), (100.0, 1))

@@ -62,7 +62,7 @@ def _launch(world: int, cases: list[tuple[str, str, str]], tmp_path: Path) -> li
 # Token-wise policies pick tokens per shard (each rank its own share of every shard's tokens), and a
 # region with a collective inside (Ulysses attention) is not recomputed by token: their plans agree
 # over the ranks, not with one process's.
-PER_SHARD = ("toca",)
+PER_SHARD = ("toca", "duca")
 
 
 def _compare(ranks: list[dict], cases: list[tuple[str, str, str]]) -> None:
@@ -90,8 +90,10 @@ def _compare(ranks: list[dict], cases: list[tuple[str, str, str]]) -> None:
 # Every policy on Wan with parallelism enabled before transform; the metric-reading ones after, too.
 WAN_CASES = [("wan", p, "before") for p in (
     "nocache", "static", "adacache", "adacache_moreg", "first_block", "teacache", "pab", "taylorseer",
-    "easycache", "magcache", "toca")] + [("wan", p, "after") for p in ("adacache", "first_block")]
-FLUX_CASES = [("flux", p, "before") for p in ("static", "adacache_l2", "first_block", "teacache")]
+    "easycache", "magcache", "toca", "duca", "foca", "lemica", "fastercache")] + [
+    ("wan", p, "after") for p in ("adacache", "first_block")]
+FLUX_CASES = [("flux", p, "before") for p in (
+    "static", "adacache_l2", "first_block", "dbcache", "teacache", "pab", "magcache", "fastercache")]
 
 
 def test_every_policy_on_two_ulysses_ranks_decides_as_one_process(tmp_path):
@@ -101,9 +103,9 @@ def test_every_policy_on_two_ulysses_ranks_decides_as_one_process(tmp_path):
     # Metric-reading policies reduced their decisions over the group; schedule-driven ones need none.
     for case in cases:
         reductions = ranks[0][case]["reductions"]
-        if case[1] in ("adacache", "adacache_moreg", "adacache_l2", "first_block", "teacache"):
+        if case[1] in ("adacache", "adacache_moreg", "adacache_l2", "first_block", "dbcache", "teacache"):
             assert reductions > 0, case
-        elif case[1] in ("nocache", "static", "pab", "magcache"):
+        elif case[1] in ("nocache", "static", "pab", "magcache", "lemica", "fastercache"):
             assert reductions == 0, case
 
 
