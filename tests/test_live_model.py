@@ -139,8 +139,12 @@ def attention_processor(model):
             module.set_processor(_HalfOutput(module.processor))
 
 
+MLP_NAMES = ("ff", "ffn", "img_mlp", "mlp", "feed_forward")
+
+
 def forward_hook(model):
-    target = next(m for n, m in model.named_modules() if n.endswith(("blocks.0.ff", "blocks.0.ffn")))
+    target = next(m for n, m in model.named_modules()
+                  if n.rsplit(".", 2)[-2:-1] == ["0"] and "blocks" in n and n.rsplit(".", 1)[-1] in MLP_NAMES)
     target.register_forward_hook(lambda module, inputs, output: output * 0.5)
 
 
