@@ -144,12 +144,12 @@ MLP_NAMES = ("ff", "ffn", "img_mlp", "mlp", "feed_forward")
 
 def forward_hook(model):
     target = next(m for n, m in model.named_modules()
-                  if n.rsplit(".", 2)[-2:-1] == ["0"] and "blocks" in n and n.rsplit(".", 1)[-1] in MLP_NAMES)
+                  if n.rsplit(".", 2)[-2:-1] == ["0"] and n.rsplit(".", 1)[-1] in MLP_NAMES)
     target.register_forward_hook(lambda module, inputs, output: output * 0.5)
 
 
 def replace_weight(model):
-    linear = next(m for n, m in model.named_modules() if n.endswith("blocks.1.attn1.to_q") or n.endswith("blocks.1.attn.to_q"))
+    linear = next(m for n, m in model.named_modules() if n.endswith((".1.attn1.to_q", ".1.attn.to_q", ".1.attention.to_q")))
     while isinstance(linear, BaseTunerLayer):
         linear = linear.base_layer
     linear.weight = torch.nn.Parameter(linear.weight.detach() * 2)
