@@ -132,6 +132,24 @@ def main() -> None:
         for t, s in zip(steps["compiled_nocache"], last)
     )
     total = {name: sum(ts) for name, ts in steps.items()}
+    # A reuse step's cost beside a compute step's, and the memory-traffic ideal the FLOP ideal leaves
+    # out: a reuse step has at least to read what the cache holds and read and write the stream once.
+    static_steps = list(zip(steps["compiled_static2"], last))
+    reuse_times = sorted(t for t, s in static_steps if s.computed == 0 and s.reused > 0)
+    compute_times = sorted(t for t, s in static_steps if s.reused == 0)
+    cache_bytes = report.cache_peak_bytes
+    stream = kwargs["hidden_states"]
+    moved = cache_bytes + 2 * stream.numel() * stream.element_size()
+    probe = torch.empty(64 * 2**20 // 4, device=args.device)  # 64 MiB: a copy's bandwidth
+    for _ in range(3):
+        probe.clone()
+    _sync()
+    start = time.perf_counter()
+    for _ in range(10):
+        probe.clone()
+    _sync()
+    bandwidth = 10 * 2 * probe.numel() * probe.element_size() / (time.perf_counter() - start)  # read + write
+    reuse_ideal = moved / bandwidth
     measured = total["compiled_nocache"] / total["compiled_static2"]
     ideal = total["compiled_nocache"] / ideal_loop
     result = {
@@ -153,6 +171,16 @@ def main() -> None:
         "static2_speedup_measured": round(measured, 3),
         "static2_speedup_ideal_flops": round(ideal, 3),
         "static2_measured_over_ideal": round(measured / ideal, 3),
+        "reuse_step_s_median": round(reuse_times[len(reuse_times) // 2], 4) if reuse_times else None,
+        "compute_step_s_median": round(compute_times[len(compute_times) // 2], 4) if compute_times else None,
+        "reuse_step_over_compute_step": (round(reuse_times[len(reuse_times) // 2] / compute_times[len(compute_times) // 2], 4)
+                                         if reuse_times and compute_times else None),
+        "cache_peak_bytes": cache_bytes,
+        "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
+        "reuse_step_memory_ideal_s": round(reuse_ideal, 5),
+        "reuse_step_over_memory_ideal": round(reuse_times[len(reuse_times) // 2] / reuse_ideal, 2) if reuse_times else None,
+        "static2_speedup_ideal_flops_and_memory": round(
+            total["compiled_nocache"] / (ideal_loop + reuse_ideal * len(reuse_times)), 3),
         "speedup_compiled_static2_over_eager_uncached": round(total["eager"] / total["compiled_static2"], 3),
         "torch_compile_static2_over_ax_compile_static2": round(total["torch_compile_static2"] / total["compiled_static2"], 3),
         "model_scope_static2_over_ax_compile_static2": round(total["model_scope_static2"] / total["compiled_static2"], 3),

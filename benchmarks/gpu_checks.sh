@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks and benchmarks that need a CUDA GPU, in one call of the device tool (logs and result
 # JSONs under $OUT/gpu_results.tar.gz). Each step has its own time limit so one slow step cannot
-# take the others' output with it.
+# take the others' output with it. bench_compile reports the reuse step's share of a compute step,
+# the cache bytes and a copy's bandwidth (the memory-traffic ideal beside the FLOP ideal).
 #   bash benchmarks/gpu_checks.sh
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_out}
