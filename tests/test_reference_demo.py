@@ -56,6 +56,20 @@ def test_bench_runs_a_small_sweep(tmp_path):
     assert (tmp_path / "b.png").stat().st_size > 0
 
 
+def test_bench_records_a_magcache_curve_and_sweeps_the_new_methods(tmp_path):
+    from adacache_lab.reference.bench import magcache_points, record_magcache_curve
+    from adacache_lab.reference.demo import DEFAULT_WEIGHTS
+
+    curve = record_magcache_curve(DEFAULT_WEIGHTS, num_steps=8, guidance_scale=1.0, runs=1)
+    assert len(curve) == 8 and all(r > 0 for r in curve)
+    points = [p for p in default_points() if p.label in ("no cache", "EasyCache 0.2", "FoCa(Static(2))")]
+    points += [p for p in magcache_points(curve) if p.label == "MagCache 0.4"]
+    record = run_bench(tmp_path / "b", clips=2, num_steps=8, points=points, progress=False)
+    rows = {r["family"]: r for r in record["rows"]}
+    assert set(rows) == {"no cache", "EasyCache", "FoCa", "MagCache"}
+    assert rows["FoCa"]["compute_fraction"] < 1.0 and rows["MagCache"]["compute_fraction"] <= 1.0
+
+
 def _row(family, label, fraction, psnr, steps=(1, 1), per_fraction=None, per_psnr=None):
     return {"family": family, "label": label, "compute_fraction": fraction, "psnr": psnr,
             "computed_steps": list(steps), "per_clip_fraction": per_fraction or [fraction] * len(steps),

@@ -76,7 +76,43 @@ def default_points(guidance_scale: float = 1.0) -> list[Point]:
                for k in (3, 5)]
     points += [Point("DuCa", f"DuCa({k})", lambda n, k=k: DuCa(interval=k)) for k in (2, 3, 4)]
     points += [Point("ToCa", f"ToCa({k})", lambda n, k=k: ToCa(interval=k, num_steps=n)) for k in (2, 3, 4)]
+    from adacache_fx.policies.easycache import EasyCache
+    from adacache_fx.policies.foca import FoCa
+
+    points += [Point("EasyCache", f"EasyCache {t:g}", lambda n, t=t: EasyCache(threshold=t, warmup=3))
+               for t in (0.02, 0.05, 0.1, 0.2, 0.4)]
+    points += [Point("FoCa", f"FoCa(Static({k}))", lambda n, k=k: FoCa(Static(interval=k))) for k in (2, 3, 4)]
     return points
+
+
+def magcache_points(curve: Sequence[float]) -> list[Point]:
+    """MagCache over its threshold, with the magnitude-ratio curve recorded on this model."""
+    from adacache_fx.policies.magcache import MagCache
+
+    return [Point("MagCache", f"MagCache {t:g}", lambda n, t=t: MagCache(threshold=t, mag_ratios=tuple(curve), num_steps=n))
+            for t in (0.02, 0.05, 0.1, 0.2, 0.4)]
+
+
+def record_magcache_curve(weights: str | Path, num_steps: int, guidance_scale: float, runs: int = 2) -> tuple[float, ...]:
+    """The model's magnitude-ratio curve, recorded by ``ax.calibrate`` on prompts held out from the
+    bench's (another seed)."""
+    from adacache_fx.calibrate import calibrate
+    from adacache_fx.policies.magcache import MagCache
+
+    from .data import encode_captions
+    from .model import generate
+
+    model = load(weights)
+    config = model.config
+    specs = bench_prompts(runs, config.frames, config.size, seed=2024, grid=config.grid_layout)
+    tokens, mask = encode_captions(specs, max_len=config.max_tokens)
+
+    def run(transformer: torch.nn.Module, i: int) -> None:
+        generate(model, tokens[i:i + 1], mask[i:i + 1], num_steps=num_steps, guidance_scale=guidance_scale, seed=500 + i)
+
+    calibration = calibrate(model.transformer, MagCache(num_steps=num_steps), run, target=0.5, runs=runs,
+                            refine=0, progress=False)
+    return tuple(calibration.mag_ratios)
 
 
 def bench_prompts(count: int, frames: int = 8, size: int = 32, seed: int = 31337, grid: bool = False
@@ -163,7 +199,10 @@ def run_bench(
     from .judge import load_judge
 
     weights = weights or DEFAULT_WEIGHTS
-    points = list(points) if points is not None else default_points(guidance_scale)
+    if points is None:
+        curve = record_magcache_curve(weights or DEFAULT_WEIGHTS, num_steps, guidance_scale)
+        points = default_points(guidance_scale) + magcache_points(curve)
+    points = list(points)
     judge = load_judge(judge_path)
     config = load(weights).config
     specs = bench_prompts(clips, config.frames, config.size, grid=config.grid_layout)
@@ -226,11 +265,12 @@ def plot_pareto(rows: list[dict], path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
     families = list(dict.fromkeys(r["family"] for r in rows))
-    colours = plt.get_cmap("tab10")
+    colours = plt.get_cmap("tab20" if len(families) > 10 else "tab10")
+    markers = "osD^v<>p"  # colours repeat past 20 families; the marker tells them apart then
     for i, name in enumerate(families):
         rs = sorted((r for r in rows if r["family"] == name), key=lambda r: r["flops_fraction"])
-        style = dict(color=colours(i % 10), marker="o" if len(rs) > 1 else "*", markersize=5 if len(rs) > 1 else 10,
-                     label=name)
+        style = dict(color=colours(i % colours.N), marker=markers[i % len(markers)] if len(rs) > 1 else "*",
+                     markersize=5 if len(rs) > 1 else 10, label=name)
         for ax, x_key, y_key in [(axes[0][0], "flops_fraction", "psnr"), (axes[0][1], "speedup", "psnr"),
                                  (axes[1][0], "flops_fraction", "attribute_accuracy"),
                                  (axes[1][1], "speedup", "attribute_accuracy")]:
