@@ -60,13 +60,18 @@ def test_bench_records_a_magcache_curve_and_sweeps_the_new_methods(tmp_path):
     from adacache_lab.reference.bench import magcache_points, record_magcache_curve
     from adacache_lab.reference.demo import DEFAULT_WEIGHTS
 
+    from adacache_lab.reference.bench import lemica_points, record_lemica_costs
+
+    costs = record_lemica_costs(DEFAULT_WEIGHTS, num_steps=8, guidance_scale=1.0, max_span=3)
+    lemica = lemica_points(costs, max_span=3)
+    assert lemica and all(len(p.make(8).compute_steps) == int(p.label.split("=")[1]) for p in lemica)
     curve = record_magcache_curve(DEFAULT_WEIGHTS, num_steps=8, guidance_scale=1.0, runs=1)
     assert len(curve) == 8 and all(r > 0 for r in curve)
     points = [p for p in default_points() if p.label in ("no cache", "EasyCache 0.2", "FoCa(Static(2))")]
-    points += [p for p in magcache_points(curve) if p.label == "MagCache 0.4"]
+    points += [p for p in magcache_points(curve) if p.label == "MagCache 0.4"] + lemica[-1:]
     record = run_bench(tmp_path / "b", clips=2, num_steps=8, points=points, progress=False)
     rows = {r["family"]: r for r in record["rows"]}
-    assert set(rows) == {"no cache", "EasyCache", "FoCa", "MagCache"}
+    assert set(rows) == {"no cache", "EasyCache", "FoCa", "MagCache", "LeMiCa"}
     assert rows["FoCa"]["compute_fraction"] < 1.0 and rows["MagCache"]["compute_fraction"] <= 1.0
 
 

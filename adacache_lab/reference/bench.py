@@ -93,6 +93,35 @@ def magcache_points(curve: Sequence[float]) -> list[Point]:
             for t in (0.02, 0.05, 0.1, 0.2, 0.4)]
 
 
+def lemica_points(costs: torch.Tensor, max_span: int) -> list[Point]:
+    """LeMiCa's searched schedules on this model's recorded costs, over its budget of computed steps."""
+    from adacache_fx.policies.lemica import LeMiCa
+
+    steps = costs.shape[0]
+    budgets = sorted({b for b in (steps // 4, steps // 3, steps // 2, (2 * steps) // 3) if b >= 2}, reverse=True)
+    policies = [(b, LeMiCa.from_costs(costs, b, max_span=max_span)) for b in budgets]
+    return [Point("LeMiCa", f"LeMiCa B={b}", lambda n, p=p: p) for b, p in policies]
+
+
+def record_lemica_costs(weights: str | Path, num_steps: int, guidance_scale: float, max_span: int = 6) -> torch.Tensor:
+    """LeMiCa's cost matrix of the model (``record_costs``), on a prompt held out from the bench's."""
+    from adacache_fx.policies.lemica import record_costs
+
+    from .data import encode_captions
+    from .model import generate
+
+    model = load(weights)
+    config = model.config
+    specs = bench_prompts(1, config.frames, config.size, seed=2025, grid=config.grid_layout)
+    tokens, mask = encode_captions(specs, max_len=config.max_tokens)
+
+    def run(transformer: torch.nn.Module, i: int) -> torch.Tensor:
+        return generate(model, tokens[i:i + 1], mask[i:i + 1], num_steps=num_steps, guidance_scale=guidance_scale,
+                        seed=700 + i)
+
+    return record_costs(model.transformer, run, num_steps, runs=1, max_span=max_span)
+
+
 def record_magcache_curve(weights: str | Path, num_steps: int, guidance_scale: float, runs: int = 2) -> tuple[float, ...]:
     """The model's magnitude-ratio curve, recorded by ``ax.calibrate`` on prompts held out from the
     bench's (another seed)."""
@@ -201,7 +230,8 @@ def run_bench(
     weights = weights or DEFAULT_WEIGHTS
     if points is None:
         curve = record_magcache_curve(weights or DEFAULT_WEIGHTS, num_steps, guidance_scale)
-        points = default_points(guidance_scale) + magcache_points(curve)
+        costs = record_lemica_costs(weights or DEFAULT_WEIGHTS, num_steps, guidance_scale)
+        points = default_points(guidance_scale) + magcache_points(curve) + lemica_points(costs, max_span=6)
     points = list(points)
     judge = load_judge(judge_path)
     config = load(weights).config

@@ -87,7 +87,9 @@ def generate_clips(
     """
     api.transform(model.transformer, policy)
     tokens, mask = encode_captions(specs, max_len=model.config.max_tokens)
-    with api.generation(model.transformer, num_steps=2):
+    # Two steps of warm-up inside a generation of the real length (a schedule made for it, LeMiCa's,
+    # refuses another step count).
+    with api.generation(model.transformer, num_steps=num_steps):
         generate(model, tokens[:1], mask[:1], num_steps=2, seed=seed)
     runs = []
     for i in range(len(specs)):
