@@ -98,7 +98,8 @@ def lemica_points(costs: torch.Tensor, max_span: int) -> list[Point]:
     from adacache_fx.policies.lemica import LeMiCa
 
     steps = costs.shape[0]
-    budgets = sorted({b for b in (steps // 4, steps // 3, steps // 2, (2 * steps) // 3) if b >= 2}, reverse=True)
+    fewest = -(-(steps - 1) // max_span) + 1  # computes every max_span steps, the first and last included
+    budgets = sorted({b for b in (steps // 4, steps // 3, steps // 2, (2 * steps) // 3) if b >= fewest}, reverse=True)
     policies = [(b, LeMiCa.from_costs(costs, b, max_span=max_span)) for b in budgets]
     return [Point("LeMiCa", f"LeMiCa B={b}", lambda n, p=p: p) for b, p in policies]
 
