@@ -177,8 +177,9 @@ class Variant:
     compiled = False
     num_blocks = 0
 
-    def __init__(self, spec: Spec, threshold: float, steps: int, compiled: bool):
+    def __init__(self, spec: Spec, threshold: float, steps: int, compiled: bool, fn: int = 1, bn: int = 0):
         self.spec, self.threshold, self.steps, self.compiled = spec, threshold, steps, compiled
+        self.fn, self.bn = fn, bn  # DBCache's F<n>B<m>: first blocks deciding, tail blocks always computed
 
     @property
     def name(self) -> str:
@@ -204,8 +205,8 @@ class Variant:
 
 
 class Original(Variant):
-    def __init__(self, spec, threshold, steps, compiled):
-        super().__init__(spec, threshold, steps, compiled)
+    def __init__(self, spec, threshold, steps, compiled, fn=1, bn=0):
+        super().__init__(spec, threshold, steps, compiled, fn, bn)
         model = spec.build()
         self.blocks = spec.blocks(model)
         self.num_blocks = len(self.blocks)
@@ -215,15 +216,15 @@ class Original(Variant):
 class Ours(Variant):
     tool = "adacache_fx"
 
-    def __init__(self, spec, threshold, steps, compiled):
+    def __init__(self, spec, threshold, steps, compiled, fn=1, bn=0):
         import adacache_fx as ax
 
-        super().__init__(spec, threshold, steps, compiled)
+        super().__init__(spec, threshold, steps, compiled, fn, bn)
         self.ax = ax
         model = spec.build()
         self.blocks = spec.blocks(model)
         self.num_blocks = len(self.blocks)
-        self.model = ax.transform(model, ax.FirstBlockCache(threshold=threshold))
+        self.model = ax.transform(model, ax.FirstBlockCache(threshold=threshold, blocks=fn, tail_blocks=bn))
         if compiled:
             self.model = ax.compile(self.model)  # scope="blocks", backend inductor
 
@@ -253,10 +254,10 @@ class Ours(Variant):
 class Diffusers(Variant):
     tool = "diffusers"
 
-    def __init__(self, spec, threshold, steps, compiled):
+    def __init__(self, spec, threshold, steps, compiled, fn=1, bn=0):
         from diffusers import FirstBlockCacheConfig
 
-        super().__init__(spec, threshold, steps, compiled)
+        super().__init__(spec, threshold, steps, compiled, fn, bn)
         model = spec.build()
         self.blocks = spec.blocks(model)
         self.num_blocks = len(self.blocks)
@@ -284,17 +285,17 @@ class Diffusers(Variant):
 class CacheDiT(Variant):
     tool = "cache-dit"
 
-    def __init__(self, spec, threshold, steps, compiled):
+    def __init__(self, spec, threshold, steps, compiled, fn=1, bn=0):
         import cache_dit
         from cache_dit import DBCacheConfig
 
-        super().__init__(spec, threshold, steps, compiled)
+        super().__init__(spec, threshold, steps, compiled, fn, bn)
         model = spec.build()
         self.blocks = spec.blocks(model)  # before cache-dit regroups them
         self.num_blocks = len(self.blocks)
         # First-Block-Cache in DBCache's terms: F1B0, no warmup, no cap on cached steps; one call
         # per step (no separate CFG); the context refreshes itself after num_inference_steps calls.
-        self.config = DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
+        self.config = DBCacheConfig(Fn_compute_blocks=fn, Bn_compute_blocks=bn, residual_diff_threshold=threshold,
                                     max_warmup_steps=0, warmup_interval=1, max_cached_steps=-1,
                                     max_continuous_cached_steps=-1, enable_separate_cfg=False,
                                     num_inference_steps=steps)
@@ -414,7 +415,7 @@ def bench_model(spec: Spec, args, variant_keys: list[tuple[str, bool]], threshol
     setup: dict[str, dict] = {}
     for tool, compiled in tqdm(variant_keys, desc=f"{spec.name}: build", leave=False):
         t0 = time.perf_counter()
-        v = TOOLS[tool](spec, threshold, args.steps, compiled)
+        v = TOOLS[tool](spec, threshold, args.steps, compiled, args.fn, args.bn)
         setup[v.name] = {"build_and_apply_s": round(time.perf_counter() - t0, 3)}
         variants.append(v)
 
@@ -567,6 +568,8 @@ def main() -> None:
                         help="torch threads (default 1: on a shared machine, 2 OpenMP threads on 2 cores stall "
                              "whenever another process takes a core, calls then vary 20-80x)")
     parser.add_argument("--no-compile", action="store_true", help="eager variants only")
+    parser.add_argument("--fn", type=int, default=1, help="DBCache F<n>: first blocks that compute and decide")
+    parser.add_argument("--bn", type=int, default=0, help="DBCache B<m>: last blocks that always compute")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 rep: a smoke run")
     parser.add_argument("--out", type=Path, default=None,
                         help="result JSON (default results/peer_first_block_cpu.json; --quick: none)")
@@ -587,9 +590,11 @@ def main() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*deprecated.*")
 
-    variant_keys = [(tool, False) for tool in TOOLS]
+    # diffusers' FirstBlockCacheConfig has no F<n>B<m>: beyond F1B0 only ours and cache-dit compare.
+    tools = [t for t in TOOLS if t != "diffusers" or (args.fn, args.bn) == (1, 0)]
+    variant_keys = [(tool, False) for tool in tools]
     if not args.no_compile:
-        variant_keys += [(tool, True) for tool in TOOLS]
+        variant_keys += [(tool, True) for tool in tools]
 
     started = time.perf_counter()
     models = {}
