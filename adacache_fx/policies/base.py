@@ -240,6 +240,55 @@ class Policy:
         return False
 
 
+class OnBaseSchedule(Policy):
+    """A forecasting policy on another policy's schedule (TaylorSeer, FoCa): which steps and branches
+    compute, the state, the observations and in-step decisions are all ``self.base``'s; a subclass
+    only says what a reused branch adds (``history`` and ``forecast``)."""
+
+    base: Policy
+
+    def _check_base(self) -> None:
+        if not isinstance(self.base, Policy):
+            raise TypeError(f"{type(self).__name__}(base=...) must be a policy, got {self.base!r}")
+
+    def new_state(self) -> Any:
+        return self.base.new_state()
+
+    def validate(self, branches: tuple[BranchInfo, ...]) -> None:
+        self.base.validate(branches)
+
+    def caches(self, branch: BranchInfo, state: Any = None) -> bool:
+        return self.base.caches(branch, state)
+
+    def watches(self, branch: BranchInfo, state: Any) -> bool:
+        return isinstance(self.base, Observer) and self.base.watches(branch, state)
+
+    def observe(self, ctx: StepContext, state: Any, branch: BranchInfo, new: tuple[torch.Tensor, ...],
+                previous: tuple[torch.Tensor, ...] | None) -> None:
+        if isinstance(self.base, Observer):
+            self.base.observe(ctx, state, branch, new, previous)
+
+    def plan(self, ctx: StepContext, state: Any) -> Plan:
+        return self.base.plan(ctx, state)
+
+    def in_step_signal(self) -> "InStepSignal | None":
+        return self.base.in_step_signal() if isinstance(self.base, InStepDecider) else None
+
+    def decide(self, ctx: StepContext, state: Any, slot: int, signal: torch.Tensor) -> Plan:
+        return self.base.decide(ctx, state, slot, signal)
+
+
+def whole_step_reuse(policy: Policy, branches: tuple[BranchInfo, ...], state: Any) -> Plan:
+    """The plan reusing every branch ``policy`` caches, memoised on ``state.reuse_for`` per branch tuple
+    (whole-step policies: EasyCache, MagCache)."""
+    memo = state.reuse_for
+    if memo is not None and memo[0] is branches:
+        return memo[1]
+    plan = Plan.reuse_only(b.id for b in branches if policy.caches(b, state))
+    state.reuse_for = (branches, plan)
+    return plan
+
+
 @runtime_checkable
 class Observer(Protocol):
     """Reads the residuals of chosen branches each time they compute (AdaCache's metric, token scores)."""

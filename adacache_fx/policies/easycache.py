@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import PolicyError
-from .base import BranchInfo, Plan, Policy, StepContext
+from .base import BranchInfo, Plan, Policy, StepContext, whole_step_reuse
 
 #: The authors' published settings per model (threshold, warm-up steps). A setting fits the model and
 #: step count it was tuned for; ``ax.calibrate`` fits the threshold on yours.
@@ -208,19 +208,11 @@ class EasyCache(Policy):
     def folds(self) -> bool:
         return True  # a step reuses every branch of every block, or computes
 
-    def _reuse_plan(self, branches: tuple[BranchInfo, ...], state: EasyCacheState) -> Plan:
-        memo = state.reuse_for
-        if memo is not None and memo[0] is branches:
-            return memo[1]
-        plan = Plan.reuse_only(b.id for b in branches if self.caches(b, state))
-        state.reuse_for = (branches, plan)
-        return plan
-
     def plan(self, ctx: StepContext, state: EasyCacheState) -> Plan:
         compute = self.decide_step(state, ctx.step, ctx.num_steps, ctx.latent)
         if compute or not ctx.branches:
             return Plan.compute_all()
-        return self._reuse_plan(ctx.branches, state)
+        return whole_step_reuse(self, ctx.branches, state)
 
     def observe_output(self, ctx: StepContext, state: EasyCacheState, slot: int, output: torch.Tensor) -> None:
         # The first call of a computed step updates the rate; a reused step's output is the cache's

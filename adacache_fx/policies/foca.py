@@ -26,11 +26,10 @@ one step at a time through the reused steps) and why we chose so: ``docs/algorit
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from .base import BranchInfo, InStepDecider, InStepSignal, Observer, Plan, Policy, StepContext
+from .base import BranchInfo, OnBaseSchedule, Policy
 from .static import Static
 
 
@@ -80,7 +79,7 @@ def foca_forecast(
 
 
 @dataclass(frozen=True)
-class FoCa(Policy):
+class FoCa(OnBaseSchedule):
     """Forecast reused residuals with FoCa's BDF2 predictor and Heun corrector, on ``base``'s schedule.
 
     ``base`` decides which steps (and branches) compute: ``Static(interval=5)`` by default (the
@@ -96,36 +95,9 @@ class FoCa(Policy):
     corrector: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.base, Policy):
-            raise TypeError(f"FoCa(base=...) must be a policy, got {self.base!r}")
+        self._check_base()
         if not isinstance(self.corrector, bool):
             raise ValueError(f"FoCa(corrector={self.corrector!r}): corrector must be True or False")
-
-    # The schedule is the base policy's, and so is the state.
-    def new_state(self) -> Any:
-        return self.base.new_state()
-
-    def validate(self, branches: tuple[BranchInfo, ...]) -> None:
-        self.base.validate(branches)
-
-    def caches(self, branch: BranchInfo, state: Any = None) -> bool:
-        return self.base.caches(branch, state)
-
-    def watches(self, branch: BranchInfo, state: Any) -> bool:
-        return isinstance(self.base, Observer) and self.base.watches(branch, state)
-
-    def observe(self, ctx, state, branch, new, previous) -> None:
-        if isinstance(self.base, Observer):
-            self.base.observe(ctx, state, branch, new, previous)
-
-    def plan(self, ctx: StepContext, state: Any) -> Plan:
-        return self.base.plan(ctx, state)
-
-    def in_step_signal(self) -> InStepSignal | None:
-        return self.base.in_step_signal() if isinstance(self.base, InStepDecider) else None
-
-    def decide(self, ctx: StepContext, state: Any, slot: int, signal: torch.Tensor) -> Plan:
-        return self.base.decide(ctx, state, slot, signal)
 
     # What a reused branch adds.
     def history(self, branch: BranchInfo) -> int:

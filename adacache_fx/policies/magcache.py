@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import PolicyError
-from .base import BranchInfo, Plan, Policy, StepContext
+from .base import BranchInfo, Plan, Policy, StepContext, whole_step_reuse
 
 # --------------------------------------------------------------------------------------------------
 # Published curves
@@ -440,14 +440,6 @@ class MagCache(Policy):
             )
         return len(curve)
 
-    def _reuse_plan(self, branches: tuple[BranchInfo, ...], state: MagCacheState) -> Plan:
-        memo = state.reuse_for
-        if memo is not None and memo[0] is branches:
-            return memo[1]
-        plan = Plan.reuse_only(b.id for b in branches if self.caches(b, state))
-        state.reuse_for = (branches, plan)
-        return plan
-
     def plan(self, ctx: StepContext, state: MagCacheState) -> Plan:
         num_steps = self._steps(ctx, state)
         if state.curve is None or state.curve[0] != num_steps:
@@ -460,4 +452,4 @@ class MagCache(Policy):
         state.trace.append((ctx.step, compute, state.accumulated_error))
         if compute or not ctx.branches:
             return Plan.compute_all()
-        return self._reuse_plan(ctx.branches, state)
+        return whole_step_reuse(self, ctx.branches, state)

@@ -12,11 +12,10 @@ polynomial of degree <= ``order`` in the step index. Both agree at ``order=1``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from .base import BranchInfo, InStepDecider, InStepSignal, Observer, Plan, Policy, StepContext
+from .base import BranchInfo, OnBaseSchedule, Policy
 from .static import Static
 
 
@@ -74,7 +73,7 @@ SERIES = ("taylor", "newton")
 
 
 @dataclass(frozen=True)
-class TaylorSeer(Policy):
+class TaylorSeer(OnBaseSchedule):
     """Forecast reused residuals with an order-``order`` Taylor series, on ``base``'s schedule.
 
     ``base`` decides which steps (and branches) compute: ``Static(interval=3)`` by default, or any
@@ -94,34 +93,7 @@ class TaylorSeer(Policy):
             raise ValueError(f"TaylorSeer(series={self.series!r}): valid: {', '.join(SERIES)}")
         if self.order not in (1, 2):
             raise ValueError(f"TaylorSeer(order={self.order!r}): order must be 1 or 2")
-        if not isinstance(self.base, Policy):
-            raise TypeError(f"TaylorSeer(base=...) must be a policy, got {self.base!r}")
-
-    # The schedule is the base policy's, and so is the state.
-    def new_state(self) -> Any:
-        return self.base.new_state()
-
-    def validate(self, branches: tuple[BranchInfo, ...]) -> None:
-        self.base.validate(branches)
-
-    def caches(self, branch: BranchInfo, state: Any = None) -> bool:
-        return self.base.caches(branch, state)
-
-    def watches(self, branch: BranchInfo, state: Any) -> bool:
-        return isinstance(self.base, Observer) and self.base.watches(branch, state)
-
-    def observe(self, ctx, state, branch, new, previous) -> None:
-        if isinstance(self.base, Observer):
-            self.base.observe(ctx, state, branch, new, previous)
-
-    def plan(self, ctx: StepContext, state: Any) -> Plan:
-        return self.base.plan(ctx, state)
-
-    def in_step_signal(self) -> InStepSignal | None:
-        return self.base.in_step_signal() if isinstance(self.base, InStepDecider) else None
-
-    def decide(self, ctx: StepContext, state: Any, slot: int, signal: torch.Tensor) -> Plan:
-        return self.base.decide(ctx, state, slot, signal)
+        self._check_base()
 
     # What a reused branch adds.
     def history(self, branch: BranchInfo) -> int:
