@@ -41,3 +41,21 @@ def static_exports(tmp_path_factory):
         return exports[name]
 
     return get
+
+
+def held_out_fraction(model, policy, run, seeds, num_steps: int) -> float:
+    """Mean compute fraction of ``policy`` on ``model`` over generations ``run(model, seed)`` (held out
+    from a calibration's inputs); the model is transformed for them and restored afterwards."""
+    import adacache_fx as ax
+
+    ax.transform(model, policy)
+    fractions = []
+    try:
+        for seed in seeds:
+            ax.reset(model)
+            with ax.generation(model, num_steps=num_steps):
+                run(model, seed)
+            fractions.append(ax.report(model).compute_fraction)
+    finally:
+        ax.restore(model)
+    return sum(fractions) / len(fractions)

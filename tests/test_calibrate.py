@@ -6,6 +6,7 @@ import torch
 import adacache_fx as ax
 from adacache_lab.sampling import sample
 from adacache_lab.zoo import latte
+from tests.conftest import held_out_fraction
 
 STEPS = 24
 
@@ -21,18 +22,6 @@ def video_model():
     return model, run
 
 
-def _held_out_fraction(model, policy, run, seeds) -> float:
-    ax.transform(model, policy)
-    fractions = []
-    try:
-        for seed in seeds:
-            ax.reset(model)
-            with ax.generation(model, num_steps=STEPS):
-                run(model, seed)
-            fractions.append(ax.report(model).compute_fraction)
-    finally:
-        ax.restore(model)
-    return sum(fractions) / len(fractions)
 
 
 @pytest.mark.parametrize(
@@ -53,7 +42,7 @@ def test_calibration_reaches_the_target_on_held_out_inputs(video_model, policy, 
     assert type(calibration.policy) is type(policy)
     assert calibration.predicted_compute_fraction == pytest.approx(target, rel=0.1)
     assert "calibrated" in str(calibration)
-    held_out = _held_out_fraction(model, calibration.policy, run, seeds=(100, 101, 102))
+    held_out = held_out_fraction(model, calibration.policy, run, seeds=(100, 101, 102), num_steps=STEPS)
     assert held_out == pytest.approx(target, rel=0.1), (str(calibration), held_out)
 
 

@@ -16,6 +16,7 @@ from adacache_fx.policies.base import BranchInfo, Capabilities, StepContext
 from adacache_fx.policies.easycache import PRESETS, EasyCache
 from adacache_lab.sampling import sample
 from adacache_lab.zoo import ZOO, latte
+from tests.conftest import held_out_fraction
 from conftest import max_diff
 from policy_driver import Live
 
@@ -208,18 +209,6 @@ def video_model():
     return model, run
 
 
-def _held_out_fraction(model, policy, run, seeds) -> float:
-    ax.transform(model, policy)
-    fractions = []
-    try:
-        for seed in seeds:
-            ax.reset(model)
-            with ax.generation(model, num_steps=CAL_STEPS):
-                run(model, seed)
-            fractions.append(ax.report(model).compute_fraction)
-    finally:
-        ax.restore(model)
-    return sum(fractions) / len(fractions)
 
 
 @pytest.mark.parametrize("target", [0.5, 0.4])
@@ -230,5 +219,5 @@ def test_calibration_reaches_the_target_on_held_out_inputs(video_model, target):
     assert type(calibration.policy) is EasyCache and calibration.knob == "threshold"
     assert (calibration.policy.warmup, calibration.policy.cooldown) == (5, 1)  # other settings kept
     assert calibration.predicted_compute_fraction == pytest.approx(target, rel=0.1)
-    held_out = _held_out_fraction(model, calibration.policy, run, seeds=(100, 101, 102))
+    held_out = held_out_fraction(model, calibration.policy, run, seeds=(100, 101, 102), num_steps=CAL_STEPS)
     assert held_out == pytest.approx(target, rel=0.1), (str(calibration), held_out)

@@ -25,6 +25,7 @@ from adacache_fx.policies.magcache import (
 )
 from adacache_lab.sampling import sample
 from adacache_lab.zoo import ZOO, latte
+from tests.conftest import held_out_fraction
 from conftest import max_diff
 from policy_driver import Live
 
@@ -301,18 +302,6 @@ def video_model():
     return model, run
 
 
-def _held_out_fraction(model, policy, run, seeds) -> float:
-    ax.transform(model, policy)
-    fractions = []
-    try:
-        for seed in seeds:
-            ax.reset(model)
-            with ax.generation(model, num_steps=CAL_STEPS):
-                run(model, seed)
-            fractions.append(ax.report(model).compute_fraction)
-    finally:
-        ax.restore(model)
-    return sum(fractions) / len(fractions)
 
 
 def test_calibration_records_the_curve_and_reaches_the_target_on_held_out_inputs(video_model, target=0.5):
@@ -325,7 +314,7 @@ def test_calibration_records_the_curve_and_reaches_the_target_on_held_out_inputs
     assert all(0.2 < r < 5.0 for r in curve)
     assert calibration.knob == "threshold"
     assert calibration.predicted_compute_fraction == pytest.approx(target, rel=0.1)
-    held_out = _held_out_fraction(model, calibration.policy, run, seeds=(100, 101, 102))
+    held_out = held_out_fraction(model, calibration.policy, run, seeds=(100, 101, 102), num_steps=CAL_STEPS)
     assert held_out == pytest.approx(target, rel=0.1), (str(calibration), held_out)
 
 
