@@ -91,7 +91,8 @@ def _compare(ranks: list[dict], cases: list[tuple[str, str, str]]) -> None:
 WAN_CASES = [("wan", p, "before") for p in (
     "nocache", "static", "adacache", "adacache_moreg", "first_block", "teacache", "pab", "taylorseer",
     "easycache", "magcache", "toca", "duca", "foca", "lemica", "fastercache")] + [
-    ("wan", p, "after") for p in ("adacache", "first_block")]
+    ("wan", p, "after") for p in ("adacache", "first_block")] + [
+    ("wan", p, "after_call") for p in ("static", "first_block")]  # parallelism after blocks were captured
 FLUX_CASES = [("flux", p, "before") for p in (
     "static", "adacache_l2", "first_block", "dbcache", "teacache", "pab", "magcache", "fastercache")]
 
