@@ -54,7 +54,7 @@ def transform(
     policy: Policy,
     *,
     blocks: list[str] | None = None,
-    on_capture_error: str = "raise",
+    on_capture_error: str = "branches",
     recapture_limit: int = RECAPTURE_LIMIT,
     fold: bool = True,
     cache_budget: int | None = None,
@@ -74,8 +74,12 @@ def transform(
         policy: decides per step which branches reuse their cached residual (``NoCache()``,
             ``Static(interval=2)``, ...).
         blocks: paths of the ModuleLists holding the transformer blocks; found automatically if None.
-        on_capture_error: ``"raise"`` (default) or ``"skip"`` to run blocks that cannot be captured
-            uncached (listed in :func:`report`).
+        on_capture_error: what happens to a block ``torch.export`` cannot capture whole (a non-tensor
+            object among its inputs, ``.numpy()`` or data-dependent control flow inside it).
+            ``"branches"`` (default): its forward runs eagerly and its attention and MLP child modules
+            are the cached branches (their outputs are reused; the rest of the block runs every step),
+            or :class:`~adacache_fx.CaptureError` when it has none; ``"raise"``: the error at once;
+            ``"skip"``: the block runs uncached. :func:`report` lists such blocks and why.
         recapture_limit: captures one block may go through because the model keeps changing under
             it (a LoRA scale changed every step, say); beyond it the block runs uncached, with a
             warning, as dynamo falls back after its recompile limit.
@@ -98,8 +102,8 @@ def transform(
         raise TypeError(
             f"policy must be an adacache_fx policy (e.g. adacache_fx.Static(interval=2)), got {policy!r}"
         )
-    if on_capture_error not in ("raise", "skip"):
-        raise ValueError(f"on_capture_error must be 'raise' or 'skip', got {on_capture_error!r}")
+    if on_capture_error not in ("branches", "raise", "skip"):
+        raise ValueError(f"on_capture_error must be 'branches', 'raise' or 'skip', got {on_capture_error!r}")
     if isinstance(recapture_limit, bool) or not isinstance(recapture_limit, int) or recapture_limit < 1:
         raise ValueError(f"recapture_limit must be an int >= 1, got {recapture_limit!r}")
     search = find_block_lists(model, blocks)

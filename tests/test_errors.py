@@ -76,9 +76,45 @@ def test_kind_absent_from_model_fails_on_first_call():
 
 
 def test_block_that_cannot_be_captured_is_named():
-    model = ax.transform(Net(), ax.NoCache())
+    model = ax.transform(Net(), ax.NoCache(), on_capture_error="raise")
     with pytest.raises(ax.CaptureError, match=r"'blocks\.0' \(DataDependentBlock\)"):
         model(torch.randn(1, 4, 8), torch.tensor([1.0]))
+
+
+class WeightlessDataDependentBlock(nn.Module):
+    """Data-dependent control flow and no child module to cache on its own."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim, dim))
+
+    def forward(self, x):
+        return x + x @ self.weight if x.sum() > 0 else x - x @ self.weight
+
+
+def test_block_with_no_branch_children_to_fall_back_on_says_so():
+    model = ax.transform(Net(WeightlessDataDependentBlock), ax.NoCache(), blocks=["blocks"])
+    with pytest.raises(ax.CaptureError, match=r"'blocks\.0'.*branch by branch either: it has no attention or MLP"):
+        model(torch.randn(1, 4, 8), torch.tensor([1.0]))
+
+
+def test_data_dependent_block_is_cached_branch_by_branch():
+    """The default falls back to the block's eager forward with its children cached: either side of
+    the data-dependent branch gets the cached attention output."""
+    reference = Net()
+    model = ax.transform(Net(), ax.Static(2))
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(1, 4, 8)
+    with torch.no_grad(), ax.generation(model, num_steps=3):
+        first = model(x, torch.tensor([999.0]))
+        second = model(-x, torch.tensor([900.0]))
+    with torch.no_grad():
+        assert torch.equal(first, reference(x, torch.tensor([999.0])))
+    report = ax.report(model)
+    assert set(report.eager) == {"blocks.0", "blocks.1"} and "data-dependent" in report.eager["blocks.0"]
+    assert report.steps[-1].reused == 2 and report.steps[-1].computed == 0
+    assert "BRANCHES ONLY: blocks.0" in str(report)
+    assert not torch.equal(second, reference(-x, torch.tensor([900.0])))  # the attention outputs were reused
 
 
 def test_skip_runs_uncapturable_blocks_uncached_and_reports_them():

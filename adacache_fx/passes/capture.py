@@ -163,6 +163,12 @@ def leaf_key(leaf: Any) -> Any:
         return (leaf.shape, leaf.stride(), leaf.dtype, leaf.device)
     if leaf is None or isinstance(leaf, (bool, int, float, str)):
         return leaf
+    if type(leaf).__repr__ is object.__repr__:
+        # A plain object (a per-layer cache a model passes to every block) has a new address each call;
+        # what a call depends on is its type and the kind of what it holds.
+        held = getattr(leaf, "__dict__", {})
+        return (type(leaf), tuple((name, leaf_key(value)) for name, value in held.items()
+                                  if value is None or isinstance(value, (torch.Tensor, bool, int, float, str))))
     return (type(leaf), repr(leaf))
 
 
@@ -309,7 +315,7 @@ def export_block(block: nn.Module, args: tuple, kwargs: dict, name: str) -> Capt
         raise CaptureError(
             f"cannot capture block {name!r} ({type(block).__name__}) with torch.export: "
             f"{type(exc).__name__}: {first_line}. Pass blocks=[...] to transform() to leave its "
-            "list out, or on_capture_error='skip' to run it uncached."
+            "list out, or transform(..., on_capture_error='skip') to run it uncached."
         ) from exc
 
     signature = program.graph_signature

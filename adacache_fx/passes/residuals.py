@@ -92,6 +92,10 @@ class Region:
     token_flow: Any = None
     token_error: str | None = None
 
+    @property
+    def num_residuals(self) -> int:
+        return len(self.residuals)
+
 
 @dataclass(frozen=True)
 class BlockAnalysis:

@@ -18,6 +18,7 @@ import torch.utils._pytree as pytree
 
 from ..passes.capture import leaf_key
 from ..passes.guards import guard_module
+from .eager_block import EagerBinding
 from .runtime import ModelRuntime, Uncached
 
 # What a CachedBlock keeps beside nn.Module's own state; none of it survives pickling.
@@ -33,7 +34,7 @@ class CachedBlock(nn.Module):
         list_name: str,
         index: int,
         runtime: ModelRuntime,
-        on_capture_error: str = "raise",
+        on_capture_error: str = "branches",
     ) -> None:
         super().__init__()
         # Share state with the original block: one set of weights, unchanged state_dict keys.
@@ -122,6 +123,8 @@ class CachedBlock(nn.Module):
         binding = self.bindings.get(signature)
         if binding is None:
             binding = runtime.bind(self, args, kwargs, signature, session.call.cond_only)
+        if isinstance(binding, EagerBinding):
+            return runtime.run_eager(self, binding, args, kwargs, session)
         if isinstance(binding, Uncached) or not binding.branches:
             runtime.executor.note_inputs(session, leaves)  # a span's output read here ends the span
             return self.original(*args, **kwargs)
@@ -155,7 +158,7 @@ def _new_wrapper(block_class: type) -> CachedBlock:
 
 
 def wrap_block(block: nn.Module, list_name: str, index: int, runtime: ModelRuntime,
-               on_capture_error: str = "raise") -> CachedBlock:
+               on_capture_error: str = "branches") -> CachedBlock:
     """The :class:`CachedBlock` standing in for ``block`` (of a class made for ``type(block)``).
     Context-parallel hooks on the block move to the wrapper (see :func:`move_parallel_hooks`)."""
     wrapper = wrapper_class(type(block))(block, list_name, index, runtime, on_capture_error)

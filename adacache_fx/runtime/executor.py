@@ -30,6 +30,7 @@ from ..passes.rewrite import RegionState
 from ..policies.base import LOCAL, BranchInfo, Capabilities
 from . import guidance
 from .cache import CacheEntry, FoldedSpan, cond_rows
+from .eager_block import EagerBinding, ProjectionFlops, run_on_view
 from .session import Session, TracedSession
 
 logger = logging.getLogger("adacache_fx")
@@ -181,7 +182,7 @@ class Executor:
         if entry is None:
             return None
         owner = entry.owner
-        same_block = isinstance(owner, Binding) and binding is not None and (
+        same_block = isinstance(owner, (Binding, EagerBinding)) and binding is not None and (
             owner.path == binding.path and owner.epoch == binding.epoch)
         if session.call.cond_only:
             if owner is None or binding is None or same_block:
@@ -487,6 +488,98 @@ class Executor:
         elif signal.kind == "first_blocks_residual":
             session.call.stream_start = inputs[self._stream(binding)[0]]
 
+    # -- blocks run eagerly, branch child by branch child (see eager_block.py) ----------------------
+    def run_eager(self, binding: EagerBinding, block: nn.Module, args: tuple, kwargs: dict, session: Session,
+                  on_measured: Any = None) -> Any:
+        """One call of a block that runs eagerly with cached branch children. Its first call
+        (``binding.measured`` false) computes every child, counting each one's FLOPs, and hands
+        ``on_measured(calls, total_flops)`` the calls; that returns the measured binding, whose
+        branches then store what they computed."""
+        if not session.live:
+            raise CaptureError(
+                f"{binding.path} could not be captured as one graph ({binding.reason}); its branches run "
+                "eagerly, which a traced driver (ax.compile(scope='model'), ONNX or TensorRT export) cannot "
+                "include. Use ax.compile(scope='blocks') (its other blocks still compile), or leave its block "
+                "list out with transform(..., blocks=[...])"
+            )
+        self.note_inputs(session, pytree.tree_leaves((args, kwargs)))  # a span's output read here ends it
+        self._end_chain(session)
+        signal = self.caps.signal
+        stream = _main_tensor(args, kwargs)
+        if signal is not None and binding.depth == 0:
+            if signal.kind == "modulated_input":
+                raise PolicyError(
+                    f"{type(self.policy).__name__} reads its signal from a projection inside the first block, "
+                    f"but {binding.path} could not be captured ({binding.reason}): no graph to read it from. "
+                    "Use a policy that decides on a residual (FirstBlockCache, AdaCache) or on a schedule"
+                )
+            if signal.kind == "first_blocks_residual":
+                session.call.stream_start = stream
+        counts: dict[str, int] = {}
+        if binding.measured:
+            def run(name: str, child: nn.Module, a: tuple, kw: dict) -> Any:
+                occurrence = counts[name] = counts.get(name, -1) + 1
+                index = binding.region_for(name, occurrence)
+                return child(*a, **kw) if index is None else self._run_child(session, binding, index, child, a, kw)
+
+            output = run_on_view(block, binding.children, run, args, kwargs)
+        else:
+            calls: list[tuple] = []
+
+            def run(name: str, child: nn.Module, a: tuple, kw: dict) -> Any:
+                occurrence = counts[name] = counts.get(name, -1) + 1
+                before = counter.flops.get(name, 0)
+                out = child(*a, **kw)
+                calls.append((name, occurrence, child, a, kw, out, counter.flops.get(name, 0) - before))
+                return out
+
+            with ProjectionFlops(block, binding.children) as counter:
+                output = run_on_view(block, binding.children, run, args, kwargs)
+            total_flops = counter.total
+            binding = on_measured(calls, total_flops)
+            for index, info in enumerate(binding.branches):
+                out = next(c[5] for c in calls if binding.region_for(c[0], c[1]) == index)
+                entry = self.entry(session, binding, info)
+                state = STORE if self.caps.watches(info, session.policy_state) or self.policy.caches(
+                    info, session.policy_state) else COMPUTE
+                self.commit(session, info, state, _tensors(out) if state == STORE else (), binding, entry)
+        if (signal is not None and signal.kind == "first_blocks_residual" and binding.depth == signal.blocks - 1
+                and session.call.stream_start is not None):
+            start = session.call.stream_start
+            end = next((t for t in pytree.tree_leaves(output)
+                        if isinstance(t, torch.Tensor) and t.shape == start.shape), None)
+            if end is None:
+                raise CaptureError(
+                    f"{binding.path}: no output of the block has the shape of its main input, so "
+                    f"{type(self.policy).__name__}'s first-blocks residual cannot be read there"
+                )
+            session.decide(end - start)
+        return output
+
+    def _run_child(self, session: Session, binding: EagerBinding, index: int, child: nn.Module, args: tuple,
+                   kwargs: dict) -> Any:
+        region, info = binding.regions[index], binding.branches[index]
+        entry = self.entry(session, binding, info)
+        plan, state = session.plan, session.policy_state
+        reuse = info.id in plan.reuse
+        subset = plan.partial.get(info.id) if plan.partial else None
+        if subset is not None and entry is not None:
+            if subset.numel() == 0:
+                reuse = True
+            else:
+                self._warn_partial(session, info, "its block could not be captured, so there is no graph to "
+                                   "recompute a token subset with")
+                reuse = False
+        if reuse and entry is not None:
+            values = self.reuse_values(session, info, entry)
+            if len(values) == region.num_residuals:
+                self.commit(session, info, REUSE, (), binding, entry)
+                return region.rebuild(tuple(values))
+        output = child(*args, **kwargs)
+        stores = self.caps.watches(info, state) or self.policy.caches(info, state)
+        self.commit(session, info, STORE if stores else COMPUTE, _tensors(output) if stores else (), binding, entry)
+        return output
+
     # -- values in, values out --------------------------------------------------------------------
     def reuse_values(self, session: Session, info: BranchInfo, entry: CacheEntry) -> tuple[torch.Tensor, ...]:
         """What a reused branch adds: the policy's forecast (live sessions), or its last residuals."""
@@ -572,3 +665,14 @@ class Executor:
         moved = subset.to(device=like.device, dtype=torch.long)
         session.call.tokens[key] = moved
         return moved
+
+
+def _tensors(output: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor))
+
+
+def _main_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    hidden = kwargs.get("hidden_states")
+    if isinstance(hidden, torch.Tensor):
+        return hidden
+    return next((leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)), None)

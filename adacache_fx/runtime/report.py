@@ -54,6 +54,8 @@ class Report:
     # how many collectives those decisions took (cache bytes are then this rank's shard).
     parallel: str | None = None
     reduced_decisions: int = 0
+    # Blocks export could not take whole, cached branch child by branch child: path -> what and why.
+    eager: dict[str, str] = field(default_factory=dict)
 
     @property
     def compute_fraction(self) -> float | None:
@@ -113,6 +115,8 @@ class Report:
             lines.append(f"left alone: {path} ({reason})")
         for path, reason in self.uncached.items():
             lines.append(f"UNCACHED: {path}: {reason}")
+        for path, reason in self.eager.items():
+            lines.append(f"BRANCHES ONLY: {path}: {reason}")
         if self.steps:
             with_partial = any(s.partial for s in self.steps)  # the column only when it says something
             many = self.sessions > 1
@@ -164,6 +168,7 @@ def build_report(runtime: ModelRuntime) -> Report:
         steps=steps,
         left_alone=list(runtime.left_alone),
         uncached=dict(runtime.uncached_blocks),
+        eager=dict(runtime.eager_blocks),
         cache_bytes=runtime.cache_bytes(),
         notes=[f"note: {n}" for n in notes],
         recaptures=list(runtime.recaptures),

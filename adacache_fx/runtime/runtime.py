@@ -11,6 +11,7 @@ whose guard fails is bound anew, at a new epoch, so it never reads residuals of 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import threading
@@ -27,6 +28,7 @@ from ..passes.guards import ambient_state, structural_key
 from ..passes.program import BlockProgram, build_program
 from ..policies.base import BranchInfo, Capabilities, Policy
 from . import guidance
+from .eager_block import EagerBinding, EagerRegion, branch_children, kind_of, why_not_viewable
 from .executor import Binding, Executor, GraphRunner
 from .parallel import context_parallel_group
 from .session import Session
@@ -151,6 +153,8 @@ class ModelRuntime:
         self.auxiliary_order: list[str] = []
         self.block_flops: dict[str, int | None] = {}
         self.uncached_blocks: dict[str, str] = {}
+        # Blocks export could not take, run eagerly with cached branch children: path -> why (eager_block.py)
+        self.eager_blocks: dict[str, str] = {}
         self.recaptures: list[tuple[str, str]] = []  # (block, what changed), in order
         self.model_flops: int | None = None
         self._validated_for: tuple[BranchInfo, ...] | None = None
@@ -163,7 +167,7 @@ class ModelRuntime:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         for key in ("_lock", "programs", "branches", "_branch_tuple", "block_order", "auxiliary_order", "block_flops",
-                    "uncached_blocks", "recaptures", "model_flops", "_validated_for", "_sessions", "_local",
+                    "uncached_blocks", "eager_blocks", "recaptures", "model_flops", "_validated_for", "_sessions", "_local",
                     "_threads", "executor", "signals", "_handoff_graphs", "_metric_groups"):
             state.pop(key, None)
         state["graph_options"] = self.executor.graphs.options
@@ -246,6 +250,7 @@ class ModelRuntime:
         with self._lock:
             self.programs.clear()
             self.uncached_blocks.clear()
+            self.eager_blocks.clear()
             for block in self.blocks:
                 block.unbind("captures dropped by ax.reset(model, captures=True)")
 
@@ -263,24 +268,29 @@ class ModelRuntime:
     def branch_tuple(self) -> tuple[BranchInfo, ...]:
         return self._branch_tuple
 
-    def _register(self, path: str, list_name: str, index: int, program: BlockProgram,
-                  cond_only: bool = False) -> tuple[int, tuple[BranchInfo, ...]]:
-        """Depth and branch infos of a bound block. A cond-only guidance call's capture runs half the
-        rows: its branches' FLOPs are counted for the whole batch, as every other call's are."""
+    def _depth(self, path: str, list_name: str) -> int:
+        """The block's depth: its place among the main blocks, or after them for a deeper list's."""
         auxiliary = list_name in self.auxiliary_lists
         order = self.auxiliary_order if auxiliary else self.block_order
         if path not in order:
             order.append(path)
+        return order.index(path) + (self.main_block_count if auxiliary else 0)
+
+    def _register(self, path: str, list_name: str, index: int, regions: tuple,
+                  cond_only: bool = False) -> tuple[int, tuple[BranchInfo, ...]]:
+        """Depth and branch infos of a bound block's regions. A cond-only guidance call's capture runs
+        half the rows: its branches' FLOPs are counted for the whole batch, as every other call's are."""
+        auxiliary = list_name in self.auxiliary_lists
+        depth = self._depth(path, list_name)
         main_blocks = self.main_block_count
-        depth = order.index(path) + (main_blocks if auxiliary else 0)  # auxiliary blocks after the main ones
         infos = []
         changed = False
-        for region in program.regions:
+        for region in regions:
             info = BranchInfo(
                 id=f"{path}.{region.name}", block=path, block_list=list_name, block_index=index, depth=depth,
                 name=region.name, kind=region.kind, tags=region.tags,
                 flops=region.flops * 2 if cond_only and region.flops is not None else region.flops,
-                num_residuals=len(region.residuals), blocks=main_blocks, auxiliary=auxiliary,
+                num_residuals=region.num_residuals, blocks=main_blocks, auxiliary=auxiliary,
                 tokens=region.token_flow.tokens if region.token_flow is not None else None,
             )
             known = self.branches.get(info.id)
@@ -309,6 +319,8 @@ class ModelRuntime:
                         program = build_program(original, args, kwargs, name=block.path,
                                                 temporal=_is_temporal(block.list_name))
                 except CaptureError as exc:
+                    if block.on_capture_error == "branches":
+                        return block.remember(signature, self._eager_binding(block, exc))
                     if block.on_capture_error != "skip":
                         raise
                     logger.warning("adacache_fx: %s runs uncached: %s", block.path, exc)
@@ -323,11 +335,64 @@ class ModelRuntime:
                     logger.warning("adacache_fx: %s (%s): no residual branch found; it runs uncached",
                                    block.path, type(original).__name__)
             self.uncached_blocks.pop(block.path, None)
-            depth, infos = self._register(block.path, block.list_name, block.index, program, cond_only)
+            self.eager_blocks.pop(block.path, None)
+            depth, infos = self._register(block.path, block.list_name, block.index, program.regions, cond_only)
             if not cond_only:  # a cond-only guidance call's capture counts half the rows
                 self.block_flops[block.path] = program.total_flops
             binding = Binding(block.path, block.epoch, depth, program, program.bind(original), infos)
             return block.remember(signature, binding)
+
+    def _eager_binding(self, block: nn.Module, error: CaptureError) -> EagerBinding:
+        """A block export could not take, bound to run eagerly with its branch children cached (see
+        :mod:`.eager_block`); ``error`` again, saying why, when it has no such children or cannot run
+        on a view."""
+        original = block.original
+        cause = error.__cause__
+        reason = (f"torch.export: {type(cause).__name__}: {str(cause).strip().splitlines()[0].split('. ')[0]}"
+                  if cause is not None and str(cause).strip() else str(error).split(". Pass blocks=")[0])
+        children = branch_children(original)
+        obstacle = why_not_viewable(original) if children else "it has no attention or MLP child module"
+        if obstacle is not None:
+            raise CaptureError(f"{error} It cannot be cached branch by branch either: {obstacle}.") from error
+        first = not any(path.startswith(f"{block.list_name}.") for path in self.eager_blocks)
+        (logger.warning if first else logger.info)(
+            "adacache_fx: %s could not be captured whole (%s); its branch children (%s) are cached, the rest of "
+            "the block runs every step%s", block.path, reason, ", ".join(children),
+            " (the same may follow for the list's other blocks: see ax.report)" if first else "")
+        self.uncached_blocks.pop(block.path, None)
+        self.eager_blocks[block.path] = (f"runs eagerly; cached branches: {', '.join(children)}; the rest of the "
+                                         f"block runs every step, because {reason}")
+        return EagerBinding(block.path, block.epoch, self._depth(block.path, block.list_name), children, reason)
+
+    def run_eager(self, block: nn.Module, binding: EagerBinding, args: tuple, kwargs: dict, session: Session) -> Any:
+        """One call of an eagerly run block; its first call measures its branches and registers them."""
+        def measured(calls: list[tuple], total_flops: int | None) -> EagerBinding:
+            regions = []
+            for name, occurrence, child, a, kw, out, flops in calls:
+                leaves, spec = pytree.tree_flatten(out)
+                tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+                if not tensors:
+                    continue  # a child that returns no tensor is no branch
+                regions.append(EagerRegion(
+                    name=name if occurrence == 0 else f"{name}_{occurrence}", child=name,
+                    kind=kind_of(name, child, a, kw, _is_temporal(block.list_name)),
+                    flops=flops * 2 if session.call.cond_only and flops is not None else flops, num_residuals=len(tensors), spec=spec,
+                    constants=tuple(None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves)))
+            with self._lock:
+                _, infos = self._register(block.path, block.list_name, block.index, tuple(regions))
+                if not session.call.cond_only:
+                    self.block_flops[block.path] = total_flops
+            done = dataclasses.replace(binding, regions=tuple(regions), branches=infos, measured=True)
+            for signature, known in list(block.bindings.items()):
+                if known is binding:
+                    block.bindings[signature] = done
+            return done
+
+        if binding.measured:
+            return self.executor.run_eager(binding, block.original, args, kwargs, session)
+        output = self.executor.run_eager(binding, block.original, args, kwargs, session, measured)
+        block.record_guard()  # counting FLOPs added forward hooks to its layers and removed them
+        return output
 
     def note_recapture(self, session: Session, path: str, changes: list[str]) -> bool:
         """Record that ``path`` changed; False when it changed too often this generation (see
