@@ -138,3 +138,199 @@ def test_a_deeper_block_list_is_cached_and_numbered_after_the_main_blocks():
                     for fbc_policy_caches in [ax.FirstBlockCache().caches(b)]}
     assert not any(state_caches[b.id] for b in refiner)
     assert ax.report(fbc).steps[-1].reused > 0
+
+
+# -- blocks export cannot take whole: cached branch child by branch child --------------------------------
+class _LayerCache:
+    """A per-layer cache object handed to every block (no pytree: export refuses it)."""
+
+    def __init__(self, context: torch.Tensor) -> None:
+        self.key = context
+        self.value = context
+
+
+class _Attention(nn.Module):
+    def __init__(self, width: int = 16, flex: bool = False) -> None:
+        super().__init__()
+        self.qkv, self.kv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, 2 * width), nn.Linear(width, width)
+        self.flex = flex
+
+    def forward(self, x: torch.Tensor, cache=None, block_mask=None) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4)
+        if cache is not None:  # attend to the cached context too
+            ck, cv = self.kv(cache.key).unflatten(-1, (2, 2, -1)).permute(2, 0, 3, 1, 4)
+            k, v = torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        if block_mask is not None:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            o = flex_attention(q, k, v, block_mask=block_mask)
+        else:
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
+class _NumpyRoutedMoE(nn.Module):
+    """Top-1 routing through ``.numpy()`` (export cannot trace it)."""
+
+    def __init__(self, width: int = 16, experts: int = 3) -> None:
+        super().__init__()
+        self.router = nn.Linear(width, experts)
+        self.experts = nn.ModuleList(
+            [nn.Sequential(nn.Linear(width, 32), nn.GELU(), nn.Linear(32, width)) for _ in range(experts)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        choice = self.router(x).argmax(-1).cpu().numpy()
+        out = torch.zeros_like(x)
+        for index, expert in enumerate(self.experts):
+            rows = torch.from_numpy(choice == index)
+            if rows.any():
+                out[rows] = expert(x[rows])
+        return out
+
+
+class _PatternBlock(nn.Module):
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(16), nn.LayerNorm(16)
+        self.attn = _Attention()
+        self.ff = _NumpyRoutedMoE() if pattern == "numpy" else nn.Sequential(
+            nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+
+    def forward(self, x, temb, cache=None, block_mask=None):
+        x = x + self.attn(self.norm1(x) * (1 + temb[:, None]), cache=cache, block_mask=block_mask)
+        return x + self.ff(self.norm2(x))
+
+
+class _PatternModel(nn.Module):
+    """A DiT whose blocks export cannot take: ``pattern`` is "object" (a cache object passed to every
+    block), "flex" (a flex_attention BlockMask passed to every block) or "numpy" (MoE routing)."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = pattern
+        self.time = nn.Linear(1, 16)
+        self.blocks = nn.ModuleList([_PatternBlock(pattern) for _ in range(3)])
+
+    def forward(self, hidden_states, timestep, context):
+        temb = self.time(timestep[:, None] * 1e-3)
+        extra = {}
+        if self.pattern == "object":
+            extra["cache"] = _LayerCache(context)
+        elif self.pattern == "flex":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            n = hidden_states.shape[1]
+            extra["block_mask"] = create_block_mask(lambda b, h, q, k: q >= k, None, None, n, n, device="cpu")
+        for block in self.blocks:
+            hidden_states = block(hidden_states, temb, **extra)
+        return hidden_states
+
+
+def _pattern_pair(pattern: str, policy):
+    torch.manual_seed(0)
+    reference = _PatternModel(pattern).eval()
+    model = _PatternModel(pattern).eval()
+    model.load_state_dict(reference.state_dict())
+    return reference, ax.transform(model, policy)
+
+
+def _pattern_inputs(timestep: float, tokens: int = 12) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(2, tokens, 16, generator=g), timestep=torch.full((2,), timestep),
+                context=torch.randn(2, 5, 16, generator=g))
+
+
+_WHY = {"object": "Unsupported input type", "flex": "BlockMask", "numpy": ".numpy()"}
+
+
+@pytest.mark.parametrize("pattern", ["object", "flex", "numpy"])
+def test_blocks_export_cannot_take_are_cached_branch_by_branch(pattern):
+    tokens = 128 if pattern == "flex" else 12  # a BlockMask covers 128-token tiles
+    reference, exact = _pattern_pair(pattern, ax.NoCache())
+    with torch.no_grad():
+        assert torch.equal(exact(**_pattern_inputs(999.0, tokens)), reference(**_pattern_inputs(999.0, tokens)))
+    report = ax.report(exact)
+    assert set(report.eager) == {"blocks.0", "blocks.1", "blocks.2"} and not report.uncached
+    assert _WHY[pattern] in report.eager["blocks.0"] and "attn, ff" in report.eager["blocks.0"]
+    assert {b.id for b in report.branches} == {f"blocks.{i}.{n}" for i in range(3) for n in ("attn", "ff")}
+
+    _, cached = _pattern_pair(pattern, ax.Static(2))
+    runs = []  # the branch children's own forwards, counted
+    for block in cached.blocks:
+        for child in (block.attn, block.ff):
+            child.register_forward_hook(lambda *_: runs.append(1))
+    with torch.no_grad(), ax.generation(cached, num_steps=4):
+        computed = cached(**_pattern_inputs(999.0, tokens))
+        before = len(runs)  # (export's failed attempts may have run some children, fake-tensor, too)
+        if pattern == "flex":  # FLOP counting cannot run flex_attention eagerly: count child runs
+            reused = cached(**_pattern_inputs(900.0, tokens))
+        else:
+            with FlopCounterMode(display=False) as counter:
+                reused = cached(**_pattern_inputs(900.0, tokens))
+    assert before >= 6 and len(runs) == before  # the reuse step ran no attention or MLP
+    report = ax.report(cached)
+    assert report.steps[-1].reused == 6 and report.steps[-1].computed == 0
+    if pattern != "flex":
+        block_flops = sum(f for f in report.block_flops.values() if f)
+        assert counter.get_total_flops() <= 0.1 * block_flops, (counter.get_total_flops(), block_flops)
+    with torch.no_grad():
+        assert torch.equal(computed, reference(**_pattern_inputs(999.0, tokens)))
+        assert not torch.equal(reused, reference(**_pattern_inputs(900.0, tokens)))
+
+
+@pytest.mark.parametrize("policy", [
+    lambda: ax.FirstBlockCache(threshold=0.5), lambda: ax.AdaCache(codebook=((0.2, 3), (100.0, 1)), num_steps=6),
+    lambda: ax.TaylorSeer(ax.Static(3)), lambda: ax.PAB(window_steps=(1, 5)), lambda: ax.ToCa(),
+], ids=["first_block", "adacache", "taylorseer", "pab", "toca"])
+def test_policies_run_on_blocks_cached_branch_by_branch(policy):
+    """Decisions on residual signals (First-Block-Cache reads the eager first block's stream), watched
+    outputs (AdaCache), forecasts (TaylorSeer), per-kind reuse (PAB) and token-wise recompute (ToCa
+    computes fully: there is no graph to recompute a subset with) on the "object" pattern."""
+    _, model = _pattern_pair("object", policy())
+    x = _pattern_inputs(999.0)["hidden_states"]
+    with torch.no_grad(), ax.generation(model, num_steps=6):
+        for step in range(6):
+            x = x - 0.1 * model(**{**_pattern_inputs(1000.0 - 150 * step), "hidden_states": x})
+    assert torch.isfinite(x).all()
+    assert sum(s.reused for s in ax.report(model).steps) > 0
+
+
+def test_teacache_says_an_eager_first_block_has_no_signal_to_read():
+    _, model = _pattern_pair("object", ax.TeaCache(delta=0.3))
+    with pytest.raises(ax.PolicyError, match="blocks.0 could not be captured"):
+        with torch.no_grad():
+            model(**_pattern_inputs(999.0))
+
+
+def test_traced_drivers_refuse_blocks_cached_branch_by_branch():
+    _, model = _pattern_pair("object", ax.Static(2))
+    with torch.no_grad():
+        model(**_pattern_inputs(999.0))
+    with pytest.raises(ax.CaptureError, match="scope='blocks'"):
+        with torch.no_grad():
+            ax.compile(model, scope="model", backend="eager")(**_pattern_inputs(999.0))
+
+
+def test_lora_added_to_a_branch_child_is_followed():
+    """The live model rule on an eager block: a PEFT adapter injected into an attention child between
+    steps is seen (the block is bound anew, its cache dropped) and NoCache stays exact."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    reference, model = _pattern_pair("object", ax.NoCache())
+    with torch.no_grad():
+        model(**_pattern_inputs(999.0))
+    config = LoraConfig(r=2, target_modules=["qkv"], init_lora_weights=False)
+    for m in (reference, model):
+        torch.manual_seed(1)
+        inject_adapter_in_model(config, m)
+    with torch.no_grad():
+        assert torch.equal(model(**_pattern_inputs(900.0)), reference(**_pattern_inputs(900.0)))
+
+    _, cached = _pattern_pair("object", ax.Static(2))
+    with torch.no_grad(), ax.generation(cached, num_steps=4):
+        cached(**_pattern_inputs(999.0))
+        torch.manual_seed(1)
+        inject_adapter_in_model(config, cached)
+        cached(**_pattern_inputs(900.0))  # a reuse step, but attn changed: its blocks compute anew
+    step = ax.report(cached).steps[-1]
+    assert step.computed == 6 and step.reused == 0
