@@ -3,6 +3,8 @@ and ``attn2`` into one region, ``attn+attn2``; submodules may be called anything
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -334,3 +336,120 @@ def test_lora_added_to_a_branch_child_is_followed():
         cached(**_pattern_inputs(900.0))  # a reuse step, but attn changed: its blocks compute anew
     step = ax.report(cached).steps[-1]
     assert step.computed == 6 and step.reused == 0
+
+
+# -- step-invariant block lists: reused exactly from step 2 on -----------------------------------------
+def _lumina2_steps(model, entry, steps, prompt_change_at=None, in_place_at=None):
+    """Outputs of ``steps`` calls of one generation; the prompt embeddings change at one step, or are
+    written in place (the same tensor object) at another."""
+    outputs, flops = [], []
+    context = entry.inputs()["encoder_hidden_states"].clone()
+    generation = ax.generation(model, num_steps=steps) if ax.is_transformed(model) else contextlib.nullcontext()
+    with torch.no_grad(), generation:
+        for step in range(steps):
+            if step == prompt_change_at:
+                context = context.flip(1).clone()
+            if step == in_place_at:
+                context.mul_(1.5)
+            kwargs = {**entry.inputs(timestep=999.0 - 150 * step), "encoder_hidden_states": context}
+            with FlopCounterMode(display=False) as counter:
+                outputs.append(entry.output(model(**kwargs)))
+            flops.append(counter.get_total_flops())
+    return outputs, flops
+
+
+def test_a_step_invariant_block_list_is_reused_exactly_from_step_two():
+    """Lumina2's context_refiner sees only the prompt: from step 2 on it returns its recorded outputs
+    (no FLOPs), bit-exactly what it computes; the noise refiner and the main layers see the latent."""
+    entry = ZOO["lumina2"]
+    reference = entry.build()
+    model = ax.transform(entry.build(), ax.NoCache())
+    outputs, flops = _lumina2_steps(model, entry, 5)
+    expected, reference_flops = _lumina2_steps(reference, entry, 5)
+    assert all(torch.equal(a, b) for a, b in zip(outputs, expected))
+    report = ax.report(model)
+    assert report.invariant == ["context_refiner.0", "context_refiner.1"]
+    refiner = sum(f for path, f in report.block_flops.items() if path.startswith("context_refiner"))
+    assert flops[1] == reference_flops[1]  # step 1 compares and records; nothing is reused yet
+    assert all(reference_flops[s] - flops[s] == refiner for s in (2, 3, 4)), (flops, reference_flops, refiner)
+    assert [s.exact for s in report.steps] == [0, 0, 4, 4, 4] and report.compute_fraction == 1.0
+    runtime = model.__dict__["_adacache_fx_runtime"]
+    held = runtime.sessions[0].caches.invariant
+    assert held.memos == {}  # the generation ended: nothing is held
+
+
+@pytest.mark.parametrize("change", ["new_prompt", "written_in_place"])
+def test_a_step_invariant_list_whose_inputs_change_computes_again(change):
+    entry = ZOO["lumina2"]
+    reference = entry.build()
+    model = ax.transform(entry.build(), ax.NoCache())
+    kwargs = {"prompt_change_at": 3} if change == "new_prompt" else {"in_place_at": 3}
+    outputs, flops = _lumina2_steps(model, entry, 6, **kwargs)
+    expected, reference_flops = _lumina2_steps(reference, entry, 6, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(outputs, expected))
+    assert flops[3] == reference_flops[3]  # recomputed (and recorded anew) ...
+    assert flops[4] < reference_flops[4]  # ... and replayed again at the next step
+    assert [s.exact for s in ax.report(model).steps] == [0, 0, 4, 0, 4, 4]
+
+
+def test_a_list_that_sees_the_timestep_is_never_replayed_and_holds_nothing():
+    """HunyuanVideo's token refiner takes the timestep embedding: one comparison at step 1, then
+    nothing more is compared or held for it."""
+    from adacache_fx.runtime.invariant import VARYING
+
+    entry = ZOO["hunyuanvideo"]
+    model = ax.transform(entry.build(), ax.NoCache())
+    runtime = model.__dict__["_adacache_fx_runtime"]
+    with torch.no_grad(), ax.generation(model, num_steps=4):
+        for step in range(3):
+            model(**entry.inputs(timestep=999.0 - 200 * step))
+        memos = dict(runtime.sessions[0].caches.invariant.memos)
+    assert memos and all(memo == VARYING for memo in memos.values()), memos
+    assert ax.report(model).invariant == []
+
+
+class _TextFuser(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.attn = nn.LayerNorm(16), nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, text):
+        h = self.norm(text)
+        return text + self.attn(h, h, h, need_weights=False)[0]
+
+
+class _FusedModel(nn.Module):
+    """A text fuser list (prompt only) before latent blocks that cross-attend to its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fuser = nn.ModuleList([_TextFuser() for _ in range(2)])
+        self.time = nn.Linear(1, 16)
+        self.blocks = nn.ModuleList([_OddNames() for _ in range(2)])
+
+    def forward(self, hidden_states, timestep, text):
+        for layer in self.fuser:
+            text = layer(text)
+        x = hidden_states + self.time(timestep[:, None] * 1e-3)[:, None] + text.mean(1, keepdim=True)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_compute_steps_of_a_caching_policy_replay_the_invariant_list():
+    """Static(2) reuses at steps 1 and 3: step 1 confirms the fuser's inputs unchanged, step 2 (a compute
+    step) records its outputs, and from step 3 on it replays them exactly, on reuse and compute steps."""
+    torch.manual_seed(0)
+    reference = _FusedModel().eval()
+    model = _FusedModel().eval()
+    model.load_state_dict(reference.state_dict())
+    ax.transform(model, ax.Static(2), blocks=["fuser", "blocks"])
+    x, text = torch.randn(2, 6, 16), torch.randn(2, 4, 16)
+    with torch.no_grad(), ax.generation(model, num_steps=6):
+        outs = [model(x, torch.full((2,), 999.0 - 150 * s), text) for s in range(6)]
+    plans = [p[2] for p in ax.report(model).plans()]
+    assert plans[:5] == ["6C/0R", "0C/6R", "6C/0R", "0C/4R/2E", "4C/0R/2E"], plans  # the fuser's 2 branches, exactly
+    with torch.no_grad():
+        # a compute step: what the model computes (captured graphs round like eager to ~1e-7 here)
+        assert (outs[4] - reference(x, torch.full((2,), 999.0 - 600), text)).abs().max() <= 1e-5
+    assert ax.report(model).invariant == ["fuser.0", "fuser.1"]

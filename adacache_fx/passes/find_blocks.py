@@ -50,6 +50,8 @@ def _is_block_list(module: nn.Module) -> bool:
     first = type(module[0])
     if not all(type(m) is first for m in module):
         return False
+    if first.forward is nn.Module.forward:  # containers (a list of [attention, MLP] pairs) are not blocks
+        return False
     return any(True for _ in module[0].children()) and _has_attention(module[0])
 
 
@@ -71,6 +73,12 @@ def find_block_lists(model: nn.Module, names: list[str] | None = None) -> BlockS
                 raise NoBlocksFoundError(
                     f"blocks={names!r}: {name!r} is a {type(module).__name__}, "
                     "expected a non-empty nn.ModuleList of transformer blocks"
+                )
+            containers = sorted({type(m).__name__ for m in module if type(m).forward is nn.Module.forward})
+            if containers:
+                raise NoBlocksFoundError(
+                    f"blocks={names!r}: {name!r} holds {', '.join(containers)} containers, which have no forward "
+                    "of their own to cache; name the list of blocks inside them"
                 )
             chosen.append(BlockList(name, tuple(module)))
         return BlockSearch(tuple(chosen), ())

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from . import guidance
+from .invariant import InvariantLists
 
 
 @dataclass
@@ -47,6 +48,7 @@ class CacheState:
     def __init__(self) -> None:
         self._entries: dict[tuple[int, str], CacheEntry] = {}
         self._spans: dict[tuple[int, str], FoldedSpan] = {}
+        self.invariant = InvariantLists()  # step-invariant block lists (see invariant.py)
         self.peak = 0  # the most bytes held at once in the last generation (at each call's end)
 
     def span(self, slot: int, first_block: str) -> FoldedSpan | None:
@@ -85,15 +87,17 @@ class CacheState:
     def clear(self) -> None:
         self._entries.clear()
         self._spans.clear()
+        self.invariant.clear()
 
     def values(self, slot: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:
         """The residuals cached for call slot ``slot``, by branch id."""
         return {branch: e.values for (s, branch), e in self._entries.items() if s == slot}
 
     def nbytes(self, slot: int | None = None) -> int:
-        """Bytes of every cached tensor (of call slot ``slot`` only, when given)."""
+        """Bytes of every cached tensor (of call slot ``slot`` only, when given; the outputs of
+        step-invariant lists are counted in the total only)."""
         seen: set[int] = set()
-        total = 0
+        total = self.invariant.nbytes() if slot is None else 0
         groups = [(s, (e.values, *(v for _, v in e.history))) for (s, _), e in self._entries.items()]
         groups += [(s, (tuple(span.residuals.values()),)) for (s, _), span in self._spans.items()]
         for entry_slot, tensor_groups in groups:

@@ -123,6 +123,20 @@ class CachedBlock(nn.Module):
         binding = self.bindings.get(signature)
         if binding is None:
             binding = runtime.bind(self, args, kwargs, signature, session.call.cond_only)
+        invariant = runtime.invariant_list_call(self, binding, signature, leaves, session)
+        if invariant is not None:
+            output = session.caches.invariant.recall(invariant, session.slot, self.path, binding, signature, leaves)
+            if output is not None:
+                runtime.executor.replayed_invariant(binding, leaves, session)
+                return output
+        computes = invariant is not None and runtime.computes_fully(binding, session)
+        output = self._run(binding, args, kwargs, leaves, session)
+        if computes:  # only what the block itself computed is recorded, never a reused or replayed value
+            session.caches.invariant.record(invariant, session.slot, self.path, binding, signature, leaves, output)
+        return output
+
+    def _run(self, binding: Any, args: tuple, kwargs: dict, leaves: list, session: Any) -> Any:
+        runtime = self.runtime
         if isinstance(binding, EagerBinding):
             return runtime.run_eager(self, binding, args, kwargs, session)
         if isinstance(binding, Uncached) or not binding.branches:

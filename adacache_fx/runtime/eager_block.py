@@ -34,22 +34,38 @@ import torch.utils._pytree as pytree
 
 from ..kinds import CROSS_ATTENTION, MLP, SELF_ATTENTION, TEMPORAL_ATTENTION
 
-# Children that are not branches: what they compute is cheap, or (modulation inside diffusers' norm
-# classes) must follow the timestep every step.
+# Children that are not branches: what they compute is cheap, or (modulation, also inside diffusers'
+# norm classes) must follow the timestep every step.
 _NOT_BRANCH_WORDS = ("Norm", "Dropout", "Embedding", "Identity", "Activation", "GELU", "SiLU", "ReLU",
                      "Rotary", "RoPE", "PosEmbed")
 
 
-def branch_children(block: nn.Module) -> tuple[str, ...]:
-    """Names of ``block``'s direct children that can be cached as branches (see the module docstring)."""
-    names = []
+def _is_attention(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return "Attention" in name or "Attn" in name or isinstance(module, nn.MultiheadAttention)
+
+
+def _carries_stream(child: nn.Module) -> bool:
+    """A child that is itself a block (a wrapper's inner block: HiDream's ``HiDreamBlock.block``): not
+    an attention, but with an attention among its own children. Its output is the stream, not a
+    branch; its own children are the branches."""
+    return not _is_attention(child) and any(_is_attention(c) for c in child.children())
+
+
+def branch_children(block: nn.Module, prefix: str = "") -> tuple[str, ...]:
+    """Dotted names of ``block``'s branch children (see the module docstring), descending into
+    children that carry the stream (:func:`_carries_stream`)."""
+    names: list[str] = []
     for name, child in block.named_children():
         cls = type(child).__name__
         if any(word in cls for word in _NOT_BRANCH_WORDS) or isinstance(child, nn.ModuleList):
             continue
-        if next(child.parameters(), None) is None:
-            continue
-        names.append(name)
+        if next(child.parameters(), None) is None or "modulation" in name.lower() or "adaln" in name.lower():
+            continue  # (a modulation's projection of the time embedding must follow the timestep)
+        if _carries_stream(child) and why_not_viewable(child) is None:
+            names.extend(branch_children(child, f"{prefix}{name}."))
+        else:
+            names.append(prefix + name)
     return tuple(names)
 
 
@@ -160,10 +176,43 @@ class BlockView:
         setattr(object.__getattribute__(self, "_block"), name, value)
 
 
+class CarrierCall:
+    """A child that carries the stream: calling it runs its own forward on a view of it, whose
+    branch children go through ``run`` in turn."""
+
+    def __init__(self, run: Callable, child: nn.Module, children: dict) -> None:
+        self.__dict__.update(_run=run, _child=child, _children=children)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self._child).forward(_view(self._child, self._children, self._run), *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_child"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.__dict__["_child"], name, value)
+
+
+def _view(module: nn.Module, children: dict, run: Callable) -> BlockView:
+    """``children``: name -> full dotted name (a branch) or a dict of its own (a carrier)."""
+    calls = {}
+    for name, inner in children.items():
+        child = getattr(module, name)
+        calls[name] = CarrierCall(run, child, inner) if isinstance(inner, dict) else ChildCall(run, inner, child)
+    return BlockView(module, calls)
+
+
 def run_on_view(block: nn.Module, children: tuple[str, ...], run: Callable, args: tuple, kwargs: dict) -> Any:
-    """``block``'s forward on a view whose ``children`` call ``run(name, child, args, kwargs)``."""
-    calls = {name: ChildCall(run, name, getattr(block, name)) for name in children}
-    return type(block).forward(BlockView(block, calls), *args, **kwargs)
+    """``block``'s forward on a view whose branch ``children`` (dotted names) call
+    ``run(name, child, args, kwargs)``."""
+    tree: dict = {}
+    for dotted in children:
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = dotted
+    return type(block).forward(_view(block, tree, run), *args, **kwargs)
 
 
 class ProjectionFlops:
@@ -189,7 +238,7 @@ class ProjectionFlops:
     def __enter__(self) -> "ProjectionFlops":
         owner = {}
         for name in self.children:
-            for module in getattr(self.block, name).modules():
+            for module in self.block.get_submodule(name).modules():
                 owner[id(module)] = name
         for module in self.block.modules():
             if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):

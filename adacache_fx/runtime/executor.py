@@ -488,12 +488,24 @@ class Executor:
         elif signal.kind == "first_blocks_residual":
             session.call.stream_start = inputs[self._stream(binding)[0]]
 
+    # -- step-invariant block lists (see invariant.py) ------------------------------------------------
+    def replayed_invariant(self, binding: Any, leaves: list[Any], session: Session) -> None:
+        """A block of a step-invariant list returned its recorded output: count its branches as exact
+        reuses (not the policy's: ``StepRecord.exact``), and end any span being recorded (it did not run)."""
+        self.note_inputs(session, leaves)
+        self._end_chain(session)
+        record = session.record
+        if record is not None:
+            for info in getattr(binding, "branches", ()):
+                record.exact += 1
+                record.flops_total += info.flops or 0
+
     # -- blocks run eagerly, branch child by branch child (see eager_block.py) ----------------------
     def run_eager(self, binding: EagerBinding, block: nn.Module, args: tuple, kwargs: dict, session: Session,
                   on_measured: Any = None) -> Any:
         """One call of a block that runs eagerly with cached branch children. Its first call
         (``binding.measured`` false) computes every child, counting each one's FLOPs, and hands
-        ``on_measured(calls, total_flops)`` the calls; that returns the measured binding, whose
+        ``on_measured(calls, total_flops, output)`` the calls; that returns the measured binding, whose
         branches then store what they computed."""
         if not session.live:
             raise CaptureError(
@@ -536,7 +548,7 @@ class Executor:
             with ProjectionFlops(block, binding.children) as counter:
                 output = run_on_view(block, binding.children, run, args, kwargs)
             total_flops = counter.total
-            binding = on_measured(calls, total_flops)
+            binding = on_measured(calls, total_flops, output)
             for index, info in enumerate(binding.branches):
                 out = next(c[5] for c in calls if binding.region_for(c[0], c[1]) == index)
                 entry = self.entry(session, binding, info)

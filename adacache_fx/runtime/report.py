@@ -56,6 +56,8 @@ class Report:
     reduced_decisions: int = 0
     # Blocks export could not take whole, cached branch child by branch child: path -> what and why.
     eager: dict[str, str] = field(default_factory=dict)
+    # Blocks of step-invariant lists (inputs equal at every step) that returned their recorded outputs.
+    invariant: list[str] = field(default_factory=list)
 
     @property
     def compute_fraction(self) -> float | None:
@@ -86,6 +88,7 @@ class Report:
         cond half of batched guidance only)."""
         return [
             (s.generation, s.step, f"{s.computed}C/{s.reused}R" + (f"/{s.partial}P" if s.partial else "")
+             + (f"/{s.exact}E" if s.exact else "")
              + ("/cond-only" if s.cond_only else ""))
             for s in self.steps
         ]
@@ -117,6 +120,9 @@ class Report:
             lines.append(f"UNCACHED: {path}: {reason}")
         for path, reason in self.eager.items():
             lines.append(f"BRANCHES ONLY: {path}: {reason}")
+        if self.invariant:
+            lines.append(f"step-invariant (same inputs every step, outputs reused exactly from step 2 on): "
+                         f"{', '.join(self.invariant)}")
         if self.steps:
             with_partial = any(s.partial for s in self.steps)  # the column only when it says something
             many = self.sessions > 1
@@ -169,6 +175,7 @@ def build_report(runtime: ModelRuntime) -> Report:
         left_alone=list(runtime.left_alone),
         uncached=dict(runtime.uncached_blocks),
         eager=dict(runtime.eager_blocks),
+        invariant=sorted({path for session in sessions for path in session.caches.invariant.replayed}),
         cache_bytes=runtime.cache_bytes(),
         notes=[f"note: {n}" for n in notes],
         recaptures=list(runtime.recaptures),

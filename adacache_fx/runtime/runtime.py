@@ -331,10 +331,14 @@ class ModelRuntime:
                     block.record_guard()
                 for note in program.notes:
                     logger.info("adacache_fx: %s: %s", block.path, note)
-                if not program.regions:
-                    logger.warning("adacache_fx: %s (%s): no residual branch found; it runs uncached",
-                                   block.path, type(original).__name__)
-            self.uncached_blocks.pop(block.path, None)
+            if program.regions:
+                self.uncached_blocks.pop(block.path, None)
+            else:
+                reason = (f"no residual branch found in {type(original).__name__}: nothing in it adds to a stream "
+                          "it passes on (a model that adds the block's output itself, an adapter); it runs every step")
+                if self.uncached_blocks.get(block.path) != reason:
+                    logger.warning("adacache_fx: %s: %s", block.path, reason)
+                self.uncached_blocks[block.path] = reason
             self.eager_blocks.pop(block.path, None)
             depth, infos = self._register(block.path, block.list_name, block.index, program.regions, cond_only)
             if not cond_only:  # a cond-only guidance call's capture counts half the rows
@@ -366,13 +370,20 @@ class ModelRuntime:
 
     def run_eager(self, block: nn.Module, binding: EagerBinding, args: tuple, kwargs: dict, session: Session) -> Any:
         """One call of an eagerly run block; its first call measures its branches and registers them."""
-        def measured(calls: list[tuple], total_flops: int | None) -> EagerBinding:
+        def measured(calls: list[tuple], total_flops: int | None, output: Any) -> EagerBinding:
             regions = []
+            returned = {id(t) for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)}
             for name, occurrence, child, a, kw, out, flops in calls:
                 leaves, spec = pytree.tree_flatten(out)
                 tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
                 if not tensors:
                     continue  # a child that returns no tensor is no branch
+                if any(id(t) in returned for t in tensors):
+                    # What the block returns as it is: the stream itself, not a branch beside it; reusing
+                    # it would drop what earlier blocks did this step.
+                    logger.info("adacache_fx: %s.%s returns the block's output (the stream): not cached",
+                                block.path, name)
+                    continue
                 regions.append(EagerRegion(
                     name=name if occurrence == 0 else f"{name}_{occurrence}", child=name,
                     kind=kind_of(name, child, a, kw, _is_temporal(block.list_name)),
@@ -393,6 +404,36 @@ class ModelRuntime:
         output = self.executor.run_eager(binding, block.original, args, kwargs, session, measured)
         block.record_guard()  # counting FLOPs added forward hooks to its layers and removed them
         return output
+
+    def invariant_list_call(self, block: nn.Module, binding: Any, signature: Any, leaves: list[Any],
+                            session: Session) -> Any:
+        """The :class:`~.invariant.ListCall` of the block's list when the block may be replayed or
+        recorded as part of a step-invariant list this call, else None. Blocks a policy reads its
+        in-step signal from or watches always run, and a folded span being replayed is left alone."""
+        if not session.live or session.context is None or session.call.replay is not None:
+            return None
+        depth = getattr(binding, "depth", None)
+        signal = self.caps.signal
+        if signal is not None and depth is not None and depth < max(1, signal.blocks):
+            return None
+        state = session.policy_state
+        if any(self.caps.watches(info, state) for info in getattr(binding, "branches", ())):
+            return None
+        calls = session.call.lists
+        call = calls.get(block.list_name)
+        if call is None:
+            call = session.caches.invariant.enter(calls, session.slot, session.tracker.step, block.list_name,
+                                                  signature, leaves)
+        return call
+
+    @staticmethod
+    def computes_fully(binding: Any, session: Session) -> bool:
+        """Whether this call's plan computes every branch of ``binding`` (no reuse, no forecast, no
+        token subset, no cond-only half)."""
+        plan = session.plan
+        return not session.call.cond_only and not any(
+            info.id in plan.reuse or (plan.partial and info.id in plan.partial)
+            for info in getattr(binding, "branches", ()))
 
     def note_recapture(self, session: Session, path: str, changes: list[str]) -> bool:
         """Record that ``path`` changed; False when it changed too often this generation (see

@@ -36,6 +36,7 @@ class StepRecord:
     computed: int = 0  # branch executions that computed
     reused: int = 0  # branch executions that reused their cache
     partial: int = 0  # branch executions that recomputed a token subset (Plan.partial)
+    exact: int = 0  # branch executions skipped because their step-invariant block returned its recorded output
     flops_computed: int = 0
     flops_total: int = 0
     calls: int = 0
@@ -57,6 +58,7 @@ class CallState:
     closed: list = field(default_factory=list)  # spans recorded this call, stored when it ends
     produced: dict = field(default_factory=dict)  # id of a recorded block output -> where it came from
     replay: Any = None  # the folded span being replayed on a reusing call
+    lists: dict = field(default_factory=dict)  # block list -> its ListCall (step-invariant lists, invariant.py)
 
 
 class Session:
