@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ _PASSTHROUGH = {
 }
 _CAT = {"cat", "concat", "concatenate"}
 _ADD = {"add"}
+_SCALE = {"mul", "div"}  # on the stream by a factor independent of it: carries the stream (see scaled_stream)
 # Ops that make a branch worth caching.
 _COMPUTE = {
     "linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "conv1d", "conv2d", "conv3d",
@@ -112,6 +114,7 @@ class _Graph:
         self.nodes = list(self.graph.nodes)
         self.user_inputs = captured.stream_candidates()
         self._reaches: dict[fx.Node, bool] = {}
+        self._index: dict[fx.Node, int] | None = None
 
     def reaches_input(self, node: fx.Node) -> bool:
         """Does ``node`` carry a block input through stream-preserving ops only?"""
@@ -127,8 +130,56 @@ class _Graph:
             self._reaches[n] = self._reaches_one(n)
         return self._reaches[node]
 
+    def scaled_stream(self, node: fx.Node) -> fx.Node | None:
+        """For ``stream * s`` (or ``/ s``) where ``s`` is a number or a tensor that does not depend on the
+        stream (a FiLM scale from the time embedding, a constant): the stream operand. Such an op
+        carries the stream on; its branches upstream are still branches."""
+        if op_name(node) not in _SCALE or len(node.args) < 2:
+            return None
+        a, b = node.args[0], node.args[1]
+        if isinstance(a, fx.Node) and not isinstance(b, fx.Node):
+            return a
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+            return None
+        candidates = [(a, b)] + ([(b, a)] if op_name(node) == "mul" else [])
+        shape = _shape(node)
+        for stream, scale in candidates:
+            # The stream has the result's shape; its factor is broadcast over the tokens (a per-sample
+            # scale, a constant): never two full-size tensors, where which is the stream is unclear.
+            if shape is None or _shape(stream) != shape or _numel(scale) is None or _numel(scale) >= _numel(node):
+                continue
+            # The factor may not depend on the stream, nor on the inputs the stream comes from: in
+            # ``x + attn_out * gate`` the gate (from the time embedding) is no stream scaled by attn_out.
+            if (self.reaches_input(stream) and not self.reaches_input(scale)
+                    and not any(self.depends_on(scale, root) for root in (stream, *self.roots(stream)))):
+                return stream
+        return None
+
+    def roots(self, node: fx.Node) -> set[fx.Node]:
+        """The block inputs ``node`` carries through stream-preserving ops."""
+        out, stack, seen = set(), [node], set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op == "placeholder":
+                if n in self.user_inputs:
+                    out.add(n)
+                continue
+            stack.extend(p for p in self._stream_parents(n) if self.reaches_input(p))
+        return out
+
+    def depends_on(self, node: fx.Node, ancestor: fx.Node) -> bool:
+        if self._index is None:
+            self._index = {n: i for i, n in enumerate(self.nodes)}
+        return _depends_on(node, ancestor, self._index)
+
     def _stream_parents(self, node: fx.Node) -> list[fx.Node]:
         name = op_name(node)
+        if name in _SCALE:
+            scaled = self.scaled_stream(node)
+            return [scaled] if scaled is not None else []
         if name == "getitem" or name in _PASSTHROUGH:
             return [node.args[0]] if isinstance(node.args[0], fx.Node) else []
         if name in _CAT or name in _ADD:
@@ -140,6 +191,16 @@ class _Graph:
             return node in self.user_inputs
         parents = self._stream_parents(node)
         return any(self._reaches.get(p, False) for p in parents)
+
+
+def _shape(node: fx.Node) -> tuple | None:
+    value = node.meta.get("val")
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _numel(node: fx.Node) -> int | None:
+    shape = _shape(node)
+    return None if shape is None else math.prod(shape)
 
 
 def _depends_on(node: fx.Node, ancestor: fx.Node, index: dict[fx.Node, int]) -> bool:
@@ -200,6 +261,8 @@ def _walk_streams(g: _Graph) -> tuple[list[Residual], set[fx.Node], set[fx.Node]
             continue
         if name == "getitem" or name in _PASSTHROUGH or name in _CAT:
             stack.extend(g._stream_parents(node))
+        elif name in _SCALE and g.scaled_stream(node) is not None:
+            stack.append(g.scaled_stream(node))
         elif not g.reaches_input(node):
             # The stream starts here (a projection or norm of the inputs): a stream origin.
             stream_inputs.add(node)

@@ -244,7 +244,7 @@ class Executor:
         if isinstance(session, TracedSession):
             outputs = self._run_traced(binding, inputs, session)
         else:
-            signal = self.caps.signal if session.live else None
+            signal = self.caps.signal if session.live and not session.call.skip_signal else None
             if signal is not None and binding.depth == 0:
                 self._signal_before(binding, inputs, session)
             outputs = self._replay(session, binding, leaves) if session.call.fold else None
@@ -254,7 +254,7 @@ class Executor:
 
     def _run_variant(self, binding: Binding, inputs: list[Any], session: Session, leaves: list[Any]) -> Any:
         program = binding.program
-        signal = self.caps.signal if session.live else None
+        signal = self.caps.signal if session.live and not session.call.skip_signal else None
         entries = [self.entry(session, binding, info) for info in binding.branches]
         states, tokens = self.region_states(session, binding, entries)
         counts = tuple(0 if t is None else int(t.shape[0]) for t in tokens)
@@ -516,7 +516,7 @@ class Executor:
             )
         self.note_inputs(session, pytree.tree_leaves((args, kwargs)))  # a span's output read here ends it
         self._end_chain(session)
-        signal = self.caps.signal
+        signal = None if session.call.skip_signal else self.caps.signal
         stream = _main_tensor(args, kwargs)
         if signal is not None and binding.depth == 0:
             if signal.kind == "modulated_input":

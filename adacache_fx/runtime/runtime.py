@@ -155,6 +155,8 @@ class ModelRuntime:
         self.uncached_blocks: dict[str, str] = {}
         # Blocks export could not take, run eagerly with cached branch children: path -> why (eager_block.py)
         self.eager_blocks: dict[str, str] = {}
+        # Main block lists found step-invariant (see invariant.py): numbered after the latent path's blocks.
+        self.invariant_lists: set[str] = set()
         self.recaptures: list[tuple[str, str]] = []  # (block, what changed), in order
         self.model_flops: int | None = None
         self._validated_for: tuple[BranchInfo, ...] | None = None
@@ -167,7 +169,7 @@ class ModelRuntime:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         for key in ("_lock", "programs", "branches", "_branch_tuple", "block_order", "auxiliary_order", "block_flops",
-                    "uncached_blocks", "eager_blocks", "recaptures", "model_flops", "_validated_for", "_sessions", "_local",
+                    "uncached_blocks", "eager_blocks", "invariant_lists", "recaptures", "model_flops", "_validated_for", "_sessions", "_local",
                     "_threads", "executor", "signals", "_handoff_graphs", "_metric_groups"):
             state.pop(key, None)
         state["graph_options"] = self.executor.graphs.options
@@ -262,7 +264,11 @@ class ModelRuntime:
     # -- branches -----------------------------------------------------------------------------------
     @property
     def main_block_count(self) -> int:
-        return sum(1 for block in self.blocks if block.list_name not in self.auxiliary_lists)
+        return sum(1 for block in self.blocks if not self._after_main(block.list_name))
+
+    def _after_main(self, list_name: str) -> bool:
+        """Lists numbered after the main blocks: deeper lists, and lists found step-invariant."""
+        return list_name in self.auxiliary_lists or list_name in self.invariant_lists
 
     @property
     def branch_tuple(self) -> tuple[BranchInfo, ...]:
@@ -270,7 +276,7 @@ class ModelRuntime:
 
     def _depth(self, path: str, list_name: str) -> int:
         """The block's depth: its place among the main blocks, or after them for a deeper list's."""
-        auxiliary = list_name in self.auxiliary_lists
+        auxiliary = self._after_main(list_name)
         order = self.auxiliary_order if auxiliary else self.block_order
         if path not in order:
             order.append(path)
@@ -280,7 +286,7 @@ class ModelRuntime:
                   cond_only: bool = False) -> tuple[int, tuple[BranchInfo, ...]]:
         """Depth and branch infos of a bound block's regions. A cond-only guidance call's capture runs
         half the rows: its branches' FLOPs are counted for the whole batch, as every other call's are."""
-        auxiliary = list_name in self.auxiliary_lists
+        auxiliary = self._after_main(list_name)
         depth = self._depth(path, list_name)
         main_blocks = self.main_block_count
         infos = []
@@ -409,9 +415,23 @@ class ModelRuntime:
                             session: Session) -> Any:
         """The :class:`~.invariant.ListCall` of the block's list when the block may be replayed or
         recorded as part of a step-invariant list this call, else None. Blocks a policy reads its
-        in-step signal from or watches always run, and a folded span being replayed is left alone."""
+        in-step signal from or watches always run, and a folded span being replayed is left alone.
+
+        A main list found step-invariant here (a text refiner called first) is numbered after the
+        latent path's blocks from the next call on: a policy's first block (First-Block-Cache's
+        signal) must be one whose residual can change. This call then reads no in-step signal."""
         if not session.live or session.context is None or session.call.replay is not None:
             return None
+        calls = session.call.lists
+        call = calls.get(block.list_name)
+        if call is None:
+            call = session.caches.invariant.enter(calls, session.slot, session.tracker.step, block.list_name,
+                                                  signature, leaves)
+            if call.mode == "record" and not self._after_main(block.list_name) and len(self.block_order) > len(
+                    [b for b in self.blocks if b.list_name == block.list_name]):
+                session.call.renumber.add(block.list_name)
+        if session.call.renumber and self.caps.signal is not None:
+            session.call.skip_signal = True
         depth = getattr(binding, "depth", None)
         signal = self.caps.signal
         if signal is not None and depth is not None and depth < max(1, signal.blocks):
@@ -419,12 +439,23 @@ class ModelRuntime:
         state = session.policy_state
         if any(self.caps.watches(info, state) for info in getattr(binding, "branches", ())):
             return None
-        calls = session.call.lists
-        call = calls.get(block.list_name)
-        if call is None:
-            call = session.caches.invariant.enter(calls, session.slot, session.tracker.step, block.list_name,
-                                                  signature, leaves)
         return call
+
+    def _renumber(self, lists: set[str], session: Session) -> None:
+        """Number ``lists`` (found step-invariant) after the main blocks: every block is bound again
+        at its new depth (programs are kept; caches of the old bindings are not read again) and the
+        calling session's policy state starts afresh (what it compared was the invariant list's)."""
+        with self._lock:
+            self.invariant_lists |= lists
+            logger.info("adacache_fx: %s see the same inputs at every step; numbered after the other blocks",
+                        ", ".join(sorted(lists)))
+            self.block_order.clear()
+            self.auxiliary_order.clear()
+            for block in self.blocks:
+                block.unbind(f"step-invariant list(s) {', '.join(sorted(lists))} numbered after the main blocks")
+            self.branches.clear()
+            self._branch_tuple = ()
+        session.policy_state = self.policy.new_state()
 
     @staticmethod
     def computes_fully(binding: Any, session: Session) -> bool:
@@ -504,6 +535,8 @@ class ModelRuntime:
             self._validated_for = branches
             self.policy.validate(branches)
         self.executor.finish_call(session)
+        if session.call.renumber:
+            self._renumber(session.call.renumber, session)
         result = None
         if self.caps.guidance_layout is not None and session.context is not None and session.call.rows is not None:
             result = self._guidance_output(session, output)

@@ -59,6 +59,8 @@ class CallState:
     produced: dict = field(default_factory=dict)  # id of a recorded block output -> where it came from
     replay: Any = None  # the folded span being replayed on a reusing call
     lists: dict = field(default_factory=dict)  # block list -> its ListCall (step-invariant lists, invariant.py)
+    renumber: set = field(default_factory=set)  # main lists found step-invariant this call
+    skip_signal: bool = False  # no in-step signal this call (its block is being renumbered)
 
 
 class Session:
