@@ -57,6 +57,16 @@ class CacheState:
     def drop(self, slot: int, branch_id: str) -> None:
         self._entries.pop((slot, branch_id), None)
 
+    def narrow(self, slot: int, branch_id: str, dtype: torch.dtype) -> None:
+        """Hold the entry's floating tensors at ``dtype`` when that is narrower (a watched residual kept
+        only for a policy's comparison, beside a folded span of that precision)."""
+        entry = self._entries.get((slot, branch_id))
+        if entry is None:
+            return
+        bits = torch.finfo(dtype).bits
+        entry.values = tuple(v.to(dtype) if v.is_floating_point() and torch.finfo(v.dtype).bits > bits else v
+                             for v in entry.values)
+
     def keep_span(self, slot: int, span: FoldedSpan) -> None:
         self._spans[(slot, span.bindings[0].path)] = span
 

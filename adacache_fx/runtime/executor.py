@@ -334,10 +334,16 @@ class Executor:
         for chain in session.call.closed:
             for span in chain.spans():
                 session.caches.keep_span(session.slot, span)
+                narrow = min((r.dtype for r in span.residuals.values()), key=lambda d: torch.finfo(d).bits,
+                             default=None) if span.residuals else None
                 for binding in span.bindings:  # the span replaces them, but those the policy watches
                     for info in binding.branches:
                         if not self.caps.watches(info, state):
                             session.caches.drop(session.slot, info.id)
+                        elif narrow is not None:
+                            # Kept only for the policy's next comparison: at the stream's precision (Wan
+                            # computes its residuals in float32 beside a bf16 stream; that doubled them).
+                            session.caches.narrow(session.slot, info.id, narrow)
         session.call.closed = []
         session.call.produced = {}
     def _reused_whole(self, session: Session, binding: Binding) -> bool:
