@@ -903,6 +903,266 @@ def _inputs_minimax_music3(timestep: float = 500.0, batch: int = 1, seed: int = 
 
 
 # ---------------------------------------------------------------------------
+# Pipeline-only inputs: Bria FIBO 2 (gist-token perceiver), MiniMax-H3 (one packed text + audio + video
+# sequence)
+# ---------------------------------------------------------------------------
+_FIBO2_TXT = 6
+
+
+def _build_bria_fibo2():
+    model = _build("BriaFibo2Transformer2DModel", in_channels=4, patch_size=2, dim=INNER, n_layers=2,
+                   n_refiner_layers=2, n_heads=HEADS, cap_feat_dim=TXT_DIM, injection_layer_ids=(1,),
+                   perceiver_num_layers=2, min_num_gist_tokens=4, max_num_gist_tokens=8, gist_step=4,
+                   gist_min_text_len=4, gist_max_text_len=16, axes_dims=ROPE_AXES, axes_lens=(16, 16, 16))
+    # the injection block's cross-attention gate starts at zero (tanh(0) = 0: text ignored); a trained one is not
+    _fill_zero_init(model, "cross_attn_gate", std=0.5)
+    # The perceiver slices its query parameter (``latent_queries[:n].expand(...)``); under no_grad such a view
+    # still has requires_grad=True but no grad_fn, which FlopCounterMode's module tracker rejects. Freezing it
+    # changes no output.
+    model.perceiver.latent_queries.requires_grad_(False)
+    return model
+
+
+def _inputs_bria_fibo2(timestep: float = 500.0, batch: int = 1, seed: int = 0) -> dict:
+    g = _gen(seed)
+    return {
+        "hidden_states": _randn(g, batch, 4, 8, 8),
+        "timestep": _ts(timestep, batch, 1e-3),  # noise level in [0, 1]
+        # text-encoder bundles: one for the perceiver (gist tokens), one per injection block
+        "encoder_hidden_states": _randn(g, batch, 2, _FIBO2_TXT, TXT_DIM),
+    }
+
+
+_H3_TXT, _H3_AUDIO, _H3_VIDEO, _H3_AUDIO_C = 4, 6, 16, 6
+
+
+def _build_minimax_h3():
+    return _build("MiniMaxH3Transformer3DModel", num_attention_heads=HEADS, attention_head_dim=HEAD_DIM,
+                  hidden_size=24, num_layers=2, num_refiner_layers=2, ffn_dim=32, in_channels=4,
+                  audio_in_channels=_H3_AUDIO_C, patch_size=(1, 2, 2), text_dim=TXT_DIM, freq_dim=8,
+                  time_embed_hidden_dim=24, time_embed_dim=16, rope_freq_dim=2)
+
+
+def _inputs_minimax_h3(timestep: float = 500.0, batch: int = 1, seed: int = 0) -> dict:
+    g = _gen(seed)
+    # the packed layout the pipeline builds (t2va): text rows, audio rows, target video rows (a 1 x 4 x 4
+    # grid of 2x2 patches); one shared layout for every batch item
+    seq = _H3_TXT + _H3_AUDIO + _H3_VIDEO
+    text = torch.arange(_H3_TXT)
+    audio = torch.arange(_H3_TXT, _H3_TXT + _H3_AUDIO)
+    video = torch.arange(_H3_TXT + _H3_AUDIO, seq)
+    tags = torch.zeros(seq, dtype=torch.long)  # 0 video, 1 text, 2 audio
+    tags[text], tags[audio] = 1, 2
+    pos = torch.zeros(seq, 3)
+    pos[:, 0] = torch.arange(seq, dtype=torch.float32)
+    pos[video, 1] = torch.arange(4.0).repeat_interleave(4)
+    pos[video, 2] = torch.arange(4.0).repeat(4)
+    return {
+        "hidden_states": _randn(g, batch, _H3_VIDEO, 4 * 2 * 2),  # patchified video rows
+        "audio_hidden_states": _randn(g, batch, _H3_AUDIO, _H3_AUDIO_C),
+        "encoder_hidden_states": _randn(g, batch, _H3_TXT, TXT_DIM),
+        # the distinct timesteps of the sequence in [0, 1] (video and audio schedules at the same step:
+        # one value) and each row's index into them
+        "timestep": _ts(timestep, 1, 1e-3),
+        "timestep_indices": torch.zeros(seq, dtype=torch.long),
+        "token_tags": tags,
+        "position_ids": pos,
+        "video_indices": video,
+        "audio_indices": audio,
+        "text_indices": text,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Wan-Animate-2: generation pass (kv_cache_mode="cached") against a reference KV cache
+# ---------------------------------------------------------------------------
+_WA2_LAYERS, _WA2_REF_F, _WA2_HW = 2, 2, 4  # reference latent frames, latent height = width
+
+
+def _build_wan_animate2():
+    return _build("WanAnimate2Transformer3DModel", patch_size=(1, 2, 2), text_len=TXT_LEN, in_dim=4 + 8, dim=INNER,
+                  ffn_dim=64, freq_dim=32, text_dim=TXT_DIM, out_dim=4, num_heads=HEADS, num_layers=_WA2_LAYERS,
+                  cross_attn_norm=True, use_img_emb=True)  # the CLIP projection is hard-wired to 1280 features
+
+
+def _inputs_wan_animate2(timestep: float = 500.0, batch: int = 1, seed: int = 0) -> dict:
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+
+    g = _gen(seed)
+    frames = _WA2_REF_F + 1  # the generation stream has one extra latent frame (the reference image's slot)
+    grid = _WA2_HW // 2
+    ref_len = _WA2_REF_F * grid * grid
+    # The pipeline fills the cache with a reference pass (kv_cache_mode="extract") over the driving-video
+    # latents, once per segment; here random pre-RoPE reference keys / values, (B, tokens, heads, head_dim),
+    # stand in for it (a fresh cache per call: the generation pass only reads it).
+    cache = WanAnimate2KVCache(_WA2_LAYERS)
+    for layer in cache.layer_caches:
+        layer.store(_randn(g, batch, ref_len, HEADS, HEAD_DIM), _randn(g, batch, ref_len, HEADS, HEAD_DIM))
+    return {
+        "hidden_states": [_randn(g, 4, frames, _WA2_HW, _WA2_HW) for _ in range(batch)],
+        "timestep": _ts(timestep, batch),
+        "encoder_hidden_states": [_randn(g, TXT_LEN, TXT_DIM) for _ in range(batch)],
+        # condition latents + a 4-channel i2v mask
+        "condition_latents": [_randn(g, 8, frames, _WA2_HW, _WA2_HW) for _ in range(batch)],
+        "encoder_hidden_states_image": _randn(g, batch, 4, 1280),
+        "kv_cache": cache,
+        "kv_cache_mode": "cached",
+        "seq_len": frames * grid * grid,
+        "reference_grid_sizes": torch.tensor([[_WA2_REF_F, grid, grid]] * batch),
+        # the full video the in-context block mask is built over: 5 frames of 32 x 32 pixels (one segment)
+        "origin_len": 4 * _WA2_REF_F - 3,
+        "origin_area": [8 * _WA2_HW, 8 * _WA2_HW],
+    }
+
+
+# ---------------------------------------------------------------------------
+# SANA-WM (camera-controlled world model: GDN linear + softmax UCPE camera attention)
+# ---------------------------------------------------------------------------
+_SWM_F, _SWM_HW, _SWM_PLUCKER = 4, 4, 8
+
+
+def _build_sana_wm():
+    # 2 blocks with softmax_every_n=2: block 0 runs the GDN camera attention, block 1 the softmax one
+    model = _build("SanaWMTransformer3DModel", in_channels=4, num_layers=2, hidden_size=INNER,
+                   num_attention_heads=HEADS, patch_size=(1, 1, 1), softmax_every_n=2, linear_head_dim=HEAD_DIM,
+                   t_kernel_size=3, conv_kernel_size=4, caption_channels=TXT_DIM, mlp_ratio=2.0,
+                   chunk_plucker_channels=_SWM_PLUCKER, chunk_plucker_post_attn_blocks=2)
+    # zero-initialised (a checkpoint fills them): the GDN short convolutions (a zero key kills the whole GDN
+    # branch) and the Plucker embedder (camera rays would add nothing)
+    _fill_zero_init(model, "conv_k", std=0.5)
+    return _fill_zero_init(model, "plucker_embedder")
+
+
+def _sana_wm_camera(batch: int, frames: int, hw: int) -> torch.Tensor:
+    # (B, F, 20): a flat 4x4 camera-to-world matrix (forward translation), then pinhole [fx, fy, cx, cy]
+    c2w = torch.eye(4).repeat(batch, frames, 1, 1)
+    c2w[..., 2, 3] = torch.arange(frames, dtype=torch.float32) * 0.1
+    intrinsics = torch.tensor([float(hw), float(hw), hw / 2, hw / 2]).expand(batch, frames, 4)
+    return torch.cat([c2w.flatten(start_dim=-2), intrinsics], dim=-1)
+
+
+def _inputs_sana_wm(timestep: float = 500.0, batch: int = 1, seed: int = 0) -> dict:
+    g = _gen(seed)
+    f, hw = _SWM_F, _SWM_HW
+    return {
+        "hidden_states": _randn(g, batch, 4, f, hw, hw),
+        # per-frame timesteps (B, 1, F), LTX style (the model truncates them to integers)
+        "timestep": _ts(timestep, batch)[:, None, None].expand(batch, 1, f).contiguous(),
+        "encoder_hidden_states": _randn(g, batch, 1, TXT_LEN, TXT_DIM),
+        "encoder_attention_mask": torch.ones(batch, TXT_LEN, dtype=torch.long),
+        "camera_conditions": _sana_wm_camera(batch, f, hw),
+        "chunk_plucker": _randn(g, batch, _SWM_PLUCKER, f, hw, hw),
+    }
+
+
+# ---------------------------------------------------------------------------
+# SANA-WM stage-2 refiner (LTX-2 blocks, chunk-causal AR denoising against a sink + history KV cache)
+# ---------------------------------------------------------------------------
+_SWMR_HW, _SWMR_SINK, _SWMR_HIST, _SWMR_BLOCK, _SWMR_FPS = 4, 1, 2, 2, 24.0  # frames: sink, history, active
+
+
+def _build_sana_wm_refiner():
+    return _build("SanaWMLTX2RefinerTransformer3DModel", in_channels=4, out_channels=4, patch_size=1, patch_size_t=1,
+                  num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, cross_attention_dim=INNER,
+                  audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=HEADS,
+                  audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=2,
+                  qk_norm="rms_norm_across_heads", caption_channels=TXT_DIM, rope_double_precision=False)
+
+
+def _sana_wm_refiner_rope(batch: int, frames: list[int], hw: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (cos, sin) video RoPE of absolute latent frames ``frames`` on an ``hw x hw`` grid, for the build
+    above (LTX-2 defaults: pixel-space patch bounds, causal offset 1, time in seconds at ``_SWMR_FPS``)."""
+    from diffusers.models.transformers.transformer_sana_wm_refiner import SanaWMLTX2AudioVideoRotaryPosEmbed
+
+    scale = (8, 32, 32)
+    rope = SanaWMLTX2AudioVideoRotaryPosEmbed(dim=INNER, base_num_frames=20, base_height=2048, base_width=2048,
+                                              scale_factors=scale, causal_offset=1, modality="video",
+                                              double_precision=False, num_attention_heads=HEADS)
+    grid = torch.stack(torch.meshgrid(torch.tensor(frames, dtype=torch.float32), torch.arange(float(hw)),
+                                      torch.arange(float(hw)), indexing="ij"))  # (3, F, H, W) patch starts
+    bounds = torch.stack([grid, grid + 1.0], dim=-1).flatten(1, 3)  # (3, tokens, 2): [start, end) per axis
+    pixel = bounds * torch.tensor(scale, dtype=torch.float32).view(3, 1, 1)
+    pixel[0] = (pixel[0] + 1 - scale[0]).clamp(min=0) / _SWMR_FPS
+    return rope(pixel[None].repeat(batch, 1, 1, 1), device=torch.device("cpu"))
+
+
+def _inputs_sana_wm_refiner(timestep: float = 500.0, batch: int = 1, seed: int = 0) -> dict:
+    from diffusers.models.transformers.transformer_sana_wm_refiner import SanaWMRefinerKVCache
+
+    g = _gen(seed)
+    per_frame = _SWMR_HW * _SWMR_HW
+    n_active = _SWMR_BLOCK * per_frame
+    block_start = _SWMR_SINK + _SWMR_HIST
+    # One denoising step of the second AR block: the pipeline captures the sink's pre-RoPE K/V from the
+    # stage-1 latents (kv_cache_mode="capture_pre_rope") and the refined first block's post-RoPE K/V
+    # ("inject_and_capture_post_rope"); random K/V (B, tokens, inner) stand in for those capture passes. The
+    # sink RoPE slides to sit right before the history (offset block_start - history - sink = 0).
+    cache = SanaWMRefinerKVCache(2)
+    for layer in cache.layer_caches:
+        layer.store_sink(_randn(g, batch, _SWMR_SINK * per_frame, INNER), _randn(g, batch, _SWMR_SINK * per_frame, INNER))
+        layer.store_history(_randn(g, batch, _SWMR_HIST * per_frame, INNER),
+                            _randn(g, batch, _SWMR_HIST * per_frame, INNER))
+    sink_offset = block_start - _SWMR_HIST - _SWMR_SINK
+    cache.sink_pe = _sana_wm_refiner_rope(batch, list(range(sink_offset, sink_offset + _SWMR_SINK)), _SWMR_HW)
+    return {
+        "hidden_states": _randn(g, batch, n_active, 4),  # the active block's packed latents
+        "encoder_hidden_states": _randn(g, batch, TXT_LEN, TXT_DIM),
+        # per-token timestep, already scaled: sigma * timestep_scale_multiplier (1000) = t
+        "timestep": _ts(timestep, batch)[:, None].expand(batch, n_active).contiguous(),
+        "video_rotary_emb": _sana_wm_refiner_rope(batch, list(range(block_start, block_start + _SWMR_BLOCK)),
+                                                  _SWMR_HW),
+        "encoder_attention_mask": torch.ones(batch, TXT_LEN),
+        "kv_cache": cache,
+        "kv_cache_mode": "inject",
+    }
+
+
+# ---------------------------------------------------------------------------
+# AnyFlow-FAR (autoregressive chunked AnyFlow: full-resolution recent chunks + FAR-compressed older chunks)
+# ---------------------------------------------------------------------------
+_FAR_PARTITION, _FAR_FULL_LIMIT, _FAR_HW = (1, 1, 1), 2, 8
+
+
+def _build_anyflow_far():
+    return _build("AnyFlowFARTransformer3DModel", patch_size=(1, 2, 2), compressed_patch_size=(1, 4, 4),
+                  full_chunk_limit=_FAR_FULL_LIMIT, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM,
+                  in_channels=4, out_channels=4, text_dim=TXT_DIM, freq_dim=32, ffn_dim=64, num_layers=2,
+                  cross_attn_norm=True, rope_max_seq_len=32, gate_value=0.25, deltatime_type="r",
+                  chunk_partition=_FAR_PARTITION)
+
+
+def _inputs_anyflow_far(timestep: float = 500.0, batch: int = 1, seed: int = 0) -> dict:
+    g = _gen(seed)
+    partition = list(_FAR_PARTITION)
+    chunk = partition[-1]
+    full_tpf = (_FAR_HW // 2) ** 2  # tokens per frame: (1, 2, 2) patches ...
+    comp_tpf = (_FAR_HW // 4) ** 2  # ... and FAR-compressed (1, 4, 4) patches
+    # A denoising step of the last chunk (autoregressive inference path): the earlier chunks are in the KV
+    # cache -- the newest one (full_chunk_limit - 1 of them) at full resolution, the older one compressed. The
+    # pipeline fills the cache with one cache-prefill pass (kv_cache_flag["is_cache_step"]) per finished chunk;
+    # random pre-RoPE keys / values stand in for those passes. The cache is allocated as the pipeline does:
+    # (2 = K/V, B, heads, tokens, head_dim) per block.
+    n_full = _FAR_FULL_LIMIT * max(partition) * full_tpf
+    n_comp = (len(partition) - _FAR_FULL_LIMIT + 1) * max(partition) * comp_tpf
+    kv_cache = {
+        i: {"full_cache": _randn(g, 2, batch, HEADS, n_full, HEAD_DIM),
+            "compressed_cache": _randn(g, 2, batch, HEADS, n_comp, HEAD_DIM)}
+        for i in range(2)
+    }
+    t = _ts(timestep, batch)[:, None].expand(batch, chunk).contiguous()  # per-frame timesteps of the chunk
+    return {
+        "hidden_states": _randn(g, batch, chunk, 4, _FAR_HW, _FAR_HW),  # (B, F, C, H, W): the current chunk
+        "timestep": t,
+        "r_timestep": t * 0.5,
+        "encoder_hidden_states": _randn(g, batch, TXT_LEN, TXT_DIM),
+        "chunk_partition": partition,  # the chunks so far, the current one last
+        "kv_cache": kv_cache,
+        # fresh per call (the model writes its token counts into it; the pipeline passes a deep copy)
+        "kv_cache_flag": {"num_cached_chunks": len(partition) - 1, "is_cache_step": False},
+    }
+
+
+# ---------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------
 def _entry(name: str, build, inputs, video: bool, output=_out_sample) -> ZooEntry:
@@ -952,6 +1212,12 @@ MORE_ZOO: dict[str, ZooEntry] = {
         _entry("transformer2d", _build_transformer2d, _inputs_dit, False),
         _entry("ace_step", _build_ace_step, _inputs_ace_step, False),
         _entry("minimax_music3", _build_minimax_music3, _inputs_minimax_music3, False),
+        _entry("bria_fibo2", _build_bria_fibo2, _inputs_bria_fibo2, False),
+        _entry("minimax_h3", _build_minimax_h3, _inputs_minimax_h3, True),
+        _entry("wan_animate2", _build_wan_animate2, _inputs_wan_animate2, True, _out_list),
+        _entry("sana_wm", _build_sana_wm, _inputs_sana_wm, True),
+        _entry("sana_wm_refiner", _build_sana_wm_refiner, _inputs_sana_wm_refiner, True),
+        _entry("anyflow_far", _build_anyflow_far, _inputs_anyflow_far, True),
     ]
 }
 

@@ -24,9 +24,11 @@ from pathlib import Path
 
 import torch
 
-import adacache_fx as ax
-from adacache_lab.zoo import ZOO
-from tests.test_live_model import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: its tests package holds the changes
+
+import adacache_fx as ax  # noqa: E402
+from adacache_lab.zoo import ZOO  # noqa: E402
+from tests.test_live_model import (  # noqa: E402
     CHANGES, add_adapter, fuse_qkv_and_edit, half_weight, out,
 )
 

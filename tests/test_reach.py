@@ -476,3 +476,19 @@ def test_compute_steps_of_a_caching_policy_replay_the_invariant_list():
         # a compute step: what the model computes (captured graphs round like eager to ~1e-7 here)
         assert (outs[4] - reference(x, torch.full((2,), 999.0 - 600), text)).abs().max() <= 1e-5
     assert ax.report(model).invariant == ["fuser.0", "fuser.1"]
+
+
+def test_hidream_numpy_routed_moe_blocks_are_cached_branch_by_branch():
+    """The diffusers class that shows the pattern: HiDream's MoE feed-forward routes through
+    ``.cpu().numpy()``; its wrapper blocks (``HiDreamBlock.block``) are descended into."""
+    from adacache_lab.zoo_more import MORE_ZOO
+
+    entry = MORE_ZOO["hidream"]
+    with torch.no_grad():
+        expected = entry.output(entry.build()(**entry.inputs()))
+        model = ax.transform(entry.build(), ax.NoCache())
+        assert torch.equal(entry.output(model(**entry.inputs())), expected)
+    report = ax.report(model)
+    assert report.eager and all(".numpy()" in why for why in report.eager.values())
+    ids = {b.id for b in report.branches}
+    assert "double_stream_blocks.0.block.attn1" in ids and not any("adaLN" in i for i in ids), sorted(ids)

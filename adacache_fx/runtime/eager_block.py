@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import inspect
 import math
 
 import torch
@@ -76,7 +77,7 @@ def why_not_viewable(block: nn.Module) -> str | None:
     registry = getattr(block, "_diffusers_hook", None)
     if registry is not None and getattr(registry, "hooks", None):
         return f"diffusers hooks are registered on it ({', '.join(registry.hooks)})"
-    forward = type(block).forward
+    forward = inspect.unwrap(type(block).forward)  # (decorated forwards: the function inside)
     code = getattr(forward, "__code__", None)
     if code is None:
         return "its forward is not a Python function"
