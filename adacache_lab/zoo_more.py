@@ -7,7 +7,7 @@ injective function of ``timestep``: raw, ``t / 1000`` for [0, 1]-timestep pipeli
 Z-Image).  Each forward takes a few milliseconds on CPU.  Run ``python -m adacache_lab.zoo_more [names]``
 for a smoke test.  Configs follow diffusers' own model tests (tests/models/transformers), re-sized.
 
-``MORE_ZOO`` (40 classes, diffusers 0.42.1):
+``MORE_ZOO`` (46 classes, diffusers 0.42.1):
   * Wan family: chronoedit (ChronoEdit), skyreels_v2 (SkyReelsV2), wan_vace (WanVACE: 4 blocks +
     2 vace_blocks), anyflow (AnyFlow; (B, F, C, H, W) latents, per-frame t and r_timestep), helios
     (Helios; with short/mid/long history latents), wan_animate (WanAnimate; 4 blocks -> 2 face adapters,
@@ -27,27 +27,46 @@ for a smoke test.  Configs follow diffusers' own model tests (tests/models/trans
     qwenimage21 (block-causal mask over text + vision slots), joyimage_edit, joyimage_edit_plus
     (pre-patchified target + reference), transformer2d (the generic Transformer2DModel as an
     adaLN-Zero patched DiT, class-conditional like dit);
-  * audio DiTs: ace_step (ACE-Step, 1D), minimax_music3 (MiniMax Music 3, 1D).
+  * audio DiTs: ace_step (ACE-Step, 1D), minimax_music3 (MiniMax Music 3, 1D);
+  * pipeline-only inputs (KV caches, camera conditioning, packed layouts), each the call the pipeline makes
+    in its denoising loop:
+      - anyflow_far (AnyFlow-FAR): an autoregressive step of the last of 3 one-frame chunks, with
+        ``chunk_partition``, a per-block KV cache dict (one full-resolution + one FAR-compressed cached chunk,
+        full_chunk_limit=2) and ``kv_cache_flag``; its causal self-attention always runs on the flex backend;
+      - wan_animate2 (Wan-Animate-2): the generation pass (``kv_cache_mode="cached"``): list-of-tensor
+        latents + condition latents, a ``WanAnimate2KVCache`` with the reference tokens' K/V, and the flex
+        BlockMask the model builds (and caches on itself) from ``origin_len`` / ``origin_area``;
+      - sana_wm (SANA-WM): per-frame (B, 1, F) timesteps, (B, F, 20) camera conditions (c2w + intrinsics)
+        and Plucker rays; 2 blocks = one GDN + one softmax camera-attention block (softmax_every_n=2);
+      - sana_wm_refiner (SANA-WM LTX-2 stage-2 refiner): a denoising step (``kv_cache_mode="inject"``) of the
+        second AR block against a ``SanaWMRefinerKVCache`` (attention sink + history) with precomputed video
+        and sink RoPE (built as ``build_rotary_emb_for_absolute_positions`` does);
+      - minimax_h3 (MiniMax-H3): one packed text + audio + video sequence with token tags, per-row timestep
+        indices, (t, h, w) positions and the three index tensors;
+      - bria_fibo2 (Bria FIBO 2): gist-token perceiver over a text-encoder bundle + one injection block.
+    The KV caches hold random K/V in place of the capture / prefill passes the pipelines run before the
+    denoising steps (the inputs functions have no model); a fresh cache is built on every ``inputs`` call.
 
 Deviations from the defaults: cosmos and helios use head dim 12 (their RoPE splits), krea2/ideogram4
 use 4 heads x 8 (GQA / M-RoPE sections, as in diffusers' tests).  Some random builds are patched so that
 they behave like a model (seeded, deterministic): Kandinsky 5 and ERNIE-Image zero-initialise their
 adaLN modulation (ERNIE also its output layer: it would output zeros and ignore the timestep), so those
 get small random values; NucleusMoE allocates its expert weights with ``torch.empty`` (non-deterministic,
-can hold NaNs), so they are filled from a seeded generator.
+can hold NaNs), so they are filled from a seeded generator.  Likewise SANA-WM's GDN short convolutions and
+Plucker embedder and Bria FIBO 2's cross-attention gate (zero-initialised) get seeded random values, and
+Bria FIBO 2's perceiver query parameter is frozen (``requires_grad=False``: a no_grad view of it keeps
+requires_grad without a grad_fn, which FlopCounterMode's module tracker rejects; outputs are unchanged).
+Flex attention (kandinsky6_sr, wan_animate2, anyflow_far) runs eagerly on CPU (unfused, with a warning);
+wan_animate2's first call compiles its BlockMask (a few seconds, once per process), and FlopCounterMode
+cannot count the flex_attention op (benchmarks/check_reach.py's FLOP measurement fails on these three).
 
 Skipped (name contains "Transformer", ends in "Model", not in ``ZOO``):
   * TransformerTemporalModel: a temporal-attention layer of the AnimateDiff / video UNets (no timestep
     conditioning of its own, used inside a UNet), not a standalone diffusion transformer;
   * DreamLiteTransformer2DModel: likewise a continuous-input (GroupNorm, conv in/out) transformer layer
     used inside a UNet;
-  * AnyFlowFARTransformer3DModel: autoregressive chunked variant of AnyFlow; needs a chunk partition, KV
-    cache and a flex-attention BlockMask built by its pipeline (AnyFlow itself is included);
-  * WanAnimate2Transformer3DModel, SanaWMTransformer3DModel, SanaWMLTX2RefinerTransformer3DModel,
-    MiniMaxH3Transformer3DModel, BriaFibo2Transformer2DModel: pipelines-only inputs (list-of-tensor
-    latents with a KV cache, camera/world-model conditioning, precomputed video RoPE with a KV cache,
-    token tags/indices for a joint audio-video-text sequence, gist-token perceiver conditioning); not
-    built in the time available -- candidates for a later round.
+  (AnyFlowFAR, WanAnimate2, SanaWM, SanaWMLTX2Refiner, MiniMaxH3 and BriaFibo2, skipped in an earlier
+  round for their pipeline-only inputs, are now included: see above.)
 """
 
 from __future__ import annotations

@@ -327,3 +327,28 @@ def test_pickle_save_and_deepcopy_give_working_models(name):
         assert all(torch.equal(a, b) for a, b in zip(got, expected)), how
     restored = ax.restore(copies["pickle"])
     assert torch.equal(out(restored, entry), out(entry.build(), entry))
+
+
+def test_a_change_to_some_blocks_drops_the_caches_of_the_blocks_after_them():
+    """Regression (Flux2 in the held-out sweep): a LoRA on the double blocks only, re-weighted before a
+    reuse step. The single blocks' guards hold, but their residuals were cached from what the old double
+    blocks passed on: that step computes everything, equal to the untransformed model."""
+    from peft import LoraConfig
+
+    entry = ZOO["flux"]
+    config = LoraConfig(r=2, target_modules=["transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_q"],
+                        init_lora_weights=False)
+    reference, model = entry.build(), entry.build()
+    for m in (reference, model):
+        torch.manual_seed(1)
+        m.add_adapter(config)
+    ax.transform(model, ax.Static(2), fold=False)  # per-branch entries (Flux2's blocks do not fold)
+    got = []
+    with torch.no_grad(), ax.generation(model, num_steps=4):
+        for step, t in enumerate((999.0, 899.0)):
+            if step == 1:
+                for m in (reference, model):
+                    m.set_adapters(["default"], weights=[0.5])
+            got.append(entry.output(model(**entry.inputs(timestep=t))))
+    assert ax.report(model).steps[1].reused == 0
+    assert (got[1] - out(reference, entry, 899.0)).abs().max().item() <= ATOL

@@ -17,7 +17,7 @@ KNOWN = {
                    "every step, listed as uncached in the report; 0.897 of block FLOPs removed at this config",
 }
 # flex_attention outside torch.compile cannot run under FlopCounterMode (the plain model fails too).
-NO_FLOP_COUNT = {"kandinsky6_sr"}
+NO_FLOP_COUNT = {"kandinsky6_sr", "wan_animate2", "anyflow_far"}
 
 
 def _flops(model, kwargs) -> int:

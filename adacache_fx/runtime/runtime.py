@@ -469,8 +469,12 @@ class ModelRuntime:
     def note_recapture(self, session: Session, path: str, changes: list[str]) -> bool:
         """Record that ``path`` changed; False when it changed too often this generation (see
         :data:`RECAPTURE_LIMIT`): it then runs uncached until the generation ends."""
-        logger.info("adacache_fx: %s changed (%s); it is captured again and its caches are dropped",
-                    path, "; ".join(changes))
+        logger.info("adacache_fx: %s changed (%s); it is captured again, and every cache of this generation "
+                    "is dropped", path, "; ".join(changes))
+        # Not only the block's own: every block after it was cached from what the old one passed on (an
+        # adapter re-weighted in some blocks only, Flux2's double blocks, leaves the single blocks' guards
+        # holding, but their cached residuals belong to the old model).
+        session.caches.clear()
         self.recaptures.append((path, "; ".join(changes)))
         count = session.rebinds[path] = session.rebinds.get(path, 0) + 1
         if count <= self.recapture_limit:
