@@ -449,12 +449,19 @@ class ModelRuntime:
             self.invariant_lists |= lists
             logger.info("adacache_fx: %s see the same inputs at every step; numbered after the other blocks",
                         ", ".join(sorted(lists)))
-            self.block_order.clear()
-            self.auxiliary_order.clear()
+            moved = [path for path in self.block_order if path.rsplit(".", 1)[0] in lists]
+            self.block_order[:] = [path for path in self.block_order if path not in moved]
+            self.auxiliary_order.extend(moved)
+            main = self.main_block_count
+            renumbered = {}
+            for info in self.branches.values():  # what the blocks register again when next bound
+                depth = self._depth(info.block, info.block_list)
+                renumbered[info.id] = dataclasses.replace(
+                    info, depth=depth, blocks=main, auxiliary=self._after_main(info.block_list))
+            self.branches = renumbered
+            self._branch_tuple = tuple(renumbered.values())
             for block in self.blocks:
                 block.unbind(f"step-invariant list(s) {', '.join(sorted(lists))} numbered after the main blocks")
-            self.branches.clear()
-            self._branch_tuple = ()
         session.policy_state = self.policy.new_state()
 
     @staticmethod
@@ -474,7 +481,9 @@ class ModelRuntime:
         # Not only the block's own: every block after it was cached from what the old one passed on (an
         # adapter re-weighted in some blocks only, Flux2's double blocks, leaves the single blocks' guards
         # holding, but their cached residuals belong to the old model).
-        session.caches.clear()
+        if not session.call.dropped:  # once a call: what later blocks store this call is the new model's
+            session.call.dropped = True
+            session.caches.clear()
         self.recaptures.append((path, "; ".join(changes)))
         count = session.rebinds[path] = session.rebinds.get(path, 0) + 1
         if count <= self.recapture_limit:

@@ -61,6 +61,7 @@ class CallState:
     lists: dict = field(default_factory=dict)  # block list -> its ListCall (step-invariant lists, invariant.py)
     renumber: set = field(default_factory=set)  # main lists found step-invariant this call
     skip_signal: bool = False  # no in-step signal this call (its block is being renumbered)
+    dropped: bool = False  # a block changed this call: the generation's caches were dropped
 
 
 class Session:
