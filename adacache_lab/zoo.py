@@ -208,24 +208,16 @@ def _inputs_cogvideox(timestep: float = 500.0, batch: int = 1, seed: int = 0) ->
 # ---------------------------------------------------------------------------
 # Wan 2.1 (video)
 # ---------------------------------------------------------------------------
+#: The tiny Wan config; the Wan family in zoo_more.py varies it.
+WAN_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=4,
+                out_channels=4, text_dim=TXT_DIM, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True)
+
+
 def _build_wan():
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
-    m = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=HEADS,
-        attention_head_dim=HEAD_DIM,
-        in_channels=4,
-        out_channels=4,
-        text_dim=TXT_DIM,
-        freq_dim=32,
-        ffn_dim=64,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
+    m = WanTransformer3DModel(**WAN_TINY, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
     return _finish(m)
 
 

@@ -82,8 +82,12 @@ from adacache_lab.zoo import (
     TXT_LEN,
     ZooEntry,
     _finish,
-    _flux_ids,
+    WAN_TINY,
+    _inputs_auraflow,
+    _inputs_chroma,
+    _inputs_cogview4,
     _inputs_dit,
+    _inputs_wan,
     _gen,
     _out_sample,
     _randn,
@@ -99,48 +103,25 @@ def _build(cls_name: str, **config) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------
-# Wan family: same (B, C, F, H, W) latents and text inputs as Wan 2.1
+# Wan family: zoo.py's WAN_TINY config, the same (B, C, F, H, W) latents and text inputs as Wan 2.1
 # ---------------------------------------------------------------------------
-_WAN_COMMON = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=HEADS,
-    attention_head_dim=HEAD_DIM,
-    in_channels=4,
-    out_channels=4,
-    text_dim=TXT_DIM,
-    freq_dim=32,
-    ffn_dim=64,
-    num_layers=2,
-    cross_attn_norm=True,
-)
-
-
 def _wan_video(g: torch.Generator, batch: int, channels: int = 4, frames: int = 2, hw: int = 8) -> torch.Tensor:
     return _randn(g, batch, channels, frames, hw, hw)
 
 
 def _build_chronoedit():
-    return _build("ChronoEditTransformer3DModel", **_WAN_COMMON, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
-
-
-def _inputs_wanlike(timestep: float = 500.0, batch: int = 1, seed: int = 0) -> dict:
-    g = _gen(seed)
-    return {
-        "hidden_states": _wan_video(g, batch),
-        "encoder_hidden_states": _randn(g, batch, TXT_LEN, TXT_DIM),
-        "timestep": _ts(timestep, batch),
-    }
+    return _build("ChronoEditTransformer3DModel", **WAN_TINY, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
 
 
 def _build_skyreels_v2():
-    return _build("SkyReelsV2Transformer3DModel", **_WAN_COMMON, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    return _build("SkyReelsV2Transformer3DModel", **WAN_TINY, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
 
 
 _VACE_IN = 12
 
 
 def _build_wan_vace():
-    cfg = dict(_WAN_COMMON, num_layers=4)
+    cfg = dict(WAN_TINY, num_layers=4)
     return _build("WanVACETransformer3DModel", **cfg, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
                   vace_layers=[0, 2], vace_in_channels=_VACE_IN)
 
@@ -156,7 +137,7 @@ def _inputs_wan_vace(timestep: float = 500.0, batch: int = 1, seed: int = 0) -> 
 
 
 def _build_anyflow():
-    return _build("AnyFlowTransformer3DModel", **_WAN_COMMON, rope_max_seq_len=32, gate_value=0.25, deltatime_type="r")
+    return _build("AnyFlowTransformer3DModel", **WAN_TINY, rope_max_seq_len=32, gate_value=0.25, deltatime_type="r")
 
 
 def _inputs_anyflow(timestep: float = 500.0, batch: int = 1, seed: int = 0) -> dict:
@@ -173,7 +154,7 @@ def _inputs_anyflow(timestep: float = 500.0, batch: int = 1, seed: int = 0) -> d
 
 
 def _build_helios():
-    cfg = dict(_WAN_COMMON, attention_head_dim=12)
+    cfg = dict(WAN_TINY, attention_head_dim=12)
     return _build("HeliosTransformer3DModel", **cfg, qk_norm="rms_norm_across_heads", rope_dim=(4, 4, 4),
                   has_multi_term_memory_patch=True, guidance_cross_attn=True, zero_history_timestep=True,
                   is_amplify_history=False)
@@ -197,7 +178,7 @@ def _inputs_helios(timestep: float = 500.0, batch: int = 1, seed: int = 0) -> di
 
 
 def _build_wan_animate():
-    cfg = dict(_WAN_COMMON, in_channels=12, num_layers=4)  # 4 blocks -> 2 face adapters
+    cfg = dict(WAN_TINY, in_channels=12, num_layers=4)  # 4 blocks -> 2 face adapters
     return _build(
         "WanAnimateTransformer3DModel", **cfg, latent_channels=4, qk_norm="rms_norm_across_heads", image_dim=TXT_DIM,
         rope_max_seq_len=32, motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 16}, motion_encoder_size=16,
@@ -226,22 +207,6 @@ def _build_bria():
     return _build("BriaTransformer2DModel", patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
                   attention_head_dim=HEAD_DIM, num_attention_heads=HEADS, joint_attention_dim=TXT_DIM,
                   axes_dims_rope=list(ROPE_AXES))
-
-
-def _inputs_fluxlike(timestep: float = 500.0, batch: int = 1, seed: int = 0, pooled: bool = False) -> dict:
-    g = _gen(seed)
-    h = w = 4
-    img_ids, txt_ids = _flux_ids(h, w, TXT_LEN)
-    out = {
-        "hidden_states": _randn(g, batch, h * w, 16),
-        "encoder_hidden_states": _randn(g, batch, TXT_LEN, TXT_DIM),
-        "timestep": _ts(timestep, batch, 1e-3),
-        "img_ids": img_ids,
-        "txt_ids": txt_ids,
-    }
-    if pooled:
-        out["pooled_projections"] = _randn(g, batch, TXT_DIM)
-    return out
 
 
 def _build_longcat_image():
@@ -288,18 +253,6 @@ def _build_cogview3plus():
     return _build("CogView3PlusTransformer2DModel", patch_size=2, in_channels=4, num_layers=2,
                   attention_head_dim=HEAD_DIM, num_attention_heads=HEADS, out_channels=4, text_embed_dim=TXT_DIM,
                   time_embed_dim=8, condition_dim=2, pos_embed_max_size=8, sample_size=8)
-
-
-def _inputs_cogview3plus(timestep: float = 500.0, batch: int = 1, seed: int = 0) -> dict:
-    g = _gen(seed)
-    return {
-        "hidden_states": _randn(g, batch, 4, 8, 8),
-        "encoder_hidden_states": _randn(g, batch, TXT_LEN, TXT_DIM),
-        "timestep": _ts(timestep, batch),
-        "original_size": torch.tensor([[64.0, 64.0]]).repeat(batch, 1),
-        "target_size": torch.tensor([[64.0, 64.0]]).repeat(batch, 1),
-        "crop_coords": torch.tensor([[0.0, 0.0]]).repeat(batch, 1),
-    }
 
 
 def _build_consisid():
@@ -353,15 +306,6 @@ def _build_easyanimate():
                   in_channels=4, mmdit_layers=2, num_layers=2, out_channels=4, patch_size=2, sample_height=60,
                   sample_width=90, text_embed_dim=TXT_DIM, time_embed_dim=8, time_position_encoding_type="3d_rope",
                   timestep_activation_fn="silu")
-
-
-def _inputs_easyanimate(timestep: float = 500.0, batch: int = 1, seed: int = 0) -> dict:
-    g = _gen(seed)
-    return {
-        "hidden_states": _randn(g, batch, 4, 2, 8, 8),
-        "timestep": _ts(timestep, batch),
-        "encoder_hidden_states": _randn(g, batch, TXT_LEN, TXT_DIM),
-    }
 
 
 # ---------------------------------------------------------------------------
@@ -563,15 +507,6 @@ def _inputs_ltx2(timestep: float = 500.0, batch: int = 1, seed: int = 0) -> dict
 def _build_prx():
     return _build("PRXTransformer2DModel", in_channels=4, patch_size=2, context_in_dim=TXT_DIM, hidden_size=INNER,
                   mlp_ratio=2.0, num_heads=HEADS, depth=2, axes_dim=[8, 8], theta=10_000)
-
-
-def _inputs_prx(timestep: float = 500.0, batch: int = 1, seed: int = 0) -> dict:
-    g = _gen(seed)
-    return {
-        "hidden_states": _randn(g, batch, 4, 8, 8),
-        "encoder_hidden_states": _randn(g, batch, TXT_LEN, TXT_DIM),
-        "timestep": _ts(timestep, batch, 1e-3),  # PRX scales [0, 1] timesteps by time_factor=1000
-    }
 
 
 def _build_zimage():
@@ -802,7 +737,7 @@ def _build_bria_fibo():
 
 
 def _inputs_bria_fibo(timestep: float = 500.0, batch: int = 1, seed: int = 0) -> dict:
-    out = _inputs_fluxlike(timestep, batch, seed)
+    out = _inputs_chroma(timestep, batch, seed)
     g = _gen(seed + 1)
     # one text-encoder layer's features per block (2 double + 2 single)
     out["text_encoder_layers"] = [_randn(g, batch, TXT_LEN, _FIBO_TXT_ENC) for _ in range(4)]
@@ -1191,29 +1126,29 @@ def _entry(name: str, build, inputs, video: bool, output=_out_sample) -> ZooEntr
 MORE_ZOO: dict[str, ZooEntry] = {
     e.name: e
     for e in [
-        _entry("chronoedit", _build_chronoedit, _inputs_wanlike, True),
-        _entry("skyreels_v2", _build_skyreels_v2, _inputs_wanlike, True),
+        _entry("chronoedit", _build_chronoedit, _inputs_wan, True),
+        _entry("skyreels_v2", _build_skyreels_v2, _inputs_wan, True),
         _entry("wan_vace", _build_wan_vace, _inputs_wan_vace, True),
         _entry("anyflow", _build_anyflow, _inputs_anyflow, True),
         _entry("helios", _build_helios, _inputs_helios, True),
         _entry("wan_animate", _build_wan_animate, _inputs_wan_animate, True),
-        _entry("bria", _build_bria, _inputs_fluxlike, False),
-        _entry("longcat_image", _build_longcat_image, _inputs_fluxlike, False),
-        _entry("ovis_image", _build_ovis_image, _inputs_fluxlike, False),
+        _entry("bria", _build_bria, _inputs_chroma, False),
+        _entry("longcat_image", _build_longcat_image, _inputs_chroma, False),
+        _entry("ovis_image", _build_ovis_image, _inputs_chroma, False),
         _entry("flux2", _build_flux2, _inputs_flux2, False),
-        _entry("cogview3plus", _build_cogview3plus, _inputs_cogview3plus, False),
+        _entry("cogview3plus", _build_cogview3plus, _inputs_cogview4, False),
         _entry("consisid", _build_consisid, _inputs_consisid, True),
         _entry("cosmos", _build_cosmos, _inputs_cosmos, True),
-        _entry("easyanimate", _build_easyanimate, _inputs_easyanimate, True),
+        _entry("easyanimate", _build_easyanimate, _inputs_wan, True),
         _entry("hidream", _build_hidream, _inputs_hidream, False),
         _entry("hunyuanimage", _build_hunyuanimage, _inputs_hunyuanimage, False),
         _entry("hunyuanvideo15", _build_hunyuanvideo15, _inputs_hunyuanvideo15, True),
         _entry("framepack", _build_framepack, _inputs_framepack, True),
         _entry("motif_video", _build_motif_video, _inputs_motif_video, True),
         _entry("kandinsky5", _build_kandinsky5, _inputs_kandinsky5, True),
-        _entry("sana_video", _build_sana_video, _inputs_wanlike, True),
+        _entry("sana_video", _build_sana_video, _inputs_wan, True),
         _entry("ltx2", _build_ltx2, _inputs_ltx2, True),
-        _entry("prx", _build_prx, _inputs_prx, False),
+        _entry("prx", _build_prx, _inputs_auraflow, False),
         _entry("zimage", _build_zimage, _inputs_zimage, False, _out_list),
         _entry("omnigen", _build_omnigen, _inputs_omnigen, False),
         _entry("ernie_image", _build_ernie_image, _inputs_ernie_image, False),
