@@ -17,8 +17,8 @@ needed outside their region are left out of it, so that dropping a reused region
 from __future__ import annotations
 
 import dataclasses
-import operator
 import math
+import operator
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,6 +115,7 @@ class _Graph:
         self.user_inputs = captured.stream_candidates()
         self._reaches: dict[fx.Node, bool] = {}
         self._index: dict[fx.Node, int] | None = None
+        self._scaled: dict[fx.Node, fx.Node | None] = {}
 
     def reaches_input(self, node: fx.Node) -> bool:
         """Does ``node`` carry a block input through stream-preserving ops only?"""
@@ -134,6 +135,11 @@ class _Graph:
         """For ``stream * s`` (or ``/ s``) where ``s`` is a number or a tensor that does not depend on the
         stream (a FiLM scale from the time embedding, a constant): the stream operand. Such an op
         carries the stream on; its branches upstream are still branches."""
+        if node not in self._scaled:
+            self._scaled[node] = self._find_scaled_stream(node)
+        return self._scaled[node]
+
+    def _find_scaled_stream(self, node: fx.Node) -> fx.Node | None:
         if op_name(node) not in _SCALE or len(node.args) < 2:
             return None
         a, b = node.args[0], node.args[1]
@@ -225,7 +231,6 @@ def _walk_streams(g: _Graph) -> tuple[list[Residual], set[fx.Node], set[fx.Node]
     stream-preserving ops; failing that (a stream that starts after a projection, e.g. a long-skip
     fusion), the operand the other one is computed from: ``y = s + f(s)``.
     """
-    index = {n: i for i, n in enumerate(g.nodes)}
     output = next(n for n in reversed(g.nodes) if n.op == "output")
     residuals: list[Residual] = []
     stream_nodes: set[fx.Node] = set()
@@ -252,17 +257,16 @@ def _walk_streams(g: _Graph) -> tuple[list[Residual], set[fx.Node], set[fx.Node]
                 stack.append(b)
             elif ra and rb:  # two streams merging, not a residual
                 stack.extend([a, b])
-            elif _depends_on(b, a, index):
+            elif g.depends_on(b, a):
                 residuals.append(Residual(node.name, 1, b.name))
                 stack.append(a)
-            elif _depends_on(a, b, index):
+            elif g.depends_on(a, b):
                 residuals.append(Residual(node.name, 0, a.name))
                 stack.append(b)
             continue
-        if name == "getitem" or name in _PASSTHROUGH or name in _CAT:
+        if name == "getitem" or name in _PASSTHROUGH or name in _CAT or (
+                name in _SCALE and g.scaled_stream(node) is not None):
             stack.extend(g._stream_parents(node))
-        elif name in _SCALE and g.scaled_stream(node) is not None:
-            stack.append(g.scaled_stream(node))
         elif not g.reaches_input(node):
             # The stream starts here (a projection or norm of the inputs): a stream origin.
             stream_inputs.add(node)
