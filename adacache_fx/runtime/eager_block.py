@@ -101,7 +101,8 @@ class EagerRegion:
     spec: pytree.TreeSpec
     constants: tuple  # the output's leaves, with None where a tensor goes
     tags: frozenset[str] = field(default_factory=frozenset)
-    token_flow: Any = None
+    token_flow: Any = None  # no graph to recompute a token subset with
+    token_error: str = "its block could not be captured, so there is no graph to recompute a token subset with"
     residuals: tuple = ()
 
     def rebuild(self, tensors: tuple) -> Any:

@@ -208,33 +208,30 @@ class Executor:
     def region_states(self, session: Session, binding: Binding,
                       entries: list[CacheEntry | None]) -> tuple[tuple[RegionState, ...], tuple]:
         """Region states for this call's plan, and the token indices of ``PARTIAL`` regions."""
-        plan, state = session.plan, session.policy_state
-        reuse, partial = plan.reuse, plan.partial
         folds = self._folds(session, binding)  # a folded span keeps them, not each branch
-        states: list[RegionState] = []
-        tokens: list[torch.Tensor | None] = []
-        for region, info, entry in zip(binding.program.regions, binding.branches, entries):
-            subset = partial.get(info.id) if partial else None
-            if subset is not None and entry is not None:
-                flow = region.token_flow
-                if flow is None:
-                    self._warn_partial(session, info, region.token_error)
-                elif subset.numel() == 0:
-                    states.append(REUSE)
-                    tokens.append(None)
-                    continue
-                else:
-                    states.append(PARTIAL)
-                    tokens.append(self._tokens(session, info, subset, flow.tokens, entry.values[0]))
-                    continue
-            if info.id in reuse and entry is not None:
-                states.append(REUSE)
-            elif self.caps.watches(info, state) or (self.policy.caches(info, state) and not folds):
-                states.append(STORE)
+        decided = [self.branch_state(session, region, info, entry, folds)
+                   for region, info, entry in zip(binding.program.regions, binding.branches, entries)]
+        return tuple(state for state, _ in decided), tuple(tokens for _, tokens in decided)
+
+    def branch_state(self, session: Session, region: Any, info: BranchInfo, entry: CacheEntry | None,
+                     folds: bool = False) -> tuple[RegionState, torch.Tensor | None]:
+        """One branch's state for this call's plan (and its token indices when ``PARTIAL``). A token
+        subset asked of a region with no token flow computes fully, with a warning saying why."""
+        plan, state = session.plan, session.policy_state
+        subset = plan.partial.get(info.id) if plan.partial else None
+        if subset is not None and entry is not None:
+            flow = region.token_flow
+            if flow is None:
+                self._warn_partial(session, info, region.token_error)
+            elif subset.numel() == 0:
+                return REUSE, None
             else:
-                states.append(COMPUTE)
-            tokens.append(None)
-        return tuple(states), tuple(tokens)
+                return PARTIAL, self._tokens(session, info, subset, flow.tokens, entry.values[0])
+        if info.id in plan.reuse and entry is not None:
+            return REUSE, None
+        if self.caps.watches(info, state) or (self.policy.caches(info, state) and not folds):
+            return STORE, None
+        return COMPUTE, None
 
     # -- running a block --------------------------------------------------------------------------
     def run_block(self, binding: Binding, leaves: list[Any], session: Session) -> Any:
@@ -578,24 +575,15 @@ class Executor:
                    kwargs: dict) -> Any:
         region, info = binding.regions[index], binding.branches[index]
         entry = self.entry(session, binding, info)
-        plan, state = session.plan, session.policy_state
-        reuse = info.id in plan.reuse
-        subset = plan.partial.get(info.id) if plan.partial else None
-        if subset is not None and entry is not None:
-            if subset.numel() == 0:
-                reuse = True
-            else:
-                self._warn_partial(session, info, "its block could not be captured, so there is no graph to "
-                                   "recompute a token subset with")
-                reuse = False
-        if reuse and entry is not None:
+        state, _ = self.branch_state(session, region, info, entry)  # (no token flow: never PARTIAL)
+        if state == REUSE:
             values = self.reuse_values(session, info, entry)
             if len(values) == region.num_residuals:
                 self.commit(session, info, REUSE, (), binding, entry)
                 return region.rebuild(tuple(values))
+            state = STORE
         output = child(*args, **kwargs)
-        stores = self.caps.watches(info, state) or self.policy.caches(info, state)
-        self.commit(session, info, STORE if stores else COMPUTE, _tensors(output) if stores else (), binding, entry)
+        self.commit(session, info, state, _tensors(output) if state == STORE else (), binding, entry)
         return output
 
     # -- values in, values out --------------------------------------------------------------------
