@@ -178,21 +178,16 @@ class BlockView:
         setattr(object.__getattribute__(self, "_block"), name, value)
 
 
-class CarrierCall:
+class CarrierCall(ChildCall):
     """A child that carries the stream: calling it runs its own forward on a view of it, whose
     branch children go through ``run`` in turn."""
 
     def __init__(self, run: Callable, child: nn.Module, children: dict) -> None:
-        self.__dict__.update(_run=run, _child=child, _children=children)
+        super().__init__(run, "", child)
+        self.__dict__["_children"] = children
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return type(self._child).forward(_view(self._child, self._children, self._run), *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["_child"], name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self.__dict__["_child"], name, value)
 
 
 def _view(module: nn.Module, children: dict, run: Callable) -> BlockView:
