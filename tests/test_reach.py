@@ -492,3 +492,33 @@ def test_hidream_numpy_routed_moe_blocks_are_cached_branch_by_branch():
     assert report.eager and all(".numpy()" in why for why in report.eager.values())
     ids = {b.id for b in report.branches}
     assert "double_stream_blocks.0.block.attn1" in ids and not any("adaLN" in i for i in ids), sorted(ids)
+
+
+def test_an_adapter_added_to_a_replaying_invariant_list_is_followed():
+    """The model is alive: a LoRA added to Lumina2's context_refiner while it replays (step 3) and
+    re-weighted at step 4: each of those steps computes it anew, bit-exactly the plain model's."""
+    from peft import LoraConfig
+
+    entry = ZOO["lumina2"]
+    reference, model = entry.build(), ax.transform(entry.build(), ax.NoCache())
+    _lumina2_steps(model, entry, 3)  # numbered after the latent path
+    config = LoraConfig(r=2, target_modules=["context_refiner.0.attn.to_q", "context_refiner.1.feed_forward.linear_1"],
+                        init_lora_weights=False)
+
+    def change(m, step):
+        if step == 3:
+            torch.manual_seed(1)
+            m.add_adapter(config)
+        elif step == 4:
+            m.set_adapters(["default"], weights=[0.5])
+
+    outputs, expected = [], []
+    for m, out in ((model, outputs), (reference, expected)):
+        generation = ax.generation(m, num_steps=6) if ax.is_transformed(m) else contextlib.nullcontext()
+        with torch.no_grad(), generation:
+            for step in range(6):
+                change(m, step)
+                out.append(entry.output(m(**entry.inputs(timestep=999.0 - 150 * step))))
+    assert all(torch.equal(a, b) for a, b in zip(outputs, expected))
+    exact = [s.exact for s in ax.report(model).steps if s.generation == 1]
+    assert exact[2] == 4 and exact[3] == 0 and exact[4] == 0, exact  # replaying, then recomputed at each change
