@@ -28,6 +28,7 @@ from .capture import BoundInputs, CapturedGraph, capture_block
 from .conditional import build_conditional
 from .flops import count_node_flops
 from .fold import fold_map
+from .inplace import reinplace_scatters
 from .probe import extract_value, modulated_input
 from .residuals import BlockAnalysis, Region, analyse_block
 from .rewrite import RegionState, build_variant
@@ -123,6 +124,13 @@ class BlockProgram:
         counts = tuple(counts) if counts is not None else (0,) * len(states)
         return self._memoised(("variant", states, counts),
                               lambda: build_variant(self.captured.graph_module, list(self.regions), states, counts))
+
+    def eager_variant(self, states: tuple[RegionState, ...], counts: tuple[int, ...] | None = None) -> fx.GraphModule:
+        """:meth:`variant` with its functionalised scatters written in place again (see :mod:`.inplace`):
+        the form that runs as it is, uncompiled."""
+        counts = tuple(counts) if counts is not None else (0,) * len(states)
+        functional = self.variant(states, counts)  # first: the memo's lock is not re-entrant
+        return self._memoised(("eager_variant", states, counts), lambda: reinplace_scatters(functional))
 
     def conditional(self, cached: tuple[bool, ...]) -> fx.GraphModule:
         """The single graph deciding each cached region's reuse at run time (``torch.cond``)."""
