@@ -34,11 +34,18 @@ class FoldedSpan:
 
     ``bindings``: the span's blocks, in order, as bound then; ``residuals``: per stream, keyed by the
     output position at the span's first block; ``layouts``: the strides each block's outputs had,
-    which a replay gives them again (the next block was captured for them)."""
+    which a replay gives them again (the next block was captured for them); ``bridges``: see below."""
 
     bindings: tuple[Any, ...]
     residuals: dict[int, torch.Tensor]
     layouts: tuple[tuple[tuple[int, ...], ...], ...] = ()  # per block, the strides of its outputs then
+    # Per block, the bridge from the block before (``runtime/bridges.py``); empty when none has one.
+    # A bridged span's one stream gets its residual, in the last block's layout, from the last block.
+    bridges: tuple[Any, ...] = ()
+
+    @property
+    def adds_at_last(self) -> bool:
+        return bool(self.bridges)
 
 
 class CacheState:
@@ -84,9 +91,20 @@ class CacheState:
         return self._entries.get((slot, branch_id))
 
     def keep(self, slot: int, branch_id: str, owner: Any, step: int, values: tuple[torch.Tensor, ...],
-             history: int) -> None:
-        """Store a branch's new residuals, and the last ``history`` of them for forecasts."""
+             history: int, stable: bool = False) -> None:
+        """Store a branch's new residuals, and the last ``history`` of them for forecasts.
+
+        ``stable``: ``values`` live in memory their producer reuses (a CUDA graph's output pool), so
+        they are copied, into the entry's own tensors where it has them: a branch's cache keeps one
+        address for the generation, which CUDA graphs read in place when it is reused (marked static
+        inputs) instead of copying it into their own input buffers at every replay."""
         entry = self._entries.get((slot, branch_id))
+        if stable:
+            if history <= 1 and entry is not None and entry.owner is owner and _same_layout(entry.values, values):
+                for held, value in zip(entry.values, values):
+                    held.copy_(value)
+                return
+            values = tuple(_static_copy(value) for value in values)
         if entry is None or entry.owner is not owner:
             entry = self._entries[(slot, branch_id)] = CacheEntry(owner, values)
         entry.values = values
@@ -119,6 +137,19 @@ class CacheState:
                         seen.add(id(t))
                         total += t.numel() * t.element_size()
         return total
+
+
+def _same_layout(held: tuple[torch.Tensor, ...], values: tuple[torch.Tensor, ...]) -> bool:
+    return len(held) == len(values) and all(
+        a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and a.stride() == b.stride()
+        for a, b in zip(held, values))
+
+
+def _static_copy(value: torch.Tensor) -> torch.Tensor:
+    """A copy of ``value`` that compiled graphs take as a static input (read where it lies)."""
+    copy = value.clone()
+    torch._dynamo.mark_static_address(copy, guard=False)  # one address per entry: no guard, no recompile
+    return copy
 
 
 def cond_rows(entry: CacheEntry, layout: str) -> CacheEntry:

@@ -106,6 +106,7 @@ class CachedBlock(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         runtime = self.runtime
         session = runtime.session()
+        session.call.block_calls += 1
         guard = self.guard
         # Drivers that trace the model (export, the whole-model compile) run the bound programs as
         # they are: tracing swaps parameters for its own tensors, which is not a change of the model.

@@ -29,6 +29,7 @@ from ..passes.program import BlockProgram
 from ..passes.rewrite import RegionState
 from ..policies.base import LOCAL, BranchInfo, Capabilities
 from . import guidance
+from .bridges import Bridge, Constants, find_bridge, span_residual
 from .cache import CacheEntry, FoldedSpan, cond_rows
 from .eager_block import EagerBinding, ProjectionFlops, run_on_view
 from .session import Session, TracedSession
@@ -70,7 +71,7 @@ class GraphRunner:
     @property
     def copies_outputs(self) -> bool:
         """CUDA graphs (``mode="reduce-overhead"``) reuse their output buffers at the next replay, so
-        stored residuals are copied out."""
+        stored residuals are copied out, into buffers that keep their address (``CacheState.keep``)."""
         options = self.options or {}
         return options.get("mode") in ("reduce-overhead", "max-autotune") or bool(
             (options.get("options") or {}).get("triton.cudagraphs"))
@@ -91,6 +92,8 @@ class GraphRunner:
         return compiled
 
     def variant(self, program: BlockProgram, states: tuple, counts: tuple) -> Any:
+        if self.options is None:  # run as it is: scatters in place (compilers do that themselves)
+            return program.eager_variant(states, counts)
         return self._run(program, ("variant", states, counts), program.variant(states, counts))
 
     def probe(self, program: BlockProgram) -> Any:
@@ -98,35 +101,45 @@ class GraphRunner:
 
 
 class _Chain:
-    """A span of blocks being recorded on a computing call, each taking the last one's outputs.
+    """A span of blocks being recorded on a computing call, each taking the last one's outputs, or
+    (one stream) a rearrangement of them that :func:`~.bridges.find_bridge` proved.
 
     Streams are keyed by output position at the chain's first block. Outputs are held weakly (a
     replay needs them only where a later block also reads them: a cut), the chain's inputs and
     its current outputs strongly until the call ends."""
 
-    def __init__(self, carried: list[torch.Tensor]) -> None:
+    def __init__(self, carried: list[torch.Tensor], call_number: int) -> None:
         self.bindings: list[Binding] = []
         self.start = dict(enumerate(carried))  # key -> the tensor entering the first block
         self.keys: list[list[int]] = []  # per block: the key of each output position
         self.layouts: list[tuple[tuple[int, ...], ...]] = []
+        self.bridges: list[Bridge | None] = []  # per block: the bridge from the block before (None: none)
+        self.bridged: dict[int, weakref.ref] = {}  # position -> its input, where a bridge made it
         self.last: dict[int, torch.Tensor] = {}
         self.ends: dict[int, int] = {}  # id of a current output -> its key
         self.cuts: dict[int, dict[int, torch.Tensor]] = {}  # position -> key -> that block's output
         self.broken = False
+        self.call_number = call_number  # the block call that extended it last (see CallState.block_calls)
 
     def continued_by(self, carried: list[torch.Tensor]) -> bool:
         return len(carried) == len(self.ends) and all(
             self.ends.get(id(t)) is not None and self.last[self.ends[id(t)]] is t for t in carried)
 
     def extend(self, binding: Binding, carried: list[torch.Tensor], outputs: list[torch.Tensor],
-               produced: dict) -> None:
-        keys = [self.ends[id(t)] for t in carried] if self.bindings else list(range(len(carried)))
+               produced: dict, call_number: int, bridge: Bridge | None = None) -> None:
+        if bridge is not None:  # one stream, rearranged on its way here
+            keys = list(self.last)
+            self.bridged[len(self.bindings)] = weakref.ref(carried[0])
+        else:
+            keys = [self.ends[id(t)] for t in carried] if self.bindings else list(range(len(carried)))
         position = len(self.bindings)
         self.bindings.append(binding)
         self.keys.append(keys)
+        self.bridges.append(bridge)
         self.layouts.append(tuple(o.stride() for o in outputs))
         self.last = dict(zip(keys, outputs))
         self.ends = {id(o): key for o, key in zip(outputs, keys)}
+        self.call_number = call_number
         for output, key in zip(outputs, keys):
             produced[id(output)] = (weakref.ref(output), self, position, key)
 
@@ -143,23 +156,37 @@ class _Chain:
             return
         self.cuts[position] = outputs
 
-    def spans(self) -> list[FoldedSpan]:
+    def _entering(self, begin: int) -> dict[int, torch.Tensor] | None:
+        """What entered block ``begin``, by key (None: a bridged input no longer held)."""
+        if begin == 0:
+            return self.start
+        if self.bridges[begin] is None:
+            return self.cuts[begin - 1]
+        value = self.bridged[begin]()
+        return None if value is None else {self.keys[begin][0]: value}
+
+    def spans(self, constants: Constants | None) -> list[FoldedSpan]:
         if self.broken or not self.bindings:
             return []
         out, begin = [], 0
         ends = sorted(p for p in self.cuts if p < len(self.bindings) - 1) + [len(self.bindings) - 1]
         for end in ends:
-            before = self.start if begin == 0 else self.cuts[begin - 1]
+            before = self._entering(begin)
             after = self.cuts.get(end, self.last) if end < len(self.bindings) - 1 else self.last
-            residuals = {}
-            for position, key in enumerate(self.keys[begin]):
+            bridges = tuple(None if i == begin else self.bridges[i] for i in range(begin, end + 1))
+            residuals = {} if before is not None else None
+            for position, key in enumerate(self.keys[begin]) if before is not None else ():
                 start, stop = before[key], after[key]
-                if stop.shape != start.shape:
-                    break  # the stream changed shape: it cannot be added back
-                residuals[position] = (stop - start.to(stop.dtype)).detach()
-            else:  # keyed by the output positions at the piece's first block, as a replay counts
+                if any(bridges):  # one stream, in the last block's layout (see bridges.py)
+                    residuals[position] = span_residual(start, stop, list(bridges[1:]), constants)
+                elif stop.shape != start.shape:
+                    residuals = None  # the stream changed shape: it cannot be added back
+                    break
+                else:
+                    residuals[position] = (stop - start.to(stop.dtype)).detach()
+            if residuals is not None:  # keyed by the output positions at the piece's first block, as a replay counts
                 out.append(FoldedSpan(tuple(self.bindings[begin:end + 1]), residuals,
-                                      tuple(self.layouts[begin:end + 1])))
+                                      tuple(self.layouts[begin:end + 1]), bridges if any(bridges) else ()))
             begin = end + 1
         return out
 
@@ -173,6 +200,7 @@ class Executor:
         self.graphs = graphs or GraphRunner()
         self.blocks: dict[str, Any] = {}  # block path -> the wrapper block (a span checks them live)
         self.cache_budget: int | None = None  # bytes one session may hold (transform(cache_budget=))
+        self.constants: Constants | None = None  # the model's tensors outside its blocks (bridges.py)
 
     # -- cache entries ----------------------------------------------------------------------------
     def entry(self, session: Session, binding: Binding | None, info: BranchInfo) -> CacheEntry | None:
@@ -297,11 +325,25 @@ class Executor:
         carried = [leaves[i] for i in binding.program.fold]
         chain = call.chain
         continues = chain is not None and chain.continued_by(carried)
+        bridge = None if continues or chain is None else self._bridge(session, chain, binding, carried)
+        continues = continues or bridge is not None
         self.note_inputs(session, leaves, carried if continues else ())
         if not continues:
             self._end_chain(session)
-            chain = call.chain = _Chain(carried)
-        chain.extend(binding, carried, list(outputs[:len(carried)]), call.produced)
+            chain = call.chain = _Chain(carried, call.block_calls)
+        chain.extend(binding, carried, list(outputs[:len(carried)]), call.produced, call.block_calls, bridge)
+
+    def _bridge(self, session: Session, chain: _Chain, binding: Binding, carried: list[Any]) -> Bridge | None:
+        """The bridge from the chain's last block to this one (the model's code between them, proven
+        once per generation: see bridges.py), or None. One stream only, and only when no other block
+        ran between them."""
+        if len(carried) != 1 or len(chain.last) != 1 or chain.call_number != session.call.block_calls - 1:
+            return None
+        key = (chain.bindings[-1], binding)
+        if key not in session.bridges:
+            session.bridges[key] = find_bridge(next(iter(chain.last.values())), carried[0], self.constants)
+        bridge = session.bridges[key]
+        return bridge if bridge is not None and bridge.shape == carried[0].shape else None
 
     def note_inputs(self, session: Session, leaves: list[Any], carried: Any = ()) -> None:
         """Inputs of a block call that are outputs of a recorded span's block, other than the stream
@@ -329,7 +371,7 @@ class Executor:
         self._end_chain(session)
         state = session.policy_state
         for chain in session.call.closed:
-            for span in chain.spans():
+            for span in chain.spans(self.constants):
                 session.caches.keep_span(session.slot, span)
                 narrow = min((r.dtype for r in span.residuals.values()), key=lambda d: torch.finfo(d).bits,
                              default=None) if span.residuals else None
@@ -371,12 +413,17 @@ class Executor:
             if span is None or span.bindings[0] is not binding or not all(
                     self._intact(b) and self._reused_whole(session, b) for b in span.bindings):
                 return None
-            replay = call.replay = {"span": span, "position": 0, "keys": {}}
+            replay = call.replay = {"span": span, "position": 0, "keys": {}, "call": call.block_calls}
             keys = list(range(len(fold)))
         else:
             span = replay["span"]
             carried = [leaves[i] for i in fold] if fold is not None else []
-            keys = [replay["keys"].get(id(t)) for t in carried]
+            bridge = span.bridges[replay["position"]] if span.bridges else None
+            if bridge is not None:  # the model's code between the blocks made this input (bridges.py)
+                keys = [0] if (len(carried) == 1 and carried[0].shape == bridge.shape
+                               and replay["call"] == call.block_calls - 1) else [None]
+            else:
+                keys = [replay["keys"].get(id(t)) for t in carried]
             if (span.bindings[replay["position"]] is not binding or None in keys
                     or not self._reused_whole(session, binding)):
                 raise AdaCacheError(
@@ -388,12 +435,14 @@ class Executor:
         carried = [leaves[i] for i in fold]
         position = replay["position"]
         first, last = position == 0, position == len(span.bindings) - 1
+        adds = last if span.adds_at_last else first
+        replay["call"] = call.block_calls
         outputs = []
         for j, key in enumerate(keys):
             value, stride = carried[j], span.layouts[position][j]
-            if first or value.stride() != stride:  # what the next block was captured for: this layout
+            if adds or value.stride() != stride:  # what the next block was captured for: this layout
                 out = torch.empty_strided(value.shape, stride, dtype=value.dtype, device=value.device)
-                if first:
+                if adds:
                     torch.add(value, span.residuals[key].to(value.dtype), out=out)
                 else:
                     out.copy_(value)
@@ -624,8 +673,7 @@ class Executor:
         if state not in (STORE, PARTIAL):
             return
         new = tuple(t.detach() for t in values)
-        if (call.graphs or self.graphs).copies_outputs:  # the next replay reuses its output buffers
-            new = tuple(t.clone() for t in new)
+        stable = (call.graphs or self.graphs).copies_outputs  # the next replay reuses its output buffers
         policy_state = session.policy_state
         if self.caps.watches(info, policy_state) and session.context is not None:
             self.policy.observe(session.context, policy_state, info, new, entry.values if entry else None)
@@ -638,7 +686,8 @@ class Executor:
                 return
             new = guidance.merge_rows(full.values, new, self.caps.guidance_layout)
             owner = full.owner
-        session.caches.keep(session.slot, info.id, owner, session.tracker.step, new, self.caps.history(info))
+        session.caches.keep(session.slot, info.id, owner, session.tracker.step, new, self.caps.history(info),
+                            stable=stable)
 
     # -- helpers ----------------------------------------------------------------------------------
     def _warn_partial(self, session: Session, info: BranchInfo, reason: str | None) -> None:

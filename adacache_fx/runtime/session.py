@@ -62,6 +62,7 @@ class CallState:
     renumber: set = field(default_factory=set)  # main lists found step-invariant this call
     skip_signal: bool = False  # no in-step signal this call (its block is being renumbered)
     dropped: bool = False  # a block changed this call: the generation's caches were dropped
+    block_calls: int = 0  # block wrapper calls so far (a bridge joins two blocks called one after the other)
 
 
 class Session:
@@ -89,6 +90,9 @@ class Session:
         self.rebinds: dict[str, int] = {}  # block path -> times bound anew this generation
         self.fold_allowed = fold  # off while a driver needs per-branch residuals (scope="model")
         self.group: MetricGroup = LOCAL  # the ranks the last call's metrics were summed over
+        # (block before, block) -> the model's code between them as a Bridge, or None; proven once a
+        # generation (see bridges.py)
+        self.bridges: dict[tuple[Any, Any], Any] = {}
 
     @property
     def slot(self) -> int:
@@ -117,6 +121,7 @@ class Session:
 
     def _fresh_generation(self) -> None:
         self.caches.clear()
+        self.bridges.clear()
         self.caches.peak = 0
         self.in_graph.clear()
         self.rebinds.clear()
@@ -127,6 +132,7 @@ class Session:
         """Forget caches, step position and statistics."""
         self.tracker = StepTracker()
         self.caches.clear()
+        self.bridges.clear()
         self.caches.peak = 0
         self.in_graph.clear()
         self.records.clear()
