@@ -150,6 +150,7 @@ def restore(model: nn.Module) -> nn.Module:
     compiled = model
     model = _unwrapped(model)
     runtime = get_runtime(model)
+    runtime.uncompile_outside()
     runtime.detach_pipeline_signals(model)
     forward = model.__dict__.get("forward")
     if isinstance(forward, HandOffForward):
@@ -206,7 +207,10 @@ def compile(  # noqa: A001 - mirrors torch.compile, which it applies
     compiled on first use. Each variant (a block graph with some regions computed, stored or reused)
     is one control-flow-free graph: no graph breaks inside it, and the host picks the variant each
     step, so a generation triggers no recompilation once every variant it uses has run. Works for
-    every policy, in-step ones included; the model's code around the blocks stays eager.
+    every policy, in-step ones included. The model's modules outside the blocks (embedders,
+    positional encodings, output head) are compiled in place with the same options, module by
+    module (``nn.Module.compile``; undone by :func:`restore`); the model's own ``forward`` around
+    them stays eager.
 
     ``scope="model"`` (returns a new :class:`~adacache_fx.runtime.whole_model.CompiledModel` that
     stands in for ``model``): the whole model is one compiled graph in which each cached branch is a
@@ -236,7 +240,7 @@ def compile(  # noqa: A001 - mirrors torch.compile, which it applies
         from .runtime.whole_model import CompiledModel
 
         return CompiledModel(model, runtime, options_)
-    runtime.use_graphs(GraphRunner({**options_, "fullgraph": True}))
+    runtime.use_graphs(GraphRunner({**options_, "fullgraph": True}), _unwrapped(model))
     return model
 
 

@@ -228,3 +228,55 @@ def test_aot_inductor_package_runs_a_20_step_loop_like_eager(tmp_path):
     plans = [(s.computed, s.reused) for s in ax.report(eager).steps]
     assert plans == [(s.computed, s.reused) for s in ax.report(compiled).steps]
     assert any(reused for _, reused in plans)
+
+
+# -- the modules outside the blocks are compiled beside them -------------------------------------
+def test_compile_compiles_the_modules_outside_the_blocks_and_follows_an_adapter_added_to_them():
+    """Embedders and head compiled in place (what a reuse step mostly runs); an adapter PEFT adds
+    to one of them afterwards is followed (dynamo's guards); restore takes the compile back."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    entry = ZOO["wan"]
+    plain = entry.build()
+    model = ax.compile(ax.transform(entry.build(), ax.Static(2)), backend="aot_eager")
+    model.load_state_dict(plain.state_dict())
+    paths = ax.get_runtime(model).outside.paths
+    assert "condition_embedder" in paths and not any(p.startswith("blocks") for p in paths), paths
+    compiled = [model.get_submodule(p) for p in paths]
+    assert all(m._compiled_call_impl is not None for m in compiled)
+    steps = 5
+    with torch.no_grad(), ax.generation(model, num_steps=steps):
+        for i in range(steps):
+            inputs = entry.inputs(timestep=999.0 - 200.0 * i)
+            if i == 2:  # mid-generation, into a compiled module outside the blocks
+                config = LoraConfig(r=4, lora_alpha=4, target_modules=["linear_1"], init_lora_weights=False)
+                for target in (plain, model):
+                    torch.manual_seed(5)
+                    inject_adapter_in_model(config, target.condition_embedder)
+            out = _sample(model(**inputs))
+            if i % 2 == 0:  # computing steps (Static(2)): what the plain model computes
+                assert max_abs(out, _sample(plain(**inputs))) <= 1e-4, i
+    assert [s.reused > 0 for s in ax.report(model).steps] == [False, True, False, True, False]
+    ax.restore(model)
+    assert all(m._compiled_call_impl is None for m in compiled)
+
+
+def test_cuda_graph_mode_keeps_each_cached_branch_at_one_address():
+    """mode="reduce-overhead": stored residuals are copied out of the graphs' output pool into
+    buffers that keep their address over the generation (static inputs when reused). On this CPU
+    Inductor runs no CUDA graph; the buffers and the results are what is checked."""
+    entry = ZOO["wan"]
+    eager = ax.transform(entry.build(), ax.Static(2, kinds=("mlp",)))
+    model = ax.transform(entry.build(), ax.Static(2, kinds=("mlp",)))
+    model.load_state_dict(eager.state_dict())
+    ax.compile(model, mode="reduce-overhead")
+    addresses = []
+    with torch.no_grad(), ax.generation(eager, num_steps=6), ax.generation(model, num_steps=6):
+        for i in range(6):
+            inputs = entry.inputs(timestep=999.0 - 150.0 * i)
+            assert max_abs(_sample(eager(**inputs)), _sample(model(**inputs))) <= 1e-4
+            cached = ax.get_runtime(model).cached_residuals()
+            assert cached, "Static(kinds=('mlp',)) keeps each MLP's residual"
+            addresses.append({branch: [t.data_ptr() for t in values] for branch, values in cached.items()})
+    assert all(a == addresses[0] for a in addresses[1:])
+    assert [s.reused > 0 for s in ax.report(model).steps] == [False, True, False, True, False, False]

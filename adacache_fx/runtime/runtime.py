@@ -30,6 +30,7 @@ from ..policies.base import BranchInfo, Capabilities, Policy
 from . import guidance
 from .eager_block import EagerBinding, EagerRegion, branch_children, kind_of, why_not_viewable
 from .executor import Binding, Executor, GraphRunner
+from .outside import CompiledOutside
 from .parallel import context_parallel_group
 from .session import Session
 
@@ -142,6 +143,8 @@ class ModelRuntime:
         self.hooks: list[Any] = []
         self.signals: Any = None  # the diffusers hook that hears pipeline calls end (if any)
         self._handoff_graphs: GraphRunner | None = None  # block graphs of calls torch.compile hands over
+        self._model = weakref.ref(model)  # refreshed by every call (a pickled runtime comes back without it)
+        self.outside: CompiledOutside | None = None  # modules outside the blocks compiled beside them
         self._init_state()
 
     def _init_state(self) -> None:
@@ -164,13 +167,14 @@ class ModelRuntime:
         self._local = threading.local()
         self._threads: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._metric_groups: dict = {}  # context-parallel config -> its metric group (see .parallel)
+        self.executor.constants = ModelConstants(self)
 
     # -- pickling: captures, caches and sessions are not kept ------------------------------------
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         for key in ("_lock", "programs", "branches", "_branch_tuple", "block_order", "auxiliary_order", "block_flops",
                     "uncached_blocks", "eager_blocks", "invariant_lists", "recaptures", "model_flops", "_validated_for", "_sessions", "_local",
-                    "_threads", "executor", "signals", "_handoff_graphs", "_metric_groups"):
+                    "_threads", "executor", "signals", "_handoff_graphs", "_metric_groups", "_model", "outside"):
             state.pop(key, None)
         state["graph_options"] = self.executor.graphs.options
         return state
@@ -183,6 +187,8 @@ class ModelRuntime:
         self.signals = None
         self._handoff_graphs = None
         self._metric_groups = {}
+        self._model = None
+        self.outside = None
         self._init_state()
 
     # -- sessions -----------------------------------------------------------------------------------
@@ -256,10 +262,24 @@ class ModelRuntime:
             for block in self.blocks:
                 block.unbind("captures dropped by ax.reset(model, captures=True)")
 
-    def use_graphs(self, graphs: GraphRunner) -> None:
+    def use_graphs(self, graphs: GraphRunner, model: nn.Module | None = None) -> None:
         """Run block graphs through ``graphs`` (``ax.compile``): the captures stay, their compiled
-        forms are made on first use."""
+        forms are made on first use. With ``model``, its modules outside the blocks are compiled
+        with the same options (see :mod:`.outside`)."""
         self.executor.graphs = graphs
+        if model is not None and graphs.compiling:
+            self.compile_outside(model, graphs.options)
+
+    def compile_outside(self, model: nn.Module, options: dict) -> None:
+        """Compile ``model``'s modules outside its blocks (again, with ``options``)."""
+        self.uncompile_outside()
+        self.outside = CompiledOutside(model, self.blocks, options)
+        logger.info("adacache_fx: compiled beside the blocks: %s", ", ".join(self.outside.paths) or "nothing")
+
+    def uncompile_outside(self) -> None:
+        if self.outside is not None:
+            self.outside.undo()
+            self.outside = None
 
     # -- branches -----------------------------------------------------------------------------------
     @property
@@ -504,6 +524,8 @@ class ModelRuntime:
         session = self.session()
         if not session.live:
             return None
+        if module is not None and (self._model is None or self._model() is not module):
+            self._model = weakref.ref(module)
         self.executor.graphs.on_model_call()
         context = session.pipeline_context
         latent = main_input(args, kwargs)
@@ -580,7 +602,7 @@ class ModelRuntime:
     def call_handed_over(self, forward: Any, args: tuple, kwargs: dict) -> Any:
         """One model call that ``torch.compile`` handed over (see :mod:`.dynamo`): the hooks' work
         and the forward, eagerly, the blocks on fullgraph-compiled variant graphs."""
-        changed = self.on_model_call(None, args, kwargs)
+        changed = self.on_model_call(getattr(forward, "__self__", None), args, kwargs)
         if changed is not None:
             args, kwargs = changed
         session = self.session()
@@ -588,6 +610,9 @@ class ModelRuntime:
         if not graphs.compiling:
             if self._handoff_graphs is None:
                 self._handoff_graphs = GraphRunner({"backend": "inductor", "fullgraph": True})
+                model = getattr(forward, "__self__", None)
+                if model is not None and self.outside is None:
+                    self.compile_outside(model, self._handoff_graphs.options)
             graphs = self._handoff_graphs
         session.call.graphs = graphs
         output = forward(*args, **kwargs)
@@ -645,3 +670,36 @@ class ModelRuntime:
 def _is_temporal(list_name: str) -> bool:
     lowered = list_name.lower()
     return "temporal" in lowered or "temp_" in lowered
+
+
+class ModelConstants:
+    """The transformed model's parameters and buffers outside its block lists, read live (what the
+    model's code between blocks may add to the stream: see :mod:`.bridges`)."""
+
+    def __init__(self, runtime: ModelRuntime) -> None:
+        self._runtime = weakref.ref(runtime)
+
+    def _model(self) -> tuple[nn.Module | None, tuple[str, ...]]:
+        runtime = self._runtime()
+        model = runtime._model() if runtime is not None and runtime._model is not None else None
+        lists = tuple(sorted({f"{block.list_name}." for block in runtime.blocks})) if runtime is not None else ()
+        return model, lists
+
+    def items(self) -> list[tuple[str, torch.Tensor]]:
+        model, lists = self._model()
+        if model is None:
+            return []
+        named = [*model.named_parameters(), *model.named_buffers()]
+        return [(name, tensor) for name, tensor in named if not name.startswith(lists)]
+
+    def get(self, name: str) -> torch.Tensor | None:
+        model, _ = self._model()
+        if model is None:
+            return None
+        owner_path, _, attribute = name.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_path) if owner_path else model
+        except AttributeError:
+            return None
+        value = owner._parameters.get(attribute)
+        return value if value is not None else owner._buffers.get(attribute)
