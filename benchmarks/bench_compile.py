@@ -16,9 +16,10 @@ the report's FLOPs of the reused branches). Compiled time tracks FLOPs closely a
 the bar the target (measured / ideal >= 0.95) sets.
 
     python benchmarks/bench_compile.py [--steps 10] [--loops 2] [--size small|mid|full]
-        [--device cuda] [--fp16] [--mode reduce-overhead]
+        [--device cuda] [--fp16] [--mode reduce-overhead] [--also-mode reduce-overhead]
 
-``--mode reduce-overhead`` runs the compiled plan variants as CUDA graphs. Results go to
+``--mode reduce-overhead`` runs the compiled plan variants as CUDA graphs; ``--also-mode`` times a second
+mode's NoCache and Static(2) beside the first in the same run (CUDA graphs against none). Results go to
 ``benchmarks/results/compile_<device>[_<size>][_<mode>].json``.
 """
 
@@ -77,13 +78,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    parser.add_argument("--also-mode", default=None,
+                        help="a second mode timed in the same run (e.g. reduce-overhead: CUDA graphs beside none)")
     args = parser.parse_args()
     size = "small" if args.small else args.size
     config = LATTE_SIZES[size]
     dtype = torch.float16 if args.fp16 else torch.float32
     eager, make_inputs = latte(**config)
-    others = {name: latte(**config)[0] for name in ("original", "original_compiled", "compiled_nocache",
-                                                     "compiled_static", "torch_compile_static", "model_scope_static")}
+    names = ["original", "original_compiled", "compiled_nocache", "compiled_static", "torch_compile_static",
+             "model_scope_static"]
+    if args.also_mode:
+        names += ["compiled_nocache_also", "compiled_static_also"]
+    others = {name: latte(**config)[0] for name in names}
     for m in others.values():
         m.load_state_dict(eager.state_dict())
     for m in (eager, *others.values()):
@@ -104,6 +110,11 @@ def main() -> None:
     models = {"original_eager": others["original"], "original_compiled": torch.compile(others["original_compiled"]),
               "eager": eager, "compiled_nocache": compiled_nocache, "compiled_static2": compiled_static,
               "torch_compile_static2": torch_compiled, "model_scope_static2": model_scope}
+    if args.also_mode:
+        also = args.also_mode
+        models[f"compiled_nocache_{also}"] = ax.compile(ax.transform(others["compiled_nocache_also"], ax.NoCache()),
+                                                        mode=also)
+        models[f"compiled_static2_{also}"] = ax.compile(ax.transform(others["compiled_static_also"], static()), mode=also)
 
     counters.clear()
     start = time.perf_counter()
@@ -186,9 +197,24 @@ def main() -> None:
         "model_scope_static2_over_ax_compile_static2": round(total["model_scope_static2"] / total["compiled_static2"], 3),
         "compiled_nocache_over_original_compiled": round(total["compiled_nocache"] / total["original_compiled"], 3),
     }
+    if args.also_mode:  # the same loops under the second mode, timed in this run
+        also = args.also_mode
+        also_report = ax.report(models[f"compiled_static2_{also}"])
+        also_last = [s for s in also_report.steps if s.generation == also_report.steps[-1].generation]
+        also_steps = list(zip(steps[f"compiled_static2_{also}"], also_last))
+        also_reuse = sorted(t for t, s in also_steps if s.computed == 0 and s.reused > 0)
+        result.update({
+            f"static2_{also}_speedup_measured": round(total[f"compiled_nocache_{also}"] / total[f"compiled_static2_{also}"], 3),
+            f"static2_{also}_measured_over_ideal": round(
+                total[f"compiled_nocache_{also}"] / total[f"compiled_static2_{also}"] / ideal, 3),
+            f"compiled_static2_{also}_over_compiled_static2": round(
+                total[f"compiled_static2_{also}"] / total["compiled_static2"], 3),
+            f"reuse_step_s_median_{also}": round(also_reuse[len(also_reuse) // 2], 4) if also_reuse else None,
+        })
     RESULTS.mkdir(exist_ok=True)
     device = args.device.split(":")[0]
-    name = f"compile_{device}" + ("" if size == "mid" else f"_{size}") + (f"_{args.mode}" if args.mode else "") + ".json"
+    name = (f"compile_{device}" + ("" if size == "mid" else f"_{size}") + (f"_{args.mode}" if args.mode else "")
+            + (f"_and_{args.also_mode}" if args.also_mode else "") + ".json")
     (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "step_s"}, indent=2))
 

@@ -4,7 +4,9 @@ Measures, in one process with the variants interleaved:
   * NoCache overhead: transformed-with-NoCache call time / original call time, the median over
     back-to-back call pairs (target <= 1.02);
   * Static(2) efficiency: measured loop speed-up / ideal speed-up, where the ideal removes exactly the
-    measured cost of every branch's operations on reuse steps (target >= 0.95).
+    measured cost of every branch's operations on reuse steps (target >= 0.95);
+  * cache bytes per call slot of Static(2) and AdaCache.fast over one generation, against one stream's
+    hidden states (target <= 1.05 for what folding keeps).
 
 Branch costs are measured by timing every operation of each captured block graph on its real
 inputs and summing the operations inside each cached region.
@@ -116,6 +118,29 @@ def best_per_step(loops: list[list[float]]) -> list[float]:
     return [min(times) for times in zip(*loops)]
 
 
+def stream_bytes(model, kwargs) -> int:
+    """Bytes of the hidden states entering the model's first block (one stream, one call)."""
+    seen = []
+    first = next(m for m in model.modules() if isinstance(m, CachedBlock))
+    hook = first.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        time_call(model, kwargs)
+    finally:
+        hook.remove()
+    return seen[0].numel() * seen[0].element_size()
+
+
+def cache_bytes_per_slot(model, inputs, timesteps) -> int:
+    """The most cache bytes one call slot held over one generation of ``model``."""
+    ax.reset(model)
+    peak = 0
+    with torch.no_grad(), ax.generation(model, num_steps=len(timesteps)):
+        for t in timesteps:
+            model(**inputs(timestep=t))
+            peak = max(peak, max(ax.get_runtime(model).cache_bytes_per_slot().values(), default=0))
+    return peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10)
@@ -168,6 +193,12 @@ def main() -> None:
     # call is measured in one window (operation timings, then whole calls) so drift cancels.
     b_seconds, block_seconds = branch_seconds(static, kwargs)
     guard_us, guarded_blocks = guard_microseconds(nocache)
+    # Cache bytes per call slot against one stream's hidden states (folded spans: one per stream).
+    adacache, _ = latte(**config)
+    ax.transform(adacache, ax.AdaCache.fast(args.steps))
+    stream = stream_bytes(static, kwargs)
+    held = {"static2": cache_bytes_per_slot(static, inputs, timesteps),
+            "adacache_fast": cache_bytes_per_slot(adacache, inputs, timesteps)}
     compute_steps = [t for t, reuse in zip(steps["static"], reuse_steps) if not reuse]
     reuse_step_times = [t for t, reuse in zip(steps["static"], reuse_steps) if reuse]
     call_seconds = min(time_call(original, kwargs) for _ in range(3))
@@ -203,6 +234,10 @@ def main() -> None:
         "static2_measured_over_ideal": round(measured_speedup / ideal_speedup, 3),
         "reuse_step_over_compute_step": round(statistics.median(reuse_step_times) / statistics.median(compute_steps), 4)
         if reuse_step_times and compute_steps else None,
+        "stream_bytes": stream,
+        "cache_bytes_per_slot": held,
+        "cache_bytes_per_slot_over_stream": {k: round(v / stream, 3) for k, v in held.items()},
+        "adacache_fast_compute_fraction": round(ax.report(adacache).compute_fraction, 3),
         "guard_check_us_per_block_call": round(guard_us, 2),
         "guard_checks_per_model_call": guarded_blocks,
     }

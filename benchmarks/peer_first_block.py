@@ -251,6 +251,31 @@ class Ours(Variant):
                 "report_reused_branches_per_step": [s.reused for s in steps]}
 
 
+class OursNoCache(Variant):
+    """adacache_fx with a policy that never reuses: what the transformed model costs on a computing
+    step beside the original (the runtime's guards, plans and captured graphs)."""
+
+    tool = "adacache_fx NoCache"
+
+    def __init__(self, spec, threshold, steps, compiled, fn=1, bn=0):
+        import adacache_fx as ax
+
+        super().__init__(spec, threshold, steps, compiled, fn, bn)
+        self.ax = ax
+        model = spec.build()
+        self.blocks = spec.blocks(model)
+        self.num_blocks = len(self.blocks)
+        self.model = ax.transform(model, ax.NoCache())
+        if compiled:
+            self.model = ax.compile(self.model)
+
+    def before_loop(self):
+        self.ax.reset(self.model)
+
+    def loop_context(self):
+        return self.ax.generation(self.model, num_steps=self.steps)
+
+
 class Diffusers(Variant):
     tool = "diffusers"
 
@@ -330,7 +355,9 @@ class CacheDiT(Variant):
         return {"cache_dit_config": self.config.strify()}
 
 
-TOOLS = {"original": Original, "adacache_fx": Ours, "diffusers": Diffusers, "cache-dit": CacheDiT}
+TOOLS = {"original": Original, "adacache_fx NoCache": OursNoCache, "adacache_fx": Ours, "diffusers": Diffusers,
+         "cache-dit": CacheDiT}
+UNCACHED = ("original", "adacache_fx NoCache")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,7 +471,7 @@ def bench_model(spec: Spec, args, variant_keys: list[tuple[str, bool]], threshol
     names = [v.name for v in variants]
     profiles = {n: loops[n][-1].profile for n in names}
     stable = {n: all(lp.profile == profiles[n] for lp in loops[n]) and warm[n].profile == profiles[n] for n in names}
-    cached_names = [v.name for v in variants if v.tool != "original"]
+    cached_names = [v.name for v in variants if v.tool not in UNCACHED]
     reference = "diffusers" if "diffusers" in profiles else cached_names[0]
     ref_profile = profiles[reference]
     schedules_equal = all(profiles[n] == ref_profile for n in cached_names)
@@ -496,7 +523,10 @@ def bench_model(spec: Spec, args, variant_keys: list[tuple[str, bool]], threshol
                 row[f"over_{other}_eager"] = r(med[n] / med[other], 3)
             if other + mode in med:
                 row[f"over_{other}_same_mode"] = r(med[n] / med[other + mode], 3)
-        if v.tool != "original" and "original" + mode in med:
+        if v.tool == "adacache_fx NoCache" and "original" + mode in med:
+            original = [t for lp in loops["original" + mode] for t in lp.call_seconds]
+            row["call_over_original_same_mode"] = r(statistics.median(compute_calls) / statistics.median(original), 3)
+        if v.tool not in UNCACHED and "original" + mode in med:
             uncached = med["original" + mode]
             ideal = uncached * block_fraction
             row.update({"ideal_s": r(ideal), "measured_over_ideal": r(med[n] / ideal, 3),
@@ -529,7 +559,7 @@ def bench_model(spec: Spec, args, variant_keys: list[tuple[str, bool]], threshol
 
 def table(name: str, result: dict) -> str:
     headers = ["variant", "loop s (median)", "IQR", "x diffusers", "x cache-dit", "compute call s", "skip call s",
-               "ideal s", "meas/ideal"]
+               "ideal s", "meas/ideal", "call/original"]
     out = []
     for n, row in result["variants"].items():
         out.append([n, f"{row['loop_s_median']:.3f}", f"{row['loop_s_iqr']:.3f}",
@@ -537,7 +567,7 @@ def table(name: str, result: dict) -> str:
                     "-" if row["compute_call_s_median"] is None else f"{row['compute_call_s_median']:.4f}",
                     "-" if row["skip_call_s_median"] is None else f"{row['skip_call_s_median']:.4f}",
                     "-" if row.get("ideal_s") is None else f"{row['ideal_s']:.3f}",
-                    str(row.get("measured_over_ideal", "-"))])
+                    str(row.get("measured_over_ideal", "-")), str(row.get("call_over_original_same_mode", "-"))])
     widths = [max(len(h), *(len(o[i]) for o in out)) for i, h in enumerate(headers)]
     lines = [f"{name}: profile {result['compute_profile']} (C computes all blocks, s skips), "
              f"schedules equal: {result['schedules_equal']}",
@@ -634,13 +664,19 @@ def main() -> None:
                               "it scaled too, so the ideal is a lower bound"},
         "summary": {name: {"schedules_equal": m["schedules_equal"], "profile": m["compute_profile"],
                            "max_final_latents_abs_diff_between_caching_tools": max(
-                               (d for pair, d in m["final_latents_max_abs_diff"].items() if "original" not in pair),
+                               (d for pair, d in m["final_latents_max_abs_diff"].items()
+                                if "original" not in pair and "NoCache" not in pair),
                                default=0.0),
                            "max_final_latents_abs_diff_between_eager_caching_tools": max(
                                (d for pair, d in m["final_latents_max_abs_diff"].items()
-                                if "original" not in pair and "compile" not in pair), default=0.0),
+                                if "original" not in pair and "NoCache" not in pair and "compile" not in pair),
+                               default=0.0),
+                           "nocache_vs_original_final_latents_max_abs_diff": {
+                               mode: m["final_latents_max_abs_diff"].get(f"original{mode} vs adacache_fx NoCache{mode}")
+                               for mode in ("", " +compile")},
                            **{n: {k: row.get(k) for k in ("loop_s_median", "loop_s_iqr", "over_diffusers_same_mode",
-                                                          "over_cache-dit_same_mode", "measured_over_ideal")}
+                                                          "over_cache-dit_same_mode", "measured_over_ideal",
+                                                          "call_over_original_same_mode") if k in row}
                               for n, row in m["variants"].items()}}
                     for name, m in models.items()},
         "models": models,

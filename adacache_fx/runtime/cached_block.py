@@ -108,9 +108,11 @@ class CachedBlock(nn.Module):
         session = runtime.session()
         session.call.block_calls += 1
         guard = self.guard
+        replay = session.call.replay  # a folded span checked this block's guard when its replay began
+        checked = replay is not None and self.path in replay["intact"]
         # Drivers that trace the model (export, the whole-model compile) run the bound programs as
         # they are: tracing swaps parameters for its own tensors, which is not a change of the model.
-        if guard is not None and session.live and not guard.holds():
+        if guard is not None and session.live and not checked and not guard.holds():
             changes = guard.changes(self.original)
             self.unbind("; ".join(changes))
             if not runtime.note_recapture(session, self.path, changes):

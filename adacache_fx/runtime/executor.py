@@ -13,6 +13,7 @@ How graphs run, as they are or compiled, is the :class:`GraphRunner`'s business.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import weakref
@@ -265,16 +266,17 @@ class Executor:
     def run_block(self, binding: Binding, leaves: list[Any], session: Session) -> Any:
         """One call of a bound block: plan its regions, run the matching graph, commit the results."""
         program = binding.program
-        inputs = binding.inputs(leaves)
         if isinstance(session, TracedSession):
-            outputs = self._run_traced(binding, inputs, session)
+            outputs = self._run_traced(binding, binding.inputs(leaves), session)
         else:
             signal = self.caps.signal if session.live and not session.call.skip_signal else None
+            inputs = None
             if signal is not None and binding.depth == 0:
+                inputs = binding.inputs(leaves)
                 self._signal_before(binding, inputs, session)
             outputs = self._replay(session, binding, leaves) if session.call.fold else None
-            if outputs is None:
-                outputs = self._run_variant(binding, inputs, session, leaves)
+            if outputs is None:  # (a replayed block reads none of its parameters)
+                outputs = self._run_variant(binding, inputs or binding.inputs(leaves), session, leaves)
         return pytree.tree_unflatten(list(outputs[: program.num_user_outputs]), program.captured.out_spec)
 
     def _run_variant(self, binding: Binding, inputs: list[Any], session: Session, leaves: list[Any]) -> Any:
@@ -341,7 +343,12 @@ class Executor:
             return None
         key = (chain.bindings[-1], binding)
         if key not in session.bridges:
-            session.bridges[key] = find_bridge(next(iter(chain.last.values())), carried[0], self.constants)
+            bridge = find_bridge(next(iter(chain.last.values())), carried[0], self.constants)
+            if bridge is not None and bridge.rows is not None:  # one row map per rearrangement, not per gap
+                known = next((b.rows for b in session.bridges.values() if b is not None and b.rows is not None
+                              and b.rows.shape == bridge.rows.shape and torch.equal(b.rows, bridge.rows)), None)
+                bridge = bridge if known is None else dataclasses.replace(bridge, rows=known)
+            session.bridges[key] = bridge
         bridge = session.bridges[key]
         return bridge if bridge is not None and bridge.shape == carried[0].shape else None
 
@@ -413,7 +420,10 @@ class Executor:
             if span is None or span.bindings[0] is not binding or not all(
                     self._intact(b) and self._reused_whole(session, b) for b in span.bindings):
                 return None
-            replay = call.replay = {"span": span, "position": 0, "keys": {}, "call": call.block_calls}
+            # ``intact``: the span's blocks whose guards were checked just now, which their own calls
+            # in this replay need not check again (a passed-through block reads none of its state).
+            replay = call.replay = {"span": span, "position": 0, "keys": {}, "call": call.block_calls,
+                                    "intact": frozenset(b.path for b in span.bindings)}
             keys = list(range(len(fold)))
         else:
             span = replay["span"]
