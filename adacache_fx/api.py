@@ -86,7 +86,10 @@ def transform(
         fold: for policies that reuse whole blocks together (Static, AdaCache, First-Block-Cache,
             TeaCache), keep one residual per stream for each span of consecutive blocks instead of
             one per branch (``stream_out - stream_in``; equal to per-branch reuse up to float
-            rounding), and on a reuse step pass the span's blocks through and add it once.
+            rounding), and on a reuse step pass the span's blocks through and add it once. A span
+            runs across the model's code between blocks where that code is a reshape, a token-axis
+            swap or a model constant added (Latte's spatial/temporal interleave; see
+            ``runtime/bridges.py``).
         cache_budget: bytes of cached residuals one thread may hold; a call that leaves more
             raises :class:`~adacache_fx.CacheBudgetError` naming what holds them (None: no limit).
             ``ax.report(model).cache_peak_bytes`` says what a generation needed.

@@ -224,9 +224,12 @@ class Ours(Variant):
         model = spec.build()
         self.blocks = spec.blocks(model)
         self.num_blocks = len(self.blocks)
-        self.model = ax.transform(model, ax.FirstBlockCache(threshold=threshold, blocks=fn, tail_blocks=bn))
+        self.model = ax.transform(model, self.policy())
         if compiled:
             self.model = ax.compile(self.model)  # scope="blocks", backend inductor
+
+    def policy(self):
+        return self.ax.FirstBlockCache(threshold=self.threshold, blocks=self.fn, tail_blocks=self.bn)
 
     def before_loop(self):
         self.ax.reset(self.model)
@@ -251,29 +254,14 @@ class Ours(Variant):
                 "report_reused_branches_per_step": [s.reused for s in steps]}
 
 
-class OursNoCache(Variant):
+class OursNoCache(Ours):
     """adacache_fx with a policy that never reuses: what the transformed model costs on a computing
     step beside the original (the runtime's guards, plans and captured graphs)."""
 
     tool = "adacache_fx NoCache"
 
-    def __init__(self, spec, threshold, steps, compiled, fn=1, bn=0):
-        import adacache_fx as ax
-
-        super().__init__(spec, threshold, steps, compiled, fn, bn)
-        self.ax = ax
-        model = spec.build()
-        self.blocks = spec.blocks(model)
-        self.num_blocks = len(self.blocks)
-        self.model = ax.transform(model, ax.NoCache())
-        if compiled:
-            self.model = ax.compile(self.model)
-
-    def before_loop(self):
-        self.ax.reset(self.model)
-
-    def loop_context(self):
-        return self.ax.generation(self.model, num_steps=self.steps)
+    def policy(self):
+        return self.ax.NoCache()
 
 
 class Diffusers(Variant):

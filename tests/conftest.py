@@ -17,6 +17,18 @@ def _deterministic():
     yield
 
 
+class ProjectionAttention(torch.nn.Module):
+    """The smallest module the capture pass takes for an attention branch: a ``to_q`` projection (its
+    name and module path make the region's kind). For toy models in tests."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.to_q = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.to_q(x)
+
+
 def max_diff(a, b) -> float:
     return (a - b).abs().max().item()
 

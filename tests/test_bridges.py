@@ -18,6 +18,7 @@ import torch.nn as nn
 import adacache_fx as ax
 from adacache_fx.runtime.bridges import find_bridge, span_residual
 from adacache_lab.zoo import ZOO
+from conftest import ProjectionAttention
 
 
 class _Named(dict):
@@ -66,19 +67,10 @@ def test_span_residual_is_the_sum_of_the_blocks_residuals_in_the_last_layout():
     torch.testing.assert_close(residual, expected, rtol=0, atol=1e-5)
 
 
-class _Attention(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.to_q = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        return self.to_q(x)
-
-
 class _Block(nn.Module):
     def __init__(self, dim):
         super().__init__()
-        self.attn = _Attention(dim)
+        self.attn = ProjectionAttention(dim)
         self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
     def forward(self, hidden_states, t):
@@ -175,3 +167,15 @@ def test_latte_folds_every_block_into_one_span_of_one_stream():
     tokens = latent.shape[0] * latent.shape[2] * (latent.shape[3] // patch) * (latent.shape[4] // patch)
     stream = tokens * model.config.num_attention_heads * model.config.attention_head_dim * 4
     assert per_slot == {0: stream}
+
+
+def test_latte_in_bfloat16_still_proves_its_position_embedding_bridge():
+    """The constant is matched to the add's rounding, element by element, at the stream's precision."""
+    entry = ZOO["latte"]
+    model = ax.transform(entry.build().to(torch.bfloat16), ax.Static(2))
+    inputs = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+              for k, v in entry.inputs(timestep=999.0).items()}
+    with torch.no_grad(), ax.generation(model, num_steps=4):
+        model(**inputs)
+        folded = ax.get_runtime(model).folded_residuals()
+    assert len(folded) == 1 and next(iter(folded.values()))[0].dtype == torch.bfloat16, list(folded)

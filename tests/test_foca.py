@@ -18,6 +18,7 @@ from adacache_fx.policies.static import NoCache, Static
 from adacache_fx.policies.taylorseer import newton_extrapolate
 from adacache_lab.zoo import ZOO
 from policy_driver import Live
+from conftest import ProjectionAttention
 
 
 def _history(fn, steps):
@@ -129,19 +130,10 @@ def test_docstring_examples():
 
 
 # -- a model whose branches are polynomials of the timestep ---------------------------------------
-class _Attention(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.to_q = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        return self.to_q(x)
-
-
 class _PolynomialBlock(nn.Module):
     def __init__(self, dim, degree):
         super().__init__()
-        self.attn = _Attention(dim)
+        self.attn = ProjectionAttention(dim)
         self.coefficients = nn.Parameter(torch.randn(degree + 1, dim))
 
     def forward(self, hidden_states, t):

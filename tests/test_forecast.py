@@ -8,6 +8,7 @@ import adacache_fx as ax
 from adacache_fx.policies.base import Capabilities
 from adacache_fx.policies.taylorseer import newton_extrapolate, taylor_extrapolate
 from policy_driver import Live
+from conftest import ProjectionAttention
 
 
 @pytest.mark.parametrize("order", [1, 2])
@@ -36,21 +37,12 @@ def test_extrapolation_with_fewer_points_lowers_the_degree():
     torch.testing.assert_close(newton_extrapolate(line, 3, 2)[0], torch.full((3,), 6.0))
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.to_q = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        return self.to_q(x)
-
-
 class PolynomialBlock(nn.Module):
     """Its branch value is a quadratic in the timestep (times zero of a real attention projection)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.attn = Attention(dim)
+        self.attn = ProjectionAttention(dim)
         self.coefficients = nn.Parameter(torch.randn(3, dim))
 
     def forward(self, hidden_states, t):

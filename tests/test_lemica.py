@@ -24,6 +24,7 @@ from adacache_fx.policies.lemica import (
 from adacache_lab.sampling import sample
 from adacache_lab.zoo import ZOO, latte
 from policy_driver import Live
+from conftest import ProjectionAttention
 
 INF = math.inf
 
@@ -305,19 +306,10 @@ def test_recorded_costs_are_the_final_output_errors_of_each_reuse_edge():
         record_costs(model, run, COST_STEPS)
 
 
-class _Attention(torch.nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.to_q = torch.nn.Linear(dim, dim)
-
-    def forward(self, x):
-        return self.to_q(x)
-
-
 class _Block(torch.nn.Module):
     def __init__(self, dim):
         super().__init__()
-        self.attn = _Attention(dim)
+        self.attn = ProjectionAttention(dim)
 
     def forward(self, hidden_states, t):
         return hidden_states + torch.tanh(self.attn(hidden_states)) * t

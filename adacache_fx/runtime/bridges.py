@@ -86,12 +86,12 @@ def find_bridge(y: torch.Tensor, x: torch.Tensor, constants: Constants | None) -
         if offsets is None:
             offsets = [(name, value) for name, value in (constants.items() if constants is not None else ())
                        if _broadcasts(value, x)]
-        scale = float(x.abs().max())
+        eps = torch.finfo(x.dtype).eps
         for name, value in offsets:
             value = value.detach().to(x.dtype)
-            # What x = P(y) + c leaves of c after rounding the add: a few units in the last place.
-            tolerance = 4 * torch.finfo(x.dtype).eps * (scale + float(value.abs().max()))
-            if bool(((difference - value).abs() <= tolerance).all()):
+            # What x = P(y) + c leaves of c after rounding the add: half a unit in the last place of
+            # each element of x (and of the subtraction), so 2 eps of |x| + |c| element by element.
+            if bool(((difference - value).abs() <= 2 * eps * (x.abs() + value.abs())).all()):
                 return Bridge(rows, name, x.shape)
     return None
 
