@@ -384,6 +384,28 @@ def test_a_step_invariant_block_list_is_reused_exactly_from_step_two():
     assert runtime.sessions[0].caches.invariant.memos == {}  # the generation ended: nothing is held
 
 
+def test_under_cuda_graphs_what_a_step_invariant_list_holds_across_steps_is_a_copy():
+    """A CUDA graph writes its next run's outputs over its last: the inputs compared at step 1 and
+    the outputs replayed from step 2 are copies then, and the decisions are the same."""
+    from adacache_fx.runtime.invariant import InvariantLists
+
+    for copy in (False, True):
+        lists = InvariantLists()
+        x, y = torch.randn(3), torch.randn(3)
+        for step in range(3):
+            calls = {}
+            call = lists.enter(calls, 0, step, "refiner", "sig", [x], copy=copy)
+            if step == 2:
+                assert call.mode == "replay"
+                assert torch.equal(lists.recall(call, 0, "refiner.0", "owner", "sig", [x]), y)
+            else:
+                lists.record(call, 0, "refiner.0", "owner", "sig", [x], y, copy=copy)
+        memo = lists.memos[(0, "refiner")]
+        held_input, held_output = memo.inputs.tensors[0], memo.blocks["refiner.0"].output
+        assert (held_input is not x and held_output is not y) == copy
+        assert held_input.data_ptr() != x.data_ptr() if copy else held_input.data_ptr() == x.data_ptr()
+
+
 def test_first_block_cache_reads_the_latent_path_not_an_invariant_text_refiner():
     """Regression: First-Block-Cache once read Lumina2's context_refiner.0 (called first, its residual
     never changes) and reused every step whatever its threshold."""

@@ -135,7 +135,8 @@ class CachedBlock(nn.Module):
         computes = invariant is not None and runtime.computes_fully(binding, session)
         output = self._run(binding, args, kwargs, leaves, session)
         if computes:  # only what the block itself computed is recorded, never a reused or replayed value
-            session.caches.invariant.record(invariant, session.slot, self.path, binding, signature, leaves, output)
+            session.caches.invariant.record(invariant, session.slot, self.path, binding, signature, leaves, output,
+                                            copy=runtime.outputs_reused(session))
         return output
 
     def _run(self, binding: Any, args: tuple, kwargs: dict, leaves: list, session: Any) -> Any:

@@ -44,8 +44,11 @@ class Snapshot:
     versions: tuple[int, ...]
 
     @classmethod
-    def of(cls, tensors: list[torch.Tensor]) -> "Snapshot":
-        return cls(tuple(t.detach() for t in tensors), tuple(t._version for t in tensors))
+    def of(cls, tensors: list[torch.Tensor], copy: bool = False) -> "Snapshot":
+        """``copy``: the tensors live in memory their producer reuses at its next run (a CUDA graph's
+        output pool), so the snapshot holds copies."""
+        held = tuple(t.detach().clone() if copy else t.detach() for t in tensors)
+        return cls(held, tuple(t._version for t in held))
 
     def intact(self) -> bool:
         return all(t._version == v for t, v in zip(self.tensors, self.versions))
@@ -110,8 +113,9 @@ class InvariantLists:
         return total
 
     def enter(self, calls: dict[str, ListCall], slot: int, step: int, list_name: str, signature: Any,
-              leaves: list[Any]) -> ListCall:
-        """The list's first block of this call: compare its inputs and set the call's mode."""
+              leaves: list[Any], copy: bool = False) -> ListCall:
+        """The list's first block of this call: compare its inputs and set the call's mode.
+        ``copy``: what is held is copied (see :meth:`Snapshot.of`)."""
         call = calls[list_name] = ListCall(list_name)
         tensors = _tensor_leaves(leaves)
         call.sources = {id(t): ("in", i) for i, t in enumerate(tensors)}
@@ -120,7 +124,7 @@ class InvariantLists:
         if memo == VARYING:
             return call
         if memo is None or step == 0:
-            self.memos[key] = ListMemo(Snapshot.of(tensors), signature)
+            self.memos[key] = ListMemo(Snapshot.of(tensors, copy), signature)
             return call
         same = memo.signature == signature and memo.inputs.equals(tensors)
         if not memo.recording:  # step 1: the one comparison that decides
@@ -133,7 +137,7 @@ class InvariantLists:
         if same:
             call.mode = "replay"
         else:  # the list's inputs changed (a new prompt): record anew
-            self.memos[key] = ListMemo(Snapshot.of(tensors), signature, recording=True)
+            self.memos[key] = ListMemo(Snapshot.of(tensors, copy), signature, recording=True)
             call.mode = "record"
         return call
 
@@ -153,15 +157,17 @@ class InvariantLists:
         return record.output
 
     def record(self, call: ListCall, slot: int, path: str, owner: Any, signature: Any, leaves: list[Any],
-               output: Any) -> None:
-        """Keep a computed block's output when the list records and its inputs came from the list."""
+               output: Any, copy: bool = False) -> None:
+        """Keep a computed block's output when the list records and its inputs came from the list
+        (``copy``: a copy of it, see :meth:`Snapshot.of`)."""
         if call.mode not in ("record", "replay"):
             return
         memo = self.memos.get((slot, call.name))
         provenance = self._provenance(call, leaves)
         if isinstance(memo, ListMemo) and None not in provenance:
-            outputs = _tensor_leaves(pytree.tree_leaves(output))
-            memo.blocks[path] = BlockRecord(owner, signature, provenance, output, Snapshot.of(outputs))
+            kept = pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), output) if copy else output
+            outputs = _tensor_leaves(pytree.tree_leaves(kept))
+            memo.blocks[path] = BlockRecord(owner, signature, provenance, kept, Snapshot.of(outputs))
             self._note_outputs(call, path, output)
 
     @staticmethod

@@ -9,8 +9,9 @@ layer alone has nothing to fuse) gets ``nn.Module.compile`` with the same option
 does to the modules a model's forward calls when it falls back on a graph break in its block loop
 (what ``torch.compile(model)`` gives the peers' hooked models).
 
-The modules are compiled in place (``nn.Module.compile``; ones the user compiled are left alone)
-and :meth:`CompiledOutside.undo` takes it back (``ax.restore``). Dynamo's guards follow changes to
+The modules are compiled in place (``nn.Module.compile``; ones the user compiled are left alone),
+never as CUDA graphs (see :func:`without_cuda_graphs`), and :meth:`CompiledOutside.undo` takes it
+back (``ax.restore``). Dynamo's guards follow changes to
 them (an adapter added, weights quantized) as for any compiled module.
 """
 
@@ -59,11 +60,30 @@ def _callable(container: nn.Module) -> bool:
     return isinstance(container, nn.Sequential)
 
 
+def without_cuda_graphs(options: dict[str, Any]) -> dict[str, Any]:
+    """``torch.compile`` options without CUDA graphs. The modules outside the blocks make what the
+    blocks take, and the runtime holds some of that across steps (a step-invariance check compares a
+    list's inputs with the last step's); a CUDA graph writes its next run's outputs over its last.
+
+    >>> without_cuda_graphs({"backend": "inductor", "mode": "reduce-overhead"})
+    {'backend': 'inductor', 'mode': None}
+    """
+    out = dict(options)
+    if out.get("mode") == "reduce-overhead":
+        out["mode"] = None
+    elif out.get("mode") == "max-autotune":
+        out["mode"] = "max-autotune-no-cudagraphs"
+    inductor = out.get("options")
+    if inductor and inductor.get("triton.cudagraphs"):
+        out["options"] = {**inductor, "triton.cudagraphs": False}
+    return out
+
+
 class CompiledOutside:
     """Modules outside the blocks, each compiled in place (see the module docstring)."""
 
     def __init__(self, model: nn.Module, blocks: Iterable[nn.Module], options: dict[str, Any]) -> None:
-        options = {key: value for key, value in options.items() if key != "fullgraph"}  # breaks are theirs
+        options = without_cuda_graphs({key: value for key, value in options.items() if key != "fullgraph"})
         self.modules: list[tuple[str, nn.Module, Any]] = []
         for path, module in outside_modules(model, blocks):
             if getattr(module, "_compiled_call_impl", None) is not None:

@@ -446,7 +446,7 @@ class ModelRuntime:
         call = calls.get(block.list_name)
         if call is None:
             call = session.caches.invariant.enter(calls, session.slot, session.tracker.step, block.list_name,
-                                                  signature, leaves)
+                                                  signature, leaves, copy=self.outputs_reused(session))
             if call.mode == "record" and not self._after_main(block.list_name) and len(self.block_order) > len(
                     [b for b in self.blocks if b.list_name == block.list_name]):
                 session.call.renumber.add(block.list_name)
@@ -483,6 +483,11 @@ class ModelRuntime:
             for block in self.blocks:
                 block.unbind(f"step-invariant list(s) {', '.join(sorted(lists))} numbered after the main blocks")
         session.policy_state = self.policy.new_state()
+
+    def outputs_reused(self, session: Session) -> bool:
+        """Whether this call's graphs reuse their output memory at their next run (CUDA graphs): what
+        is held across steps must then be a copy."""
+        return (session.call.graphs or self.executor.graphs).copies_outputs
 
     @staticmethod
     def computes_fully(binding: Any, session: Session) -> bool:
