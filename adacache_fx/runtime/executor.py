@@ -114,6 +114,7 @@ class _Chain:
         self.start = dict(enumerate(carried))  # key -> the tensor entering the first block
         self.keys: list[list[int]] = []  # per block: the key of each output position
         self.layouts: list[tuple[tuple[int, ...], ...]] = []
+        self.keeps_shapes: list[bool] = []  # per block: its outputs have its carried inputs' shapes
         self.bridges: list[Bridge | None] = []  # per block: the bridge from the block before (None: none)
         self.bridged: dict[int, weakref.ref] = {}  # position -> its input, where a bridge made it
         self.last: dict[int, torch.Tensor] = {}
@@ -138,6 +139,7 @@ class _Chain:
         self.keys.append(keys)
         self.bridges.append(bridge)
         self.layouts.append(tuple(o.stride() for o in outputs))
+        self.keeps_shapes.append(all(o.shape == t.shape for o, t in zip(outputs, carried)))
         self.last = dict(zip(keys, outputs))
         self.ends = {id(o): key for o, key in zip(outputs, keys)}
         self.call_number = call_number
@@ -179,6 +181,9 @@ class _Chain:
             for position, key in enumerate(self.keys[begin]) if before is not None else ():
                 start, stop = before[key], after[key]
                 if any(bridges):  # one stream, in the last block's layout (see bridges.py)
+                    if not all(self.keeps_shapes[begin:end + 1]):
+                        residuals = None  # the last block would be handed a stream of another shape
+                        break
                     residuals[position] = span_residual(start, stop, list(bridges[1:]), constants)
                 elif stop.shape != start.shape:
                     residuals = None  # the stream changed shape: it cannot be added back
