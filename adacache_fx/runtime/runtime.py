@@ -607,7 +607,8 @@ class ModelRuntime:
     def call_handed_over(self, forward: Any, args: tuple, kwargs: dict) -> Any:
         """One model call that ``torch.compile`` handed over (see :mod:`.dynamo`): the hooks' work
         and the forward, eagerly, the blocks on fullgraph-compiled variant graphs."""
-        changed = self.on_model_call(getattr(forward, "__self__", None), args, kwargs)
+        model = getattr(forward, "__self__", None)  # the model, where its own forward was handed over
+        changed = self.on_model_call(model, args, kwargs)
         if changed is not None:
             args, kwargs = changed
         session = self.session()
@@ -615,7 +616,6 @@ class ModelRuntime:
         if not graphs.compiling:
             if self._handoff_graphs is None:
                 self._handoff_graphs = GraphRunner({"backend": "inductor", "fullgraph": True})
-                model = getattr(forward, "__self__", None)
                 if model is not None and self.outside is None:
                     self.compile_outside(model, self._handoff_graphs.options)
             graphs = self._handoff_graphs
