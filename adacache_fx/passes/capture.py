@@ -97,12 +97,12 @@ def drop_eval_dropout(graph_module: fx.GraphModule) -> fx.GraphModule:
     return out
 
 
-def _returns_alias(node: fx.Node) -> bool:
+def returns_alias(node: fx.Node) -> bool:
     """True when the node's result may share memory with an input (a view op, or getitem of one)."""
     if node.op != "call_function":
         return False
     if node.target is operator.getitem:
-        return _returns_alias(node.args[0])
+        return returns_alias(node.args[0])
     schema = getattr(node.target, "_schema", None)
     return schema is not None and any(r.alias_info is not None for r in schema.returns)
 
@@ -124,7 +124,7 @@ def drop_redundant_clones(graph_module: fx.GraphModule) -> fx.GraphModule:
         if node in may_alias_output:
             continue
         may_alias_output.add(node)
-        if _returns_alias(node):
+        if returns_alias(node):
             stack.extend(a for a in node.args[:1] if isinstance(a, fx.Node))
     for node in list(graph.nodes):
         if node.target is not torch.ops.aten.clone.default or node in may_alias_output:

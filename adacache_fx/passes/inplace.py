@@ -20,12 +20,10 @@ graph, and compiled and exported graphs are built from the functional graph.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 
-from .capture import copy_graph_module, eliminate_dead_code
+from .capture import copy_graph_module, eliminate_dead_code, returns_alias
 
 aten = torch.ops.aten
 
@@ -37,18 +35,9 @@ _SCATTER_VIEWS = {
 }
 
 
-def _is_view(node: fx.Node) -> bool:
-    if node.op != "call_function":
-        return False
-    if node.target is operator.getitem:
-        return _is_view(node.args[0]) if isinstance(node.args[0], fx.Node) else False
-    schema = getattr(node.target, "_schema", None)
-    return schema is not None and any(r.alias_info is not None for r in schema.returns)
-
-
 def _fresh(node: fx.Node) -> bool:
     """``node`` holds memory of its own made inside the graph: no input, parameter or view of one."""
-    return node.op == "call_function" and not _is_view(node) and not getattr(
+    return node.op == "call_function" and not returns_alias(node) and not getattr(
         getattr(node.target, "_schema", None), "is_mutable", False)
 
 
@@ -63,7 +52,7 @@ def _read_after(base: fx.Node, scatter: fx.Node, order: dict[fx.Node, int]) -> b
         seen.add(user)
         if user.op == "output" or order[user] > order[scatter]:
             return True
-        if _is_view(user):
+        if returns_alias(user):
             stack.extend(user.users)
     return False
 
