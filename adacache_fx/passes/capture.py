@@ -161,8 +161,11 @@ def leaf_key(leaf: Any) -> Any:
     if isinstance(leaf, torch.Tensor):
         # Strides too: export may specialise reshape to view for a contiguous input.
         return (leaf.shape, leaf.stride(), leaf.dtype, leaf.device)
-    if leaf is None or isinstance(leaf, (bool, int, float, str)):
-        return leaf
+    if leaf is None:
+        return None
+    if isinstance(leaf, (bool, int, float, str)):
+        # With its type: True, 1 and 1.0 are equal keys but specialise a graph differently.
+        return (type(leaf), leaf)
     if type(leaf).__repr__ is object.__repr__:
         # A plain object (a per-layer cache a model passes to every block) has a new address each call;
         # what a call depends on is its type and the kind of what it holds.
@@ -174,8 +177,44 @@ def leaf_key(leaf: Any) -> Any:
 
 def call_signature(args: tuple, kwargs: dict) -> tuple:
     """A hashable key of everything a captured graph is specialised to."""
-    leaves, spec = pytree.tree_flatten((args, kwargs))
-    return (spec, tuple(leaf_key(leaf) for leaf in leaves))
+    leaves, structure = flatten_call(args, kwargs)
+    return (structure, tuple(leaf_key(leaf) for leaf in leaves))
+
+
+class _RegisteredNode(Exception):
+    """A container pytree flattens by a registered rule (namedtuple, OrderedDict, a model's class)."""
+
+
+def _flatten_builtin(tree: Any, leaves: list[Any]) -> Any:
+    kind = type(tree)
+    if kind is tuple or kind is list:
+        return (kind, tuple([_flatten_builtin(child, leaves) for child in tree]))
+    if kind is dict:
+        return (dict, tuple(tree), tuple([_flatten_builtin(child, leaves) for child in tree.values()]))
+    if kind in pytree.SUPPORTED_NODES or isinstance(tree, tuple):  # tuple subclasses: namedtuple, structseq
+        raise _RegisteredNode
+    leaves.append(tree)
+    return None
+
+
+def flatten_call(args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
+    """The leaves of a call's ``(args, kwargs)`` in ``pytree.tree_flatten``'s order, and a hashable
+    key of its structure: the same leaves and equal keys exactly when pytree's specs are equal.
+
+    Plain tuples, lists and dicts are walked here (a block is called with them on every call of
+    every step, and a ``TreeSpec`` costs more to build and hash than the block's bookkeeping);
+    any other container pytree knows is flattened by pytree.
+
+        >>> leaves, key = flatten_call((torch.ones(2),), {"scale": 2.0, "rope": (None, None)})
+        >>> len(leaves)
+        4
+    """
+    leaves: list[Any] = []
+    try:
+        return leaves, _flatten_builtin((args, kwargs), leaves)
+    except _RegisteredNode:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        return leaves, spec
 
 
 @dataclass(frozen=True)

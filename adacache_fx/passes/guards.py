@@ -24,6 +24,7 @@ autocast, and diffusers' globally active attention backend.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import sys
 import types
@@ -37,6 +38,10 @@ try:  # the dictionary version tags dynamo's guards use; a content comparison wh
     from torch._C._dynamo.guards import dict_version as _dict_version
 except ImportError:  # pragma: no cover - every supported torch has it
     _dict_version = None
+try:  # dynamo's C++ check of many tensors' type, dtype, device and sizes in one call
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # pragma: no cover - every supported torch has it
+    _TensorGuards = None
 
 # nn.Module bookkeeping no forward reads (state-dict and backward hooks).
 _IGNORED = frozenset({
@@ -121,6 +126,19 @@ def _tensor_state(tensor: torch.Tensor) -> tuple:
     return (tensor.dtype, tensor.device, tensor.shape, type(tensor))
 
 
+def _tensor_check(tensors: tuple[torch.Tensor, ...]) -> Any:
+    """A C++ check that ``tensors`` keep their Python type, dtype, device and sizes (strides free),
+    or None where this torch cannot build one. It also compares requires_grad and the dispatch keys
+    of the thread state (autocast) it was built under: a failed check is confirmed in Python."""
+    if _TensorGuards is None or not tensors:
+        return None
+    try:
+        return _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                             dynamic_dims_strides=[[None] * t.dim() for t in tensors])
+    except Exception:  # a tensor it cannot describe: the Python comparison alone
+        return None
+
+
 @dataclass(frozen=True, eq=False)
 class ModuleGuard:
     """The state of one block that its capture depends on (see the module docstring)."""
@@ -132,6 +150,8 @@ class ModuleGuard:
     tensor_states: list
     description: dict[str, Any]  # a readable snapshot, for :meth:`changes`
     skip: tuple[nn.Module, ...] = ()
+    # The fast check of ``tensors``, rebuilt when only what it checks beyond ``tensor_states`` moved.
+    tensor_check: list = dataclasses.field(default_factory=lambda: [None])
 
     def holds(self, module: nn.Module | None = None) -> bool:
         """True when nothing the capture baked in has changed (``module``: unused, for symmetry)."""
@@ -143,7 +163,14 @@ class ModuleGuard:
         for sequence, frozen in self.sequences:
             if _frozen(sequence) != frozen:
                 return False
-        return list(map(_tensor_state, self.tensors)) == self.tensor_states
+        check = self.tensor_check[0]
+        if check is not None and check.check(*self.tensors):
+            return True
+        if list(map(_tensor_state, self.tensors)) != self.tensor_states:
+            return False
+        # Same states, other grad flags or autocast keys: check in C++ under those from now on.
+        self.tensor_check[0] = _tensor_check(self.tensors)
+        return True
 
     def changes(self, module: nn.Module, limit: int = 4) -> list[str]:
         """What differs between the recorded state and ``module`` now, in words (at most ``limit``)."""
@@ -242,6 +269,7 @@ def guard_module(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> ModuleG
         tensor_states=[_tensor_state(t) for t in recorder.tensors],
         description=describe(module, skip),
         skip=tuple(skip),
+        tensor_check=[_tensor_check(tuple(recorder.tensors))],
     )
 
 

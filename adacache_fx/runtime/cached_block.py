@@ -16,7 +16,7 @@ from typing import Any
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from ..passes.capture import leaf_key
+from ..passes.capture import flatten_call, leaf_key
 from ..passes.guards import guard_module
 from .eager_block import EagerBinding
 from .runtime import ModelRuntime, Uncached
@@ -121,8 +121,8 @@ class CachedBlock(nn.Module):
         elif guard is None and session.rebinds.get(self.path, 0) > runtime.recapture_limit:
             runtime.executor.note_inputs(session, pytree.tree_leaves((args, kwargs)))
             return self.original(*args, **kwargs)
-        leaves, tree = pytree.tree_flatten((args, kwargs))
-        signature = (tree, tuple(map(leaf_key, leaves)), session.ambient)
+        leaves, structure = flatten_call(args, kwargs)
+        signature = (structure, tuple(map(leaf_key, leaves)), session.ambient)
         binding = self.bindings.get(signature)
         if binding is None:
             binding = runtime.bind(self, args, kwargs, signature, session.call.cond_only)

@@ -422,8 +422,9 @@ class Executor:
             span = session.caches.span(session.slot, binding.path)
             if span is not None and span.bindings[0] is not binding and span.bindings[0].epoch == binding.epoch:
                 self._warn_new_shapes(session, binding)  # recorded for other shapes: never replayed here
+            # (The first block's guard was checked by its call just now: its binding is current.)
             if span is None or span.bindings[0] is not binding or not all(
-                    self._intact(b) and self._reused_whole(session, b) for b in span.bindings):
+                    (b is binding or self._intact(b)) and self._reused_whole(session, b) for b in span.bindings):
                 return None
             # ``intact``: the span's blocks whose guards were checked just now, which their own calls
             # in this replay need not check again (a passed-through block reads none of its state).

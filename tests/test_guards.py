@@ -1,0 +1,74 @@
+"""The guard of a captured block: every change a capture depends on fails it, nothing else does.
+
+Its tensor check runs in C++ where torch offers one (dynamo's ``TensorGuards``), which also compares
+requires_grad and the autocast dispatch keys: those must not fail the guard (a needless recapture),
+while dtype, device, shape and object changes must, also after the fast check was rebuilt.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from adacache_fx.passes.guards import guard_module
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.proj = nn.Linear(8, 8)
+        self.register_buffer("scale", torch.ones(8))
+        self.flags = {"fused": False}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.proj(self.norm(x)) * self.scale
+
+
+def test_grad_flags_and_autocast_do_not_fail_the_guard():
+    block = Block()
+    guard = guard_module(block)
+    assert guard.holds()
+    block.requires_grad_(False)
+    assert guard.holds() and guard.holds()  # confirmed in Python once, then checked fast again
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert guard.holds()
+    block.requires_grad_(True)
+    assert guard.holds()
+
+
+def test_tensor_changes_fail_the_guard_after_any_rebuild_of_its_fast_check():
+    block = Block()
+    guard = guard_module(block)
+    block.requires_grad_(False)  # the fast check is rebuilt for the new flags
+    assert guard.holds()
+    weight = block.proj.weight.data
+    block.proj.weight.data = weight.half()  # same Parameter object, other dtype (what .half() does)
+    assert not guard.holds()
+    assert guard.changes(block) == ["proj: parameter weight changed"]
+    block.proj.weight.data = weight
+    assert guard.holds()
+    block.proj.weight.data = torch.zeros(8, 4)  # other shape
+    assert not guard.holds()
+    block.proj.weight.data = weight
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        block.scale.data = torch.ones(8, dtype=torch.float64)
+        assert not guard.holds()
+    block.scale.data = torch.ones(8)
+    assert guard.holds()
+
+
+def test_objects_hooks_and_attributes_fail_the_guard():
+    block = Block()
+    guard = guard_module(block)
+    block.proj.weight = nn.Parameter(block.proj.weight.detach().clone())  # another object
+    assert not guard.holds()
+    block = Block()
+    guard = guard_module(block)
+    handle = block.norm.register_forward_hook(lambda module, args, out: out * 2)
+    assert not guard.holds()
+    handle.remove()
+    block = Block()
+    guard = guard_module(block)
+    block.flags["fused"] = True
+    assert not guard.holds()
