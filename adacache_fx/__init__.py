@@ -45,6 +45,7 @@ from .policies.teacache import TeaCache
 from .policies.toca import ToCa
 from .calibrate import Calibration, calibrate
 from . import export
+from .runtime.captures import CaptureCache
 from .runtime.report import Report
 
 __version__ = "0.1.0"
@@ -55,7 +56,7 @@ __all__ = [
     "Observer", "MetricGroup", "Forecaster", "InStepDecider", "InGraphDecider", "GuidanceCacher", "NoCache", "Static", "Report",
     "AdaCache", "MoReg", "PAB", "TeaCache", "FirstBlockCache", "TaylorSeer", "FasterCache", "DuCa", "ToCa",
     "MagCache", "EasyCache", "FoCa", "LeMiCa", "lexicographic_minimax_path", "record_costs",
-    "calibrate", "Calibration", "export",
+    "calibrate", "Calibration", "export", "CaptureCache",
     "AdaCacheError", "AlreadyTransformedError", "CacheBudgetError", "CaptureError", "NoBlocksFoundError",
     "NotTransformedError", "PolicyError",
 ]

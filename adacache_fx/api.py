@@ -13,6 +13,7 @@ from .errors import AlreadyTransformedError, NotTransformedError
 from .passes.find_blocks import find_block_lists
 from .policies.base import Policy
 from .runtime.cached_block import move_parallel_hooks, wrap_block
+from .runtime.captures import CaptureCache
 from .runtime.dynamo import HandOffForward
 from .runtime.executor import GraphRunner
 from .runtime.report import Report, build_report
@@ -58,6 +59,7 @@ def transform(
     recapture_limit: int = RECAPTURE_LIMIT,
     fold: bool = True,
     cache_budget: int | None = None,
+    captures: CaptureCache | None = None,
 ) -> nn.Module:
     """Rewrite every residual branch of the model's transformer blocks into a cached region.
 
@@ -93,6 +95,9 @@ def transform(
         cache_budget: bytes of cached residuals one thread may hold; a call that leaves more
             raises :class:`~adacache_fx.CacheBudgetError` naming what holds them (None: no limit).
             ``ax.report(model).cache_peak_bytes`` says what a generation needed.
+        captures: a :class:`~adacache_fx.CaptureCache` shared with other models of the same
+            architecture: a block whose structure and input signature were captured for one of them
+            is bound to that program instead of being captured again (seconds per block kind).
     """
     compiled = model
     model = _unwrapped(model)  # torch.compile(model) first, then transform: the model inside
@@ -113,7 +118,9 @@ def transform(
     if cache_budget is not None and (isinstance(cache_budget, bool) or not isinstance(cache_budget, int)
                                      or cache_budget < 0):
         raise ValueError(f"cache_budget must be a number of bytes (int >= 0) or None, got {cache_budget!r}")
-    runtime = ModelRuntime(model, policy, recapture_limit, fold=fold)
+    if captures is not None and not isinstance(captures, CaptureCache):
+        raise TypeError(f"captures must be an adacache_fx.CaptureCache (or None), got {type(captures).__name__}")
+    runtime = ModelRuntime(model, policy, recapture_limit, fold=fold, captures=captures)
     runtime.executor.cache_budget = cache_budget
     runtime.left_alone = list(search.left_alone)
     runtime.auxiliary_lists = frozenset(block_list.name for block_list in search.auxiliary)

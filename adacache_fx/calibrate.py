@@ -34,6 +34,7 @@ from .policies.easycache import EasyCache
 from .policies.first_block import FirstBlockCache
 from .policies.magcache import MagCache, magnitude_ratios, model_residual, nearest_interp
 from .policies.teacache import TeaCache, relative_l1
+from .runtime.captures import CaptureCache
 
 logger = logging.getLogger("adacache_fx")
 
@@ -246,7 +247,8 @@ def calibrate(
 
     recorder = _Recorder(policy)
     outputs: dict[int, dict[int, torch.Tensor]] = {}
-    transform(model, recorder)
+    captures = CaptureCache()  # the recording's captures serve the refinement's runs
+    transform(model, recorder, captures=captures)
     runtime = get_runtime(model)
 
     def keep_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -282,13 +284,14 @@ def calibrate(
         fitted = _fit_first_block(policy, recorder.recording, branches, target, points)
         with_knob = fitted.policy.with_threshold
     if refine:
-        _refine(fitted, with_knob, model, run, refine, progress)
+        _refine(fitted, with_knob, model, run, refine, progress, captures)
     return fitted
 
 
-def _measure(model: nn.Module, policy: Policy, run, steps_per_run: list[int], progress: bool) -> float:
+def _measure(model: nn.Module, policy: Policy, run, steps_per_run: list[int], progress: bool,
+             captures: CaptureCache | None = None) -> float:
     """Compute fraction of ``policy`` over the calibration runs, by running the model with it."""
-    transform(model, policy)
+    transform(model, policy, captures=captures)
     try:
         with torch.no_grad():
             for i in tqdm(range(len(steps_per_run)), desc="calibration check", disable=not progress):
@@ -300,12 +303,13 @@ def _measure(model: nn.Module, policy: Policy, run, steps_per_run: list[int], pr
     return 1.0 if fraction is None else fraction
 
 
-def _refine(fitted: Calibration, with_knob, model, run, rounds: int, progress: bool) -> None:
+def _refine(fitted: Calibration, with_knob, model, run, rounds: int, progress: bool,
+            captures: CaptureCache | None = None) -> None:
     """Correct the knob by the measured-minus-replayed gap; keep the best measured value."""
     replayed = dict(fitted.curve)
     value = fitted.value
     for _ in range(rounds):
-        measured = _measure(model, with_knob(value), run, fitted.steps_per_run, progress)
+        measured = _measure(model, with_knob(value), run, fitted.steps_per_run, progress, captures)
         fitted.measured.append((value, measured))
         if abs(measured - fitted.target) <= 0.02 * fitted.target:
             break

@@ -72,7 +72,8 @@ def _enable(model: torch.nn.Module, world: int) -> None:
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
 
 
-def run_case(name: str, policy_name: str, order: str, steps: int, world: int) -> dict:
+def run_case(name: str, policy_name: str, order: str, steps: int, world: int,
+             captures: ax.CaptureCache | None = None) -> dict:
     """``order``: ``"before"`` (parallelism, then transform), ``"after"`` (before the first call),
     ``"after_call"`` (after a first call captured the blocks), or ``"single"`` (none)."""
     entry = MODELS[name]
@@ -80,7 +81,7 @@ def run_case(name: str, policy_name: str, order: str, steps: int, world: int) ->
     policy = POLICIES[policy_name]()
     if order == "before":
         _enable(model, world)
-    ax.transform(model, policy)
+    ax.transform(model, policy, captures=captures)
     if order == "after_call":  # captured and cached for one process first
         with torch.no_grad():
             model(**entry.inputs(timestep=999.0, seed=0), return_dict=False)
@@ -108,7 +109,9 @@ def run_case(name: str, policy_name: str, order: str, steps: int, world: int) ->
 
 
 def run_cases(cases: list[tuple[str, str, str]], steps: int, world: int = 1) -> dict:
-    return {case: run_case(*case, steps=steps, world=world) for case in cases}
+    # One capture per block structure and input signature for all the cases (captures dominate).
+    captures = ax.CaptureCache()
+    return {case: run_case(*case, steps=steps, world=world, captures=captures) for case in cases}
 
 
 def main(rank: int, world: int, port: int, cases: list, steps: int, out_dir: str) -> None:
@@ -119,9 +122,10 @@ def main(rank: int, world: int, port: int, cases: list, steps: int, out_dir: str
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         results = {}
+        captures = ax.CaptureCache()
         for case in cases:
             try:
-                results[case] = run_case(*case, steps=steps, world=world)
+                results[case] = run_case(*case, steps=steps, world=world, captures=captures)
             except Exception as exc:  # reported to the parent, which fails the test with it
                 results[case] = {"error": f"{type(exc).__name__}: {exc}"}
                 raise

@@ -29,6 +29,7 @@ from ..passes.program import BlockProgram, build_program
 from ..policies.base import BranchInfo, Capabilities, Policy
 from . import guidance
 from .eager_block import EagerBinding, EagerRegion, branch_children, kind_of, why_not_viewable
+from .captures import CaptureCache
 from .executor import Binding, Executor, GraphRunner
 from .outside import CompiledOutside
 from .parallel import context_parallel_group
@@ -129,8 +130,9 @@ class ModelRuntime:
     """State of one transformed model (see the module docstring)."""
 
     def __init__(self, model: nn.Module, policy: Policy, recapture_limit: int = RECAPTURE_LIMIT,
-                 fold: bool = True) -> None:
+                 fold: bool = True, captures: CaptureCache | None = None) -> None:
         self.policy = policy
+        self.shared_captures = captures  # programs shared with other models (see .captures)
         self.fold = fold
         self.caps = Capabilities.of(policy)
         self.executor = Executor(self.caps)
@@ -174,7 +176,8 @@ class ModelRuntime:
         state = dict(self.__dict__)
         for key in ("_lock", "programs", "branches", "_branch_tuple", "block_order", "auxiliary_order", "block_flops",
                     "uncached_blocks", "eager_blocks", "invariant_lists", "recaptures", "model_flops", "_validated_for", "_sessions", "_local",
-                    "_threads", "executor", "signals", "_handoff_graphs", "_metric_groups", "_model", "outside"):
+                    "_threads", "executor", "signals", "_handoff_graphs", "_metric_groups", "_model", "outside",
+                    "shared_captures"):
             state.pop(key, None)
         state["graph_options"] = self.executor.graphs.options
         return state
@@ -188,6 +191,7 @@ class ModelRuntime:
         self._handoff_graphs = None
         self._metric_groups = {}
         self._model = None
+        self.shared_captures = None
         self.outside = None
         self._init_state()
 
@@ -256,6 +260,8 @@ class ModelRuntime:
     def forget_captures(self) -> None:
         """Drop every program and binding: the next call of each block captures it again."""
         with self._lock:
+            if self.shared_captures is not None:  # what changed unseen may have made them stale too
+                self.shared_captures.discard(self.programs)
             self.programs.clear()
             self.uncached_blocks.clear()
             self.eager_blocks.clear()
@@ -337,13 +343,17 @@ class ModelRuntime:
                 return known
             original = block.original
             original.training = block.training
-            key = (structural_key(original), signature)
+            temporal = _is_temporal(block.list_name)
+            key = (structural_key(original), signature, temporal)
             program = self.programs.get(key)
+            if program is None and self.shared_captures is not None:
+                program = self.shared_captures.get(key)
+                if program is not None:
+                    self.programs[key] = program
             if program is None:
                 try:
                     with torch.no_grad():
-                        program = build_program(original, args, kwargs, name=block.path,
-                                                temporal=_is_temporal(block.list_name))
+                        program = build_program(original, args, kwargs, name=block.path, temporal=temporal)
                 except CaptureError as exc:
                     if block.on_capture_error == "branches":
                         return block.remember(signature, self._eager_binding(block, exc))
@@ -353,6 +363,8 @@ class ModelRuntime:
                     self.uncached_blocks[block.path] = str(exc)
                     return block.remember(signature, Uncached(str(exc)))
                 self.programs[key] = program
+                if self.shared_captures is not None:
+                    self.shared_captures.put(key, program)
                 if block.guard is not None:  # export swapped the block's parameters and back
                     block.record_guard()
                 for note in program.notes:
