@@ -37,6 +37,15 @@ ALL_MODELS = sorted(ZOO)
 
 
 @pytest.fixture(scope="session")
+def captures():
+    """One ``CaptureCache`` per test process, for tests about what runs after a capture (policies,
+    plans, FLOPs) rather than about capturing: they share each zoo model's block programs."""
+    import adacache_fx as ax
+
+    return ax.CaptureCache()
+
+
+@pytest.fixture(scope="session")
 def static_exports(tmp_path_factory):
     """Zoo models transformed with Static(2) and exported per plan variant, once per session and
     shared by the ONNX and TensorRT tests: ``static_exports(name) -> ExportedModel`` (zoo builders

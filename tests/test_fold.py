@@ -21,9 +21,9 @@ from adacache_lab.zoo import ZOO
 STEPS = 7
 
 
-def _generation(name, policy, fold, steps=STEPS):
+def _generation(name, policy, fold, steps=STEPS, captures=None):
     entry = ZOO[name]
-    model = ax.transform(entry.build(), policy, fold=fold)
+    model = ax.transform(entry.build(), policy, fold=fold, captures=captures)
     outs = []
     with torch.no_grad(), ax.generation(model, num_steps=steps):
         for i in range(steps):
@@ -32,9 +32,9 @@ def _generation(name, policy, fold, steps=STEPS):
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
-def test_folded_spans_equal_per_branch_reuse_up_to_rounding(name):
-    per_branch, expected = _generation(name, ax.Static(2), fold=False)
-    folded, got = _generation(name, ax.Static(2), fold=True)
+def test_folded_spans_equal_per_branch_reuse_up_to_rounding(name, captures):
+    per_branch, expected = _generation(name, ax.Static(2), fold=False, captures=captures)
+    folded, got = _generation(name, ax.Static(2), fold=True, captures=captures)
     assert max((a - b).abs().max().item() for a, b in zip(got, expected)) <= 1e-5
     plans = [(s.computed, s.reused) for s in ax.report(folded).steps]
     assert plans == [(s.computed, s.reused) for s in ax.report(per_branch).steps]
@@ -68,9 +68,9 @@ def test_a_span_ends_where_a_later_block_reads_a_block_output():
     lambda: ax.FirstBlockCache(threshold=0.3), lambda: ax.TeaCache(delta=0.5),
     lambda: ax.AdaCache(codebook=((0.5, 3), (1e9, 1)), num_steps=10),
 ], ids=["first_block_cache", "teacache", "adacache"])
-def test_in_step_and_adaptive_policies_fold_with_the_same_plans(name, policy):
-    per_branch, expected = _generation(name, policy(), fold=False, steps=10)
-    folded, got = _generation(name, policy(), fold=True, steps=10)
+def test_in_step_and_adaptive_policies_fold_with_the_same_plans(name, policy, captures):
+    per_branch, expected = _generation(name, policy(), fold=False, steps=10, captures=captures)
+    folded, got = _generation(name, policy(), fold=True, steps=10, captures=captures)
     assert max((a - b).abs().max().item() for a, b in zip(got, expected)) <= 1e-5
     plans = [(s.computed, s.reused) for s in ax.report(folded).steps]
     assert plans == [(s.computed, s.reused) for s in ax.report(per_branch).steps]

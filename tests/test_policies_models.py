@@ -39,7 +39,7 @@ def _timesteps():
 
 @pytest.mark.parametrize("policy_name", sorted(POLICIES))
 @pytest.mark.parametrize("name", ARCHITECTURES)
-def test_policy_reuses_and_cached_steps_save_the_branch_flops(name, policy_name):
+def test_policy_reuses_and_cached_steps_save_the_branch_flops(name, policy_name, captures):
     if policy_name == "adacache_moreg" and name not in VIDEO:
         pytest.skip("MoReg needs video latents (frames); image models raise PolicyError (tested below)")
     if policy_name == "dbcache" and name not in ("latte", "flux"):
@@ -49,13 +49,13 @@ def test_policy_reuses_and_cached_steps_save_the_branch_flops(name, policy_name)
     reference = entry.build()
     model = entry.build()
     model.load_state_dict(reference.state_dict())
-    ax.transform(model, POLICIES[policy_name]())
+    ax.transform(model, POLICIES[policy_name](), captures=captures)
     flops = []
     with torch.no_grad(), ax.generation(model, num_steps=STEPS):
         for i, t in enumerate(_timesteps()):
             inputs = entry.inputs(timestep=t)
             if i == 0:
-                model(**inputs)  # captures; its FLOPs include capture work
+                model(**inputs)  # captures (or binds shared programs); its FLOPs include that work
                 flops.append(None)
                 continue
             flops.append(_call_flops(model, inputs))

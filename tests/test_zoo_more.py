@@ -33,12 +33,13 @@ def test_more_zoo_nocache_exact_and_static_reuse_removes_block_flops(name):
     entry = MORE_ZOO[name]
     with torch.no_grad():
         expected = entry.output(entry.build()(**entry.inputs()))
-        exact = ax.transform(entry.build(), ax.NoCache())
+        captures = ax.CaptureCache()  # the NoCache model's captures serve the Static one
+        exact = ax.transform(entry.build(), ax.NoCache(), captures=captures)
         assert torch.equal(entry.output(exact(**entry.inputs())), expected)
     assert ax.report(exact).branches
 
-    cached = ax.transform(entry.build(), ax.Static(2))
-    with torch.no_grad(), ax.generation(cached, num_steps=4):  # captures happen here
+    cached = ax.transform(entry.build(), ax.Static(2), captures=captures)
+    with torch.no_grad(), ax.generation(cached, num_steps=4):  # bindings happen here
         cached(**entry.inputs(timestep=999.0))
         cached(**entry.inputs(timestep=900.0))
     report = ax.report(cached)
