@@ -81,3 +81,41 @@ def test_other_structures_and_shapes_capture_for_themselves_and_a_dropped_captur
 def test_captures_must_be_a_capture_cache():
     with pytest.raises(TypeError, match="CaptureCache"):
         ax.transform(ZOO["wan"].build(), ax.NoCache(), captures={})
+
+
+class _ScaledBlock(torch.nn.Module):
+    """A block whose forward reads a plain tensor attribute (not a buffer): a capture bakes it in."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(8)
+        self.mlp = torch.nn.Linear(8, 8)
+        self.scale = torch.full((8,), scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x)) * self.scale
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList([_ScaledBlock(scale) for _ in range(2)])
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_blocks_that_bake_in_a_plain_tensor_are_never_shared():
+    captures = ax.CaptureCache()
+    x = torch.randn(1, 4, 8)
+    for scale in (1.0, 3.0):  # the second model's blocks hold another constant
+        original = _Net(scale)
+        with torch.no_grad():
+            expected = original(x, torch.tensor(1.0))
+        model = ax.transform(original, ax.NoCache(), captures=captures, blocks=["blocks"])
+        with torch.no_grad():
+            assert torch.equal(model(x, torch.tensor(1.0)), expected)
+    assert len(captures) == 0 and captures.hits == 0

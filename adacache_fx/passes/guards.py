@@ -273,6 +273,22 @@ def guard_module(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> ModuleG
     )
 
 
+def is_portable(structure: tuple) -> bool:
+    """Whether a :func:`structural_key` names no object by identity (a plain tensor or module
+    attribute, a forward hook). Only such keys may be compared across models: another model's
+    objects can get the ids of dead ones, and a capture bakes in what a plain tensor held.
+
+        >>> is_portable(structural_key(nn.Linear(2, 2)))
+        True
+    """
+    for _path, _cls, attrs, _params, _buffers, hooks, pre_hooks in structure:
+        if hooks or pre_hooks:
+            return False
+        if any("('tensor', " in text or "('module', " in text for _, text in attrs):
+            return False
+    return True
+
+
 def ambient_state() -> tuple:
     """Process state outside the model that a captured forward depends on: autocast (CPU and CUDA)
     and, when diffusers is loaded, its globally active attention backend. Read once per model call.

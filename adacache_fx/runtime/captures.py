@@ -9,7 +9,9 @@ a server that rebuilds a model per request type, a benchmark), can share program
 
 Each model still keeps its own bindings, guards, caches and statistics: a shared program is looked
 up by the same key a model uses for its own blocks, so a block whose live state differs (another
-adapter, quantized weights, other shapes) finds no shared program and is captured for itself.
+adapter, quantized weights, other shapes) finds no shared program and is captured for itself. A block
+whose structure names an object by identity (a plain tensor attribute its capture bakes in, a forward
+hook) is never shared: ids of dead objects are reused by new ones.
 """
 
 from __future__ import annotations

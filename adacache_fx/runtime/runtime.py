@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from ..errors import CaptureError
-from ..passes.guards import ambient_state, structural_key
+from ..passes.guards import ambient_state, is_portable, structural_key
 from ..passes.program import BlockProgram, build_program
 from ..policies.base import BranchInfo, Capabilities, Policy
 from . import guidance
@@ -346,8 +346,9 @@ class ModelRuntime:
             temporal = _is_temporal(block.list_name)
             key = (structural_key(original), signature, temporal)
             program = self.programs.get(key)
-            if program is None and self.shared_captures is not None:
-                program = self.shared_captures.get(key)
+            shared = self.shared_captures if self.shared_captures is not None and is_portable(key[0]) else None
+            if program is None and shared is not None:
+                program = shared.get(key)
                 if program is not None:
                     self.programs[key] = program
             if program is None:
@@ -363,8 +364,8 @@ class ModelRuntime:
                     self.uncached_blocks[block.path] = str(exc)
                     return block.remember(signature, Uncached(str(exc)))
                 self.programs[key] = program
-                if self.shared_captures is not None:
-                    self.shared_captures.put(key, program)
+                if shared is not None:
+                    shared.put(key, program)
                 if block.guard is not None:  # export swapped the block's parameters and back
                     block.record_guard()
                 for note in program.notes:
