@@ -697,18 +697,29 @@ class ModelConstants:
     def __init__(self, runtime: ModelRuntime) -> None:
         self._runtime = weakref.ref(runtime)
 
-    def _model(self) -> tuple[nn.Module | None, tuple[str, ...]]:
+    def _model(self) -> tuple[nn.Module | None, frozenset[str]]:
         runtime = self._runtime()
         model = runtime._model() if runtime is not None and runtime._model is not None else None
-        lists = tuple(sorted({f"{block.list_name}." for block in runtime.blocks})) if runtime is not None else ()
+        lists = frozenset(block.list_name for block in runtime.blocks) if runtime is not None else frozenset()
         return model, lists
 
     def items(self) -> list[tuple[str, torch.Tensor]]:
         model, lists = self._model()
         if model is None:
             return []
-        named = [*model.named_parameters(), *model.named_buffers()]
-        return [(name, tensor) for name, tensor in named if not name.startswith(lists)]
+        out: list[tuple[str, torch.Tensor]] = []
+        seen: set[int] = set()
+        stack = [("", model)]
+        while stack:  # depth first, never into the block lists (their weights are no constants between blocks)
+            prefix, module = stack.pop()
+            for name, tensor in (*module._parameters.items(), *module._buffers.items()):
+                if tensor is not None and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    out.append((prefix + name, tensor))
+            children = [(prefix + name, child) for name, child in module._modules.items()
+                        if child is not None and prefix + name not in lists]
+            stack.extend((path + ".", child) for path, child in reversed(children))
+        return out
 
     def get(self, name: str) -> torch.Tensor | None:
         model, _ = self._model()
