@@ -119,3 +119,30 @@ def test_blocks_that_bake_in_a_plain_tensor_are_never_shared():
         with torch.no_grad():
             assert torch.equal(model(x, torch.tensor(1.0)), expected)
     assert len(captures) == 0 and captures.hits == 0
+
+
+def _scaled_forward(module: torch.nn.Module, factor: float):
+    """An instance ``forward`` as diffusers' hooks install one: its behaviour lives in a closure."""
+    plain = type(module).forward
+
+    def forward(x):
+        return plain(module, x) * factor
+
+    return forward
+
+
+def test_blocks_with_an_installed_forward_are_never_shared():
+    captures = ax.CaptureCache()
+    x = torch.randn(1, 4, 8)
+    for factor in (1.0, 3.0):  # same code, another closure: the capture bakes in the factor
+        original = _Net(1.0)
+        for block in original.blocks:
+            del block.scale  # a buffer, not a plain tensor: only the installed forward differs
+            block.register_buffer("scale", torch.ones(8))
+            block.mlp.forward = _scaled_forward(block.mlp, factor)
+        with torch.no_grad():
+            expected = original(x, torch.tensor(1.0))
+        model = ax.transform(original, ax.NoCache(), captures=captures, blocks=["blocks"])
+        with torch.no_grad():
+            assert torch.equal(model(x, torch.tensor(1.0)), expected)
+    assert len(captures) == 0 and captures.hits == 0

@@ -275,8 +275,10 @@ def guard_module(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> ModuleG
 
 def is_portable(structure: tuple) -> bool:
     """Whether a :func:`structural_key` names no object by identity (a plain tensor or module
-    attribute, a forward hook). Only such keys may be compared across models: another model's
-    objects can get the ids of dead ones, and a capture bakes in what a plain tensor held.
+    attribute, a forward hook) and holds no Python function (an instance ``forward`` that diffusers'
+    hooks install: its closure is not compared). Only such keys may be compared across models:
+    another model's objects can get the ids of dead ones, a capture bakes in what a plain tensor
+    held, and another model's hook of the same code may be configured otherwise.
 
         >>> is_portable(structural_key(nn.Linear(2, 2)))
         True
@@ -284,7 +286,7 @@ def is_portable(structure: tuple) -> bool:
     for _path, _cls, attrs, _params, _buffers, hooks, pre_hooks in structure:
         if hooks or pre_hooks:
             return False
-        if any("('tensor', " in text or "('module', " in text for _, text in attrs):
+        if any("('tensor', " in text or "('module', " in text or "('function', " in text for _, text in attrs):
             return False
     return True
 
@@ -320,6 +322,9 @@ def _plain(value: Any, depth: int = 0) -> Any:
         return ("module", id(value))
     if callable(value) and not hasattr(value, "__dict__"):
         return ("callable", getattr(value, "__qualname__", repr(value)))
+    if isinstance(value, (types.FunctionType, types.MethodType)):
+        # Its code by name; what its closure or bound object holds is not compared (see is_portable).
+        return ("function", value.__qualname__, _plain(dict(value.__dict__), depth + 1))
     state = getattr(value, "__dict__", None)
     if state is not None and depth < 3:
         return (type(value).__qualname__, _plain(dict(state), depth + 1))

@@ -11,7 +11,8 @@ Each model still keeps its own bindings, guards, caches and statistics: a shared
 up by the same key a model uses for its own blocks, so a block whose live state differs (another
 adapter, quantized weights, other shapes) finds no shared program and is captured for itself. A block
 whose structure names an object by identity (a plain tensor attribute its capture bakes in, a forward
-hook) is never shared: ids of dead objects are reused by new ones.
+hook) or holds a Python function (an instance ``forward`` a diffusers hook installs, whose closure is
+not compared) is never shared: ids of dead objects are reused by new ones, and closures differ.
 """
 
 from __future__ import annotations
