@@ -324,7 +324,9 @@ def _plain(value: Any, depth: int = 0) -> Any:
         return ("callable", getattr(value, "__qualname__", repr(value)))
     if isinstance(value, (types.FunctionType, types.MethodType)):
         # Its code by name; what its closure or bound object holds is not compared (see is_portable).
-        return ("function", value.__qualname__, _plain(dict(value.__dict__), depth + 1))
+        # (A bound method may wrap any callable, e.g. a functools.partial: no __qualname__ of its own.)
+        name = getattr(value, "__qualname__", type(getattr(value, "__func__", value)).__qualname__)
+        return ("function", name, _plain(dict(getattr(value, "__dict__", {})), depth + 1))
     state = getattr(value, "__dict__", None)
     if state is not None and depth < 3:
         return (type(value).__qualname__, _plain(dict(state), depth + 1))
