@@ -141,3 +141,35 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="num_steps"):
         with ax.generation(model, num_steps=0):
             pass
+
+
+def test_a_failed_capture_is_not_tried_again_for_blocks_or_models_of_the_same_structure(monkeypatch):
+    """Export of an uncapturable structure fails once: the model's other blocks of that structure and
+    a second model sharing a CaptureCache fall back with the same reason without exporting again."""
+    exports = []
+    real_export = torch.export.export
+
+    def counting_export(module, *args, **kwargs):
+        exports.append(type(module).__name__)
+        return real_export(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", counting_export)
+    captures = ax.CaptureCache()
+    x = torch.randn(1, 4, 8)
+    models = [ax.transform(Net(n=3), ax.NoCache(), captures=captures) for _ in range(2)]
+    for model in models:
+        with torch.no_grad():
+            model(x, torch.tensor([1.0]))
+        report = ax.report(model)
+        assert set(report.eager) == {"blocks.0", "blocks.1", "blocks.2"}
+        assert all("data-dependent" in why for why in report.eager.values()), report.eager
+    assert exports.count("DataDependentBlock") == 1, exports
+    # Dropping a model's captures drops what it knew failed, too: the next call exports again.
+    ax.reset(models[1], captures=True)
+    with torch.no_grad():
+        models[1](x, torch.tensor([1.0]))
+    assert exports.count("DataDependentBlock") == 2, exports
+    # 'raise' still names the block that raised.
+    strict = ax.transform(Net(n=2), ax.NoCache(), on_capture_error="raise", captures=captures)
+    with pytest.raises(ax.CaptureError, match=r"'blocks\.0'.*capture failed \(not tried again\)"):
+        strict(x, torch.tensor([1.0]))

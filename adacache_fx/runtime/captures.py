@@ -34,11 +34,14 @@ class CaptureCache:
 
     ``len(captures)``: programs held; ``hits``: programs a model took from it instead of capturing
     (once per model and program: its blocks of one structure share it);
-    :meth:`clear` drops every program (models keep the bindings they made).
+    :meth:`clear` drops every program (models keep the bindings they made). A structure whose capture
+    failed is remembered too: the models sharing the cache fall back (``on_capture_error``) without
+    exporting it again.
     """
 
     def __init__(self) -> None:
         self._programs: dict[Any, Any] = {}
+        self._failures: dict[Any, Exception] = {}  # keys whose capture failed -> the error it raised
         self._lock = threading.Lock()
         self.hits = 0
 
@@ -54,15 +57,27 @@ class CaptureCache:
         with self._lock:
             self._programs.setdefault(key, program)
 
+    def failure(self, key: Any) -> Exception | None:
+        """The error a capture under ``key`` raised (models sharing the cache do not export it again)."""
+        with self._lock:
+            return self._failures.get(key)
+
+    def put_failure(self, key: Any, error: Exception) -> None:
+        with self._lock:
+            self._failures.setdefault(key, error)
+
     def discard(self, keys: Iterable[Any]) -> None:
-        """Drop the programs under ``keys`` (a model whose captures were dropped: they may be stale)."""
+        """Drop the programs and failures under ``keys`` (a model whose captures were dropped: they
+        may be stale)."""
         with self._lock:
             for key in keys:
                 self._programs.pop(key, None)
+                self._failures.pop(key, None)
 
     def clear(self) -> None:
         with self._lock:
             self._programs.clear()
+            self._failures.clear()
 
     def __len__(self) -> int:
         return len(self._programs)

@@ -152,6 +152,8 @@ class ModelRuntime:
     def _init_state(self) -> None:
         self._lock = threading.RLock()  # captures, branch registration and session creation
         self.programs: dict[Any, BlockProgram] = {}  # (structure, signature) -> program
+        # The same key -> the error its capture raised: blocks of that structure are not exported again.
+        self.capture_failures: dict[Any, CaptureError] = {}
         self.branches: dict[str, BranchInfo] = {}
         self._branch_tuple: tuple[BranchInfo, ...] = ()
         self.block_order: list[str] = []
@@ -174,7 +176,7 @@ class ModelRuntime:
     # -- pickling: captures, caches and sessions are not kept ------------------------------------
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for key in ("_lock", "programs", "branches", "_branch_tuple", "block_order", "auxiliary_order", "block_flops",
+        for key in ("_lock", "programs", "capture_failures", "branches", "_branch_tuple", "block_order", "auxiliary_order", "block_flops",
                     "uncached_blocks", "eager_blocks", "invariant_lists", "recaptures", "model_flops", "_validated_for", "_sessions", "_local",
                     "_threads", "executor", "signals", "_handoff_graphs", "_metric_groups", "_model", "outside",
                     "shared_captures"):
@@ -261,8 +263,9 @@ class ModelRuntime:
         """Drop every program and binding: the next call of each block captures it again."""
         with self._lock:
             if self.shared_captures is not None:  # what changed unseen may have made them stale too
-                self.shared_captures.discard(self.programs)
+                self.shared_captures.discard([*self.programs, *self.capture_failures])
             self.programs.clear()
+            self.capture_failures.clear()
             self.uncached_blocks.clear()
             self.eager_blocks.clear()
             for block in self.blocks:
@@ -353,8 +356,15 @@ class ModelRuntime:
                     self.programs[key] = program
             if program is None:
                 try:
+                    self._raise_known_failure(key, shared, block.path)
                     with torch.no_grad():
-                        program = build_program(original, args, kwargs, name=block.path, temporal=temporal)
+                        try:
+                            program = build_program(original, args, kwargs, name=block.path, temporal=temporal)
+                        except CaptureError as exc:
+                            self.capture_failures[key] = exc
+                            if shared is not None:
+                                shared.put_failure(key, exc)
+                            raise
                 except CaptureError as exc:
                     if block.on_capture_error == "branches":
                         return block.remember(signature, self._eager_binding(block, exc))
@@ -384,6 +394,18 @@ class ModelRuntime:
                 self.block_flops[block.path] = program.total_flops
             binding = Binding(block.path, block.epoch, depth, program, program.bind(original), infos)
             return block.remember(signature, binding)
+
+    def _raise_known_failure(self, key: Any, shared: CaptureCache | None, path: str) -> None:
+        """Raise, without exporting again, the error a block of the same structure and input signature
+        (this model's or, through ``shared``, another's) raised: export would fail the same way."""
+        failure = self.capture_failures.get(key)
+        if failure is None and shared is not None:
+            failure = shared.failure(key)
+            if failure is not None:
+                self.capture_failures[key] = failure
+        if failure is not None:
+            raise CaptureError(f"block {path!r} has the structure and input signature of a block whose "
+                               f"capture failed (not tried again): {failure}") from failure.__cause__
 
     def _eager_binding(self, block: nn.Module, error: CaptureError) -> EagerBinding:
         """A block export could not take, bound to run eagerly with its branch children cached (see
