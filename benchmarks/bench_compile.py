@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import adacache_fx as ax
+from adacache_lab.traffic import copy_bandwidth, reuse_step_memory_ideal, stream_bytes
 from adacache_lab.zoo import LATTE_SIZES, latte
 
 RESULTS = Path(__file__).parent / "results"
@@ -149,18 +150,8 @@ def main() -> None:
     reuse_times = sorted(t for t, s in static_steps if s.computed == 0 and s.reused > 0)
     compute_times = sorted(t for t, s in static_steps if s.reused == 0)
     cache_bytes = report.cache_peak_bytes
-    stream = kwargs["hidden_states"]
-    moved = cache_bytes + 2 * stream.numel() * stream.element_size()
-    probe = torch.empty(64 * 2**20 // 4, device=args.device)  # 64 MiB: a copy's bandwidth
-    for _ in range(3):
-        probe.clone()
-    _sync()
-    start = time.perf_counter()
-    for _ in range(10):
-        probe.clone()
-    _sync()
-    bandwidth = 10 * 2 * probe.numel() * probe.element_size() / (time.perf_counter() - start)  # read + write
-    reuse_ideal = moved / bandwidth
+    bandwidth = copy_bandwidth(args.device)
+    reuse_ideal = reuse_step_memory_ideal(cache_bytes, stream_bytes(eager, kwargs), bandwidth)
     measured = total["compiled_nocache"] / total["compiled_static2"]
     ideal = total["compiled_nocache"] / ideal_loop
     result = {

@@ -6,7 +6,9 @@ Measures, in one process with the variants interleaved:
   * Static(2) efficiency: measured loop speed-up / ideal speed-up, where the ideal removes exactly the
     measured cost of every branch's operations on reuse steps (target >= 0.95);
   * cache bytes per call slot of Static(2) and AdaCache.fast over one generation, against one stream's
-    hidden states (target <= 1.05 for what folding keeps).
+    hidden states (target <= 1.05 for what folding keeps);
+  * a reuse step's time as a share of a compute step's (target <= 0.02), and beside the memory-traffic
+    ideal: the cache bytes plus the stream read and written once, at the measured copy bandwidth.
 
 Branch costs are measured by timing every operation of each captured block graph on its real
 inputs and summing the operations inside each cached region.
@@ -35,6 +37,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 import adacache_fx as ax
+from adacache_lab.traffic import copy_bandwidth, reuse_step_memory_ideal, stream_bytes
 from adacache_fx.runtime.cached_block import CachedBlock
 from adacache_lab.zoo import latte
 
@@ -118,18 +121,6 @@ def best_per_step(loops: list[list[float]]) -> list[float]:
     return [min(times) for times in zip(*loops)]
 
 
-def stream_bytes(model, kwargs) -> int:
-    """Bytes of the hidden states entering the model's first block (one stream, one call)."""
-    seen = []
-    first = next(m for m in model.modules() if isinstance(m, CachedBlock))
-    hook = first.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-    try:
-        time_call(model, kwargs)
-    finally:
-        hook.remove()
-    return seen[0].numel() * seen[0].element_size()
-
-
 def cache_bytes_per_slot(model, inputs, timesteps) -> int:
     """The most cache bytes one call slot held over one generation of ``model``."""
     ax.reset(model)
@@ -207,6 +198,11 @@ def main() -> None:
     ideal_loop = sum(t * (1 - branch_share) if reuse else t for t, reuse in zip(steps["original"], reuse_steps))
     measured_speedup = t_loop_orig / t_loop_static
     ideal_speedup = t_loop_orig / ideal_loop
+    # The memory-traffic ideal the FLOP ideal leaves out: a reuse step reads what the cache holds and
+    # reads and writes the stream once (a lower bound: the embedders and head run too).
+    bandwidth = copy_bandwidth("cpu")
+    reuse_memory_ideal = reuse_step_memory_ideal(held["static2"], stream, bandwidth)
+    reuse_median = statistics.median(reuse_step_times) if reuse_step_times else None
 
     result = {
         "date": date.today().isoformat(),
@@ -237,6 +233,12 @@ def main() -> None:
         "static2_measured_over_ideal": round(measured_speedup / ideal_speedup, 3),
         "reuse_step_over_compute_step": round(statistics.median(reuse_step_times) / statistics.median(compute_steps), 4)
         if reuse_step_times and compute_steps else None,
+        "reuse_step_s_median": round(reuse_median, 4) if reuse_median is not None else None,
+        "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "reuse_step_memory_ideal_s": round(reuse_memory_ideal, 5),
+        "reuse_step_over_memory_ideal": round(reuse_median / reuse_memory_ideal, 2) if reuse_median else None,
+        "static2_speedup_ideal_flops_and_memory": round(
+            t_loop_orig / (ideal_loop + reuse_memory_ideal * len(reuse_step_times)), 3),
         "stream_bytes": stream,
         "cache_bytes_per_slot": held,
         "cache_bytes_per_slot_over_stream": {k: round(v / stream, 3) for k, v in held.items()},
