@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from adacache_fx.passes.guards import guard_module
+from adacache_fx.passes.guards import guard_module, is_portable, structural_key
 
 
 class Block(nn.Module):
@@ -72,3 +72,26 @@ def test_objects_hooks_and_attributes_fail_the_guard():
     guard = guard_module(block)
     block.flags["fused"] = True
     assert not guard.holds()
+
+
+def test_structural_keys_know_whether_other_models_may_compare_them():
+    """Portable: plain data only. Not: a plain tensor or module attribute (named by id), a forward
+    hook, a Python function attribute (its closure is not compared); text that looks like one is data."""
+    def block():
+        return nn.Sequential(nn.Linear(4, 4), nn.GELU())
+
+    plain = block()
+    plain[0].note = "('tensor', 1) ('function', 'f')"
+    assert is_portable(structural_key(plain)) and is_portable(structural_key(block()))
+    assert structural_key(block()) == structural_key(block())  # equal keys across instances
+
+    with_tensor, with_module, with_function, hooked = block(), block(), block(), block()
+    with_tensor[0].table = torch.zeros(2)
+    with_module[1].__dict__["owner"] = nn.Linear(2, 2)  # held, not registered as a child
+    scale = 2.0
+    with_function[1].forward = lambda x: x * scale
+    hooked[0].register_forward_hook(lambda *_: None)
+    for model in (with_tensor, with_module, with_function, hooked):
+        key = structural_key(model)
+        assert not is_portable(key), model
+        assert key == structural_key(model)  # still equal to itself within the process

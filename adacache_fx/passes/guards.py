@@ -273,7 +273,14 @@ def guard_module(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> ModuleG
     )
 
 
-def is_portable(structure: tuple) -> bool:
+class StructuralKey(tuple):
+    """A :func:`structural_key`: compares and hashes as the tuple it is; ``portable`` says whether it
+    may be compared across models (see :func:`is_portable`), known when the key was made."""
+
+    portable: bool
+
+
+def is_portable(structure: StructuralKey) -> bool:
     """Whether a :func:`structural_key` names no object by identity (a plain tensor or module
     attribute, a forward hook) and holds no Python function (an instance ``forward`` that diffusers'
     hooks install: its closure is not compared). Only such keys may be compared across models:
@@ -283,12 +290,7 @@ def is_portable(structure: tuple) -> bool:
         >>> is_portable(structural_key(nn.Linear(2, 2)))
         True
     """
-    for _path, _cls, attrs, _params, _buffers, hooks, pre_hooks in structure:
-        if hooks or pre_hooks:
-            return False
-        if any("('tensor', " in text or "('module', " in text or "('function', " in text for _, text in attrs):
-            return False
-    return True
+    return structure.portable
 
 
 def ambient_state() -> tuple:
@@ -306,34 +308,39 @@ def ambient_state() -> tuple:
     return state
 
 
-def _plain(value: Any, depth: int = 0) -> Any:
-    """A hashable, comparable form of an attribute value that may steer forward's control flow."""
+def _plain(value: Any, local: list[str], depth: int = 0) -> Any:
+    """A hashable, comparable form of an attribute value that may steer forward's control flow.
+    Appends to ``local`` what it names that means something in this process only (an object by
+    identity, a function whose closure it does not compare)."""
     if isinstance(value, _SCALARS):
         return value
     if isinstance(value, (tuple, list)):
-        return (type(value).__name__, tuple(_plain(v, depth + 1) for v in value))
+        return (type(value).__name__, tuple(_plain(v, local, depth + 1) for v in value))
     if isinstance(value, (set, frozenset)):
-        return ("set", tuple(sorted(repr(_plain(v, depth + 1)) for v in value)))
+        return ("set", tuple(sorted(repr(_plain(v, local, depth + 1)) for v in value)))
     if isinstance(value, dict):
-        return ("dict", tuple(sorted((repr(k), repr(_plain(v, depth + 1))) for k, v in value.items())))
+        return ("dict", tuple(sorted((repr(k), repr(_plain(v, local, depth + 1))) for k, v in value.items())))
     if isinstance(value, torch.Tensor):  # plain tensor attributes (not buffers): compare by identity
+        local.append("tensor")
         return ("tensor", id(value))
     if isinstance(value, nn.Module):
+        local.append("module")
         return ("module", id(value))
     if callable(value) and not hasattr(value, "__dict__"):
         return ("callable", getattr(value, "__qualname__", repr(value)))
     if isinstance(value, (types.FunctionType, types.MethodType)):
         # Its code by name; what its closure or bound object holds is not compared (see is_portable).
         # (A bound method may wrap any callable, e.g. a functools.partial: no __qualname__ of its own.)
+        local.append("function")
         name = getattr(value, "__qualname__", type(getattr(value, "__func__", value)).__qualname__)
-        return ("function", name, _plain(dict(getattr(value, "__dict__", {})), depth + 1))
+        return ("function", name, _plain(dict(getattr(value, "__dict__", {})), local, depth + 1))
     state = getattr(value, "__dict__", None)
     if state is not None and depth < 3:
-        return (type(value).__qualname__, _plain(dict(state), depth + 1))
+        return (type(value).__qualname__, _plain(dict(state), local, depth + 1))
     return (type(value).__qualname__, repr(value))
 
 
-def structural_key(block: nn.Module) -> tuple:
+def structural_key(block: nn.Module) -> StructuralKey:
     """Blocks with equal keys compute the same function of (parameters, inputs): one capture can
     serve them all, each reading its own parameters.
 
@@ -343,10 +350,11 @@ def structural_key(block: nn.Module) -> tuple:
     plain data is compared by type and contents, so doubt means "capture separately".
     """
     parts = []
+    local: list[str] = []  # what only this process can compare (see is_portable)
     for path, module in block.named_modules():
         state = module.__dict__
         attrs = tuple(sorted(
-            (k, repr(_plain(v))) for k, v in state.items()
+            (k, repr(_plain(v, local))) for k, v in state.items()
             if k not in _IGNORED and k not in _MODULE_DICTS and not k.startswith(_FOREIGN)
         ))
         parts.append((
@@ -360,4 +368,6 @@ def structural_key(block: nn.Module) -> tuple:
             tuple(map(id, state["_forward_hooks"].values())),
             tuple(map(id, state["_forward_pre_hooks"].values())),
         ))
-    return tuple(parts)
+    key = StructuralKey(parts)
+    key.portable = not local and not any(hooks or pre_hooks for *_, hooks, pre_hooks in parts)
+    return key
