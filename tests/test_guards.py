@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from adacache_fx.passes.guards import guard_module, is_portable, structural_key
+from adacache_fx.passes.guards import GuardSet, guard_module, is_portable, structural_key
 
 
 class Block(nn.Module):
@@ -95,3 +95,34 @@ def test_structural_keys_know_whether_other_models_may_compare_them():
         key = structural_key(model)
         assert not is_portable(key), model
         assert key == structural_key(model)  # still equal to itself within the process
+
+
+def test_a_guard_set_holds_exactly_when_every_guard_does():
+    """Each kind of change, made to any one of several blocks, fails the joint check; grad flags and
+    autocast do not; after a change is undone it holds again."""
+    changes = [
+        lambda b: setattr(b.proj, "weight", nn.Parameter(b.proj.weight.detach().clone())),
+        lambda b: b.norm.register_forward_hook(lambda module, args, out: out * 2),
+        lambda b: b.flags.__setitem__("fused", True),
+        lambda b: setattr(b.proj.weight, "data", b.proj.weight.data.half()),
+    ]
+    for change in changes:
+        for changed in range(3):
+            blocks = [Block() for _ in range(3)]
+            guards = [guard_module(b) for b in blocks]
+            joint = GuardSet(guards)
+            assert joint.holds() and joint.made_of(guards) and not joint.made_of(guards[:2])
+            change(blocks[changed])
+            assert not joint.holds()
+            assert [g.holds() for g in guards] == [i != changed for i in range(3)]
+    blocks = [Block() for _ in range(3)]
+    joint = GuardSet([guard_module(b) for b in blocks])
+    blocks[2].requires_grad_(False)  # the joint tensor check fails; each guard confirms; rebuilt
+    assert joint.holds() and joint.holds()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert joint.holds()
+    weight = blocks[1].proj.weight.data
+    blocks[1].proj.weight.data = torch.zeros(8, 4)
+    assert not joint.holds()
+    blocks[1].proj.weight.data = weight
+    assert joint.holds()

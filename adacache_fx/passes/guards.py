@@ -29,7 +29,7 @@ import enum
 import sys
 import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -195,6 +195,54 @@ class ModuleGuard:
             if len(found) >= limit:
                 break
         return found or ["state the capture read changed (no difference found in its description)"]
+
+
+class GuardSet:
+    """Several blocks' guards checked as one: a single pass over all their dictionaries' versions and
+    one C++ check of all their tensors, instead of a Python call per block (the blocks of a folded
+    span, checked before it is replayed: a reusing step of a deep model checks every block's).
+
+        >>> blocks = [nn.Linear(2, 2) for _ in range(3)]
+        >>> guards = GuardSet([guard_module(b) for b in blocks])
+        >>> guards.holds()
+        True
+        >>> blocks[1].weight = nn.Parameter(torch.zeros(3, 2))
+        >>> guards.holds()
+        False
+
+    Holds exactly when every guard's :meth:`ModuleGuard.holds` would: where the joint tensor check
+    fails (another grad mode or autocast state than it was built under, or a real change), each
+    guard decides, and the joint check is rebuilt when they all hold.
+    """
+
+    def __init__(self, guards: Sequence[ModuleGuard]) -> None:
+        self.guards = tuple(guards)
+        self.dicts = tuple(d for g in self.guards for d in g.dicts)
+        self.versions = [v for g in self.guards for v in g.versions]
+        self.sequences = tuple(s for g in self.guards for s in g.sequences)
+        self.tensors = tuple(t for g in self.guards for t in g.tensors)
+        self.tensor_check = [_tensor_check(self.tensors)]
+
+    def made_of(self, guards: Sequence[ModuleGuard]) -> bool:
+        """Whether this set checks exactly ``guards`` (the same objects, in order)."""
+        return len(guards) == len(self.guards) and all(a is b for a, b in zip(guards, self.guards))
+
+    def holds(self) -> bool:
+        if _dict_version is not None:
+            if list(map(_dict_version, self.dicts)) != self.versions:
+                return False
+        elif [_version(d) for d in self.dicts] != self.versions:
+            return False
+        for sequence, frozen in self.sequences:
+            if _frozen(sequence) != frozen:
+                return False
+        check = self.tensor_check[0]
+        if check is not None and check.check(*self.tensors):
+            return True
+        if not all(guard.holds() for guard in self.guards):
+            return False
+        self.tensor_check[0] = _tensor_check(self.tensors)
+        return True
 
 
 def _describe_value(value: Any, depth: int = 0) -> Any:

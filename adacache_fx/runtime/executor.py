@@ -26,6 +26,7 @@ import torch.utils._pytree as pytree
 
 from ..errors import AdaCacheError, CacheBudgetError, CaptureError, PolicyError
 from ..passes.capture import BoundInputs
+from ..passes.guards import GuardSet
 from ..passes.program import BlockProgram
 from ..passes.rewrite import RegionState
 from ..policies.base import LOCAL, BranchInfo, Capabilities
@@ -205,6 +206,9 @@ class Executor:
         self.policy = caps.policy
         self.graphs = graphs or GraphRunner()
         self.blocks: dict[str, Any] = {}  # block path -> the wrapper block (a span checks them live)
+        # A folded span's first block path -> its other blocks' guards checked as one (rebuilt when a
+        # block's guard is recorded anew).
+        self._span_guards: dict[str, GuardSet] = {}
         self.cache_budget: int | None = None  # bytes one session may hold (transform(cache_budget=))
         self.constants: Constants | None = None  # the model's tensors outside its blocks (bridges.py)
 
@@ -402,11 +406,24 @@ class Executor:
         return not plan.partial and not session.call.cond_only and all(
             info.id in plan.reuse for info in binding.branches)
 
-    def _intact(self, binding: Binding) -> bool:
-        """The block is bound as when the span was recorded, and its guard holds."""
-        block = self.blocks.get(binding.path)
-        return (block is not None and block.epoch == binding.epoch and block.guard is not None
-                and block.guard.holds())
+    def _span_intact(self, session: Session, span: FoldedSpan, first: Binding) -> bool:
+        """Every block of ``span`` is reused whole by this call's plan and bound as when the span was
+        recorded, and none but ``first`` (whose call checked its guard just now) changed since: their
+        guards are checked as one :class:`GuardSet`."""
+        guards = []
+        for binding in span.bindings:
+            if not self._reused_whole(session, binding):
+                return False
+            if binding is first:
+                continue
+            block = self.blocks.get(binding.path)
+            if block is None or block.epoch != binding.epoch or block.guard is None:
+                return False
+            guards.append(block.guard)
+        checked = self._span_guards.get(first.path)
+        if checked is None or not checked.made_of(guards):
+            checked = self._span_guards[first.path] = GuardSet(guards)
+        return checked.holds()
 
     def _replay(self, session: Session, binding: Binding, leaves: list[Any]) -> Any:
         """On a reusing call: the span's first block adds each stream's folded residual, the others
@@ -423,8 +440,7 @@ class Executor:
             if span is not None and span.bindings[0] is not binding and span.bindings[0].epoch == binding.epoch:
                 self._warn_new_shapes(session, binding)  # recorded for other shapes: never replayed here
             # (The first block's guard was checked by its call just now: its binding is current.)
-            if span is None or span.bindings[0] is not binding or not all(
-                    (b is binding or self._intact(b)) and self._reused_whole(session, b) for b in span.bindings):
+            if span is None or span.bindings[0] is not binding or not self._span_intact(session, span, binding):
                 return None
             # ``intact``: the span's blocks whose guards were checked just now, which their own calls
             # in this replay need not check again (a passed-through block reads none of its state).
