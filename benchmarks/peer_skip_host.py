@@ -1,0 +1,124 @@
+"""Host time of a skipping call at real depth: adacache_fx against diffusers' First-Block-Cache hook.
+
+A skipping call runs the first block and the model's embedders and head; every later block is
+passed over. On a GPU at real sizes the first block takes a few milliseconds and the rest of such a
+call is host work: what each tool does per skipped block (diffusers: a hook returning its cached
+output; adacache_fx: the folded span's guard check, so that a block changed since the residual was
+stored is recomputed rather than reused stale, and a pass-through per block). This measures that
+host work on the CPU with the real block counts (Flux: 19 double + 38 single blocks; Wan 14B: 40)
+at a tiny width and token count, where the blocks' arithmetic is negligible.
+
+Each call has a new timestep and the threshold is effectively infinite, so every call after the
+first skips; calls of the two tools alternate (A B, B A, ...); reported: fastest and median call.
+
+    python benchmarks/peer_skip_host.py [--calls 80]
+
+Writes benchmarks/results/peer_skip_host_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).parent))
+import peer_first_block as peers  # noqa: E402  (the same model specs and inputs)
+
+RESULTS = Path(__file__).parent / "results"
+DEPTH = {"flux": dict(num_layers=19, num_single_layers=38), "wan": dict(num_layers=40)}
+
+
+def measure(name: str, calls: int) -> dict:
+    import adacache_fx as ax
+    from diffusers import FirstBlockCacheConfig
+
+    spec = peers.SPECS[name](True)  # the quick (tiny) sizes, at the real depth below
+    config = {**spec.config, **DEPTH[name]}
+    model_class = type(spec.build())
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return model_class(**config).eval()
+
+    ours = ax.transform(build(), ax.FirstBlockCache(threshold=1e9))
+    theirs = build()
+    theirs.enable_cache(FirstBlockCacheConfig(threshold=1e9))
+    original = build()
+    step = itertools.count()
+
+    def kwargs():
+        return spec.kwargs(spec.noise, torch.tensor(999.0 - next(step) * 0.01))
+
+    def call_theirs(**kw):
+        with theirs.cache_context("cond"):
+            return theirs(**kw)
+
+    def timed(fn, kw) -> float:
+        start = time.perf_counter()
+        fn(**kw)
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {"adacache_fx": [], "diffusers": [], "original (uncached)": []}
+    fns = {"adacache_fx": ours, "diffusers": call_theirs, "original (uncached)": original}
+    with torch.no_grad(), ax.generation(ours, num_steps=10**6):
+        for _ in range(4):  # capture, the first (computing) call, warm-up
+            for fn in fns.values():
+                timed(fn, kwargs())
+        for i in tqdm(range(calls), desc=f"{name}: alternating calls"):
+            order = list(fns) if i % 2 == 0 else list(fns)[::-1]
+            for key in order:
+                times[key].append(timed(fns[key], kwargs()))
+        skipped = ax.report(ours).steps[-1]
+    blocks = len(spec.blocks(original))
+    row = {key: {"fastest_ms": round(min(v) * 1e3, 3), "median_ms": round(statistics.median(v) * 1e3, 3)}
+           for key, v in times.items()}
+    extra = min(times["adacache_fx"]) - min(times["diffusers"])
+    return {
+        "model": f"{model_class.__name__}({', '.join(f'{k}={v}' for k, v in config.items())})",
+        "blocks": blocks,
+        "inputs": spec.tokens,
+        "ours_last_call_reused_branches": skipped.reused,
+        "ours_last_call_computed_branches": skipped.computed,
+        "calls": row,
+        "ours_over_diffusers_fastest": round(min(times["adacache_fx"]) / min(times["diffusers"]), 3),
+        "ours_minus_diffusers_per_skipped_block_us": round(extra / (blocks - 1) * 1e6, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=80)
+    parser.add_argument("--models", nargs="+", default=["flux", "wan"], choices=sorted(DEPTH))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    results = {name: measure(name, args.calls) for name in args.models}
+    record = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": 1,
+                    "load_average_at_end": list(__import__("os").getloadavg())},
+        "versions": {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__},
+        "command": "python benchmarks/peer_skip_host.py " + " ".join(sys.argv[1:]),
+        "wall_s": round(time.perf_counter() - start, 1),
+        "models": results,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "peer_skip_host_cpu.json").write_text(json.dumps(record, indent=2) + "\n")
+    for name, r in results.items():
+        print(f"{name} ({r['blocks']} blocks): " + "; ".join(
+            f"{k} {v['fastest_ms']} ms (median {v['median_ms']})" for k, v in r["calls"].items())
+            + f"; ours - diffusers per skipped block {r['ours_minus_diffusers_per_skipped_block_us']} us")
+
+
+if __name__ == "__main__":
+    main()
