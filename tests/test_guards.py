@@ -126,3 +126,28 @@ def test_a_guard_set_holds_exactly_when_every_guard_does():
     assert not joint.holds()
     blocks[1].proj.weight.data = weight
     assert joint.holds()
+
+
+def test_children_and_buffers_added_to_torch_leaf_layers_are_not_checked_and_change_nothing():
+    """torch's own leaf layers read neither: the guard skips those dictionaries (a third of a block's),
+    and the block computes the same. Their hooks, attributes and parameters are still checked, and a
+    subclass of a leaf layer is checked whole."""
+    block = Block()
+    guard = guard_module(block)
+    x = torch.randn(2, 8)
+    before = block(x)
+    block.proj.add_module("extra", nn.Linear(8, 8))
+    block.proj.register_buffer("unused", torch.ones(3))
+    assert guard.holds() and torch.equal(block(x), before)
+    block.proj.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    assert not guard.holds()
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * getattr(self, "gain", torch.ones(())).sum()
+
+    block = Block()
+    block.proj = Scaled(8, 8)
+    guard = guard_module(block)
+    block.proj.register_buffer("gain", torch.full((1,), 3.0))
+    assert not guard.holds()

@@ -54,6 +54,14 @@ _IGNORED = frozenset({
 _FOREIGN = ("_adacache_fx", "_diffusers_hook")
 # Dictionaries of a module whose versions are checked besides its __dict__.
 _MODULE_DICTS = ("_modules", "_parameters", "_buffers", "_forward_hooks", "_forward_pre_hooks")
+# torch's own leaf layers (exactly these classes, not subclasses) read neither children nor buffers in
+# forward: a child or buffer added to one changes nothing a capture computes, so their ``_modules``
+# and ``_buffers`` are not checked (a third of a block's dictionaries, most of its modules are these).
+_LEAF_LAYERS = frozenset({
+    nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Dropout, nn.Identity, nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh,
+    nn.Sigmoid, nn.Mish, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, *([nn.RMSNorm] if hasattr(nn, "RMSNorm") else []),
+})
+_LEAF_DICTS = ("_parameters", "_forward_hooks", "_forward_pre_hooks")
 _SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, enum.Enum)
 _OPAQUE = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type, types.ModuleType)
 _DEPTH = 2  # objects held by modules (processors) and what they hold (their configs), no deeper
@@ -88,7 +96,7 @@ class _Recorder:
     def module(self, module: nn.Module) -> None:
         state = module.__dict__
         self.dicts.append(state)
-        for name in _MODULE_DICTS:
+        for name in _LEAF_DICTS if type(module) in _LEAF_LAYERS else _MODULE_DICTS:
             self.dicts.append(state[name])
         for tensor in (*state["_parameters"].values(), *state["_buffers"].values()):
             if tensor is not None:
