@@ -17,6 +17,7 @@ import torch
 
 import adacache_fx as ax
 from adacache_lab.zoo import ZOO
+from conftest import ProjectionAttention
 
 STEPS = 7
 
@@ -147,3 +148,59 @@ def test_adacache_metric_kept_at_the_stream_precision_decides_alike():
     assert folded_plans == plans and any(reused for _, reused in plans)
     assert all(abs(a - b) <= 1e-2 * abs(b) for a, b in zip(folded_distances, distances))
     assert folded_peak < peak
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, dim=8):
+        super().__init__()
+        self.attn = ProjectionAttention(dim)
+        self.gain = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, temb):
+        return x + self.attn(x) * self.gain(temb)
+
+
+class _Toy(torch.nn.Module):
+    """Three blocks taking the stream and a per-call embedding; ``per_block`` hands each block its
+    own embedding object (equal or, from block ``odd_from`` on, of another dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_Block() for _ in range(3)])
+        self.per_block = False
+        self.odd_from = None
+
+    def forward(self, hidden_states, timestep):
+        temb = timestep.reshape(1, 1, 1).expand(1, 1, 8) / 1000
+        for i, block in enumerate(self.blocks):
+            if self.per_block:
+                temb = temb.clone()
+                if self.odd_from is not None and i >= self.odd_from:
+                    temb = temb.to(torch.float64)
+            hidden_states = block(hidden_states, temb)
+        return hidden_states
+
+
+def test_a_replayed_span_checks_each_later_blocks_call_against_what_it_recorded():
+    """A span's later blocks pass their stream on when called as recorded, whether the model hands
+    them the same embedding object or an equal new one each; called otherwise (here: another dtype),
+    the replay refuses, naming the span, as the general path always did."""
+    torch.manual_seed(0)
+    reference = _Toy()
+    x = torch.randn(1, 4, 8)
+    outs = {}
+    for per_block in (False, True):
+        model = ax.transform(_Toy(), ax.Static(2))
+        model.load_state_dict(reference.state_dict())
+        model.per_block = per_block
+        with torch.no_grad(), ax.generation(model, num_steps=3):
+            outs[per_block] = [model(x, torch.tensor([t])) for t in (999.0, 900.0)]
+        assert [s.reused for s in ax.report(model).steps] == [0, 3]
+    assert all(torch.equal(a, b) for a, b in zip(outs[False], outs[True]))
+    model = ax.transform(_Toy(), ax.Static(2))
+    model.per_block = True
+    with torch.no_grad(), ax.generation(model, num_steps=3):
+        model(x, torch.tensor([999.0]))
+        model.odd_from = 2
+        with pytest.raises(ax.AdaCacheError, match=r"folded span starting at blocks\.0"):
+            model(x, torch.tensor([900.0]))

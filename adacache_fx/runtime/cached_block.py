@@ -110,6 +110,10 @@ class CachedBlock(nn.Module):
         guard = self.guard
         replay = session.call.replay  # a folded span checked this block's guard when its replay began
         checked = replay is not None and self.path in replay["intact"]
+        if checked:  # a later block of a folded span being replayed: its inputs pass on
+            output = runtime.executor.pass_through(session, self, args, kwargs)
+            if output is not None:
+                return output
         # Drivers that trace the model (export, the whole-model compile) run the bound programs as
         # they are: tracing swaps parameters for its own tensors, which is not a change of the model.
         if guard is not None and session.live and not checked and not guard.holds():

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from ..errors import AdaCacheError, CacheBudgetError, CaptureError, PolicyError
-from ..passes.capture import BoundInputs
+from ..passes.capture import BoundInputs, flatten_call, leaf_key
 from ..passes.guards import GuardSet
 from ..passes.program import BlockProgram
 from ..passes.rewrite import RegionState
@@ -52,6 +52,7 @@ class Binding:
     program: BlockProgram
     inputs: BoundInputs
     branches: tuple[BranchInfo, ...]
+    signature: Any = None  # the call signature the block's bindings hold it under
 
 
 class GraphRunner:
@@ -425,6 +426,32 @@ class Executor:
             checked = self._span_guards[first.path] = GuardSet(guards)
         return checked.holds()
 
+    def pass_through(self, session: Session, block: Any, args: tuple, kwargs: dict) -> Any:
+        """A later block of the folded span being replayed, called as the span recorded it (the binding
+        at this position, that binding's input signature): the block's outputs, its stream inputs passed
+        on. Its leaves' signature keys are computed once per replayed call and object, not per block (the
+        model passes the same embeddings to every block). None sends the call down the general path,
+        which decides, or refuses, as before."""
+        replay = session.call.replay
+        position = replay["position"]
+        binding = replay["span"].bindings[position]
+        signature = binding.signature
+        if position == 0 or signature is None or binding.path != block.path or binding.epoch != block.epoch:
+            return None
+        leaves, structure = flatten_call(args, kwargs)
+        if structure != signature[0] or session.ambient != signature[2] or len(leaves) != len(signature[1]):
+            return None
+        known = replay["leaf_keys"]  # id -> (leaf, its key): the leaf is held, so its id stays its own
+        for leaf, recorded in zip(leaves, signature[1]):
+            seen = known.get(id(leaf))
+            if seen is None or seen[0] is not leaf:
+                seen = known[id(leaf)] = (leaf, leaf_key(leaf))
+            if seen[1] != recorded:
+                return None
+        outputs = self._replay(session, binding, leaves)
+        program = binding.program
+        return pytree.tree_unflatten(list(outputs[: program.num_user_outputs]), program.captured.out_spec)
+
     def _replay(self, session: Session, binding: Binding, leaves: list[Any]) -> Any:
         """On a reusing call: the span's first block adds each stream's folded residual, the others
         pass their inputs through (what they return is what the computing call gave the next block:
@@ -445,7 +472,7 @@ class Executor:
             # ``intact``: the span's blocks whose guards were checked just now, which their own calls
             # in this replay need not check again (a passed-through block reads none of its state).
             replay = call.replay = {"span": span, "position": 0, "keys": {}, "call": call.block_calls,
-                                    "intact": frozenset(b.path for b in span.bindings)}
+                                    "intact": frozenset(b.path for b in span.bindings), "leaf_keys": {}}
             keys = list(range(len(fold)))
         else:
             span = replay["span"]

@@ -392,7 +392,7 @@ class ModelRuntime:
             depth, infos = self._register(block.path, block.list_name, block.index, program.regions, cond_only)
             if not cond_only:  # a cond-only guidance call's capture counts half the rows
                 self.block_flops[block.path] = program.total_flops
-            binding = Binding(block.path, block.epoch, depth, program, program.bind(original), infos)
+            binding = Binding(block.path, block.epoch, depth, program, program.bind(original), infos, signature)
             return block.remember(signature, binding)
 
     def _raise_known_failure(self, key: Any, shared: CaptureCache | None, path: str) -> None:
