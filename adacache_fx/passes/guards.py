@@ -147,6 +147,16 @@ def _tensor_check(tensors: tuple[torch.Tensor, ...]) -> Any:
         return None
 
 
+def _unchanged(dicts: tuple[dict, ...], versions: list, sequences: tuple[tuple[Any, Any], ...]) -> bool:
+    """The dictionaries still have the recorded versions and the lists and sets the recorded contents."""
+    if _dict_version is not None:
+        if list(map(_dict_version, dicts)) != versions:
+            return False
+    elif [_version(d) for d in dicts] != versions:
+        return False
+    return all(_frozen(sequence) == frozen for sequence, frozen in sequences)
+
+
 @dataclass(frozen=True, eq=False)
 class ModuleGuard:
     """The state of one block that its capture depends on (see the module docstring)."""
@@ -163,14 +173,8 @@ class ModuleGuard:
 
     def holds(self, module: nn.Module | None = None) -> bool:
         """True when nothing the capture baked in has changed (``module``: unused, for symmetry)."""
-        if _dict_version is not None:
-            if list(map(_dict_version, self.dicts)) != self.versions:
-                return False
-        elif [_version(d) for d in self.dicts] != self.versions:
+        if not _unchanged(self.dicts, self.versions, self.sequences):
             return False
-        for sequence, frozen in self.sequences:
-            if _frozen(sequence) != frozen:
-                return False
         check = self.tensor_check[0]
         if check is not None and check.check(*self.tensors):
             return True
@@ -236,14 +240,8 @@ class GuardSet:
         return len(guards) == len(self.guards) and all(a is b for a, b in zip(guards, self.guards))
 
     def holds(self) -> bool:
-        if _dict_version is not None:
-            if list(map(_dict_version, self.dicts)) != self.versions:
-                return False
-        elif [_version(d) for d in self.dicts] != self.versions:
+        if not _unchanged(self.dicts, self.versions, self.sequences):
             return False
-        for sequence, frozen in self.sequences:
-            if _frozen(sequence) != frozen:
-                return False
         check = self.tensor_check[0]
         if check is not None and check.check(*self.tensors):
             return True
