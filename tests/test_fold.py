@@ -204,3 +204,24 @@ def test_a_replayed_span_checks_each_later_blocks_call_against_what_it_recorded(
         model.odd_from = 2
         with pytest.raises(ax.AdaCacheError, match=r"folded span starting at blocks\.0"):
             model(x, torch.tensor([900.0]))
+
+
+def test_a_weight_replaced_between_replays_is_not_kept_alive_by_the_span_check():
+    """The joint check of a span's blocks holds the tensors their guards checked; a block whose guard
+    fails (its weight replaced, as quantizing does) drops it, so the old weight is freed at once, not
+    at the next reusing step."""
+    import gc
+    import weakref
+
+    entry = ZOO["dit"]
+    model = ax.transform(entry.build(), ax.Static(2))
+    with torch.no_grad(), ax.generation(model, num_steps=6):
+        model(**entry.inputs(timestep=999.0))
+        model(**entry.inputs(timestep=900.0))  # a reusing step: the span's joint check is built
+        layer = next(m for m in model.transformer_blocks[1].original.modules() if isinstance(m, torch.nn.Linear))
+        old = weakref.ref(layer.weight)
+        layer.weight = torch.nn.Parameter(layer.weight.detach().clone())
+        model(**entry.inputs(timestep=800.0))  # computes: the block's guard fails, it is captured anew
+    assert [s.reused > 0 for s in ax.report(model).steps] == [False, True, False]
+    gc.collect()
+    assert old() is None

@@ -95,12 +95,14 @@ class CachedBlock(nn.Module):
     def record_guard(self) -> None:
         """Record the guard of the live block anew (after a driver's trace, see ``ModelRuntime.tracing``)."""
         self.__dict__["guard"] = guard_module(self.original)
+        self.runtime.executor.forget_span_guards()
 
     def unbind(self, reason: str) -> None:
         """Forget every binding: the next call captures the block for its state then."""
         self.bindings.clear()
         self.__dict__["guard"] = None
         self.epoch += 1
+        self.runtime.executor.forget_span_guards()
 
     # -- call -----------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:

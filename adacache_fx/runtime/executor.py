@@ -207,8 +207,8 @@ class Executor:
         self.policy = caps.policy
         self.graphs = graphs or GraphRunner()
         self.blocks: dict[str, Any] = {}  # block path -> the wrapper block (a span checks them live)
-        # A folded span's first block path -> its other blocks' guards checked as one (rebuilt when a
-        # block's guard is recorded anew).
+        # A folded span's first block path -> its other blocks' guards checked as one (dropped when a
+        # block's guard is dropped or recorded anew: a set holds the tensors its guards checked).
         self._span_guards: dict[str, GuardSet] = {}
         self.cache_budget: int | None = None  # bytes one session may hold (transform(cache_budget=))
         self.constants: Constants | None = None  # the model's tensors outside its blocks (bridges.py)
@@ -425,6 +425,11 @@ class Executor:
         if checked is None or not checked.made_of(guards):
             checked = self._span_guards[first.path] = GuardSet(guards)
         return checked.holds()
+
+    def forget_span_guards(self) -> None:
+        """Drop every joint span check (a block's guard was dropped or recorded anew): what the old
+        guards held, weights replaced since (quantized, fused), is not kept alive by them."""
+        self._span_guards.clear()
 
     def pass_through(self, session: Session, block: Any, args: tuple, kwargs: dict) -> Any:
         """A later block of the folded span being replayed, called as the span recorded it (the binding
