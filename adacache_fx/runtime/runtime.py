@@ -358,14 +358,13 @@ class ModelRuntime:
                 try:
                     self._raise_known_failure(key, shared, block.path)
                     with torch.no_grad():
-                        try:
-                            program = build_program(original, args, kwargs, name=block.path, temporal=temporal)
-                        except CaptureError as exc:
-                            self.capture_failures[key] = exc
-                            if shared is not None:
-                                shared.put_failure(key, exc)
-                            raise
+                        program = build_program(original, args, kwargs, name=block.path, temporal=temporal)
                 except CaptureError as exc:
+                    # The first failure is kept (a known one is already there): its message names the
+                    # block export failed on, and what later blocks raise quotes it once.
+                    first = self.capture_failures.setdefault(key, exc)
+                    if shared is not None:
+                        shared.put_failure(key, first)
                     if block.on_capture_error == "branches":
                         return block.remember(signature, self._eager_binding(block, exc))
                     if block.on_capture_error != "skip":
