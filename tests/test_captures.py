@@ -108,17 +108,23 @@ class _Net(torch.nn.Module):
         return x
 
 
-def test_blocks_that_bake_in_a_plain_tensor_are_never_shared():
+def _each_exact_and_none_shared(originals) -> None:
+    """Each model, transformed with one shared CaptureCache, computes exactly what it did untransformed,
+    and the cache took none of their programs."""
     captures = ax.CaptureCache()
     x = torch.randn(1, 4, 8)
-    for scale in (1.0, 3.0):  # the second model's blocks hold another constant
-        original = _Net(scale)
+    for original in originals:
         with torch.no_grad():
             expected = original(x, torch.tensor(1.0))
         model = ax.transform(original, ax.NoCache(), captures=captures, blocks=["blocks"])
         with torch.no_grad():
             assert torch.equal(model(x, torch.tensor(1.0)), expected)
     assert len(captures) == 0 and captures.hits == 0
+
+
+def test_blocks_that_bake_in_a_plain_tensor_are_never_shared():
+    # The second model's blocks hold another constant.
+    _each_exact_and_none_shared(_Net(scale) for scale in (1.0, 3.0))
 
 
 def _scaled_forward(module: torch.nn.Module, factor: float):
@@ -132,20 +138,15 @@ def _scaled_forward(module: torch.nn.Module, factor: float):
 
 
 def test_blocks_with_an_installed_forward_are_never_shared():
-    captures = ax.CaptureCache()
-    x = torch.randn(1, 4, 8)
-    for factor in (1.0, 3.0):  # same code, another closure: the capture bakes in the factor
+    def hooked(factor):  # same code, another closure: the capture bakes in the factor
         original = _Net(1.0)
         for block in original.blocks:
             del block.scale  # a buffer, not a plain tensor: only the installed forward differs
             block.register_buffer("scale", torch.ones(8))
             block.mlp.forward = _scaled_forward(block.mlp, factor)
-        with torch.no_grad():
-            expected = original(x, torch.tensor(1.0))
-        model = ax.transform(original, ax.NoCache(), captures=captures, blocks=["blocks"])
-        with torch.no_grad():
-            assert torch.equal(model(x, torch.tensor(1.0)), expected)
-    assert len(captures) == 0 and captures.hits == 0
+        return original
+
+    _each_exact_and_none_shared(hooked(factor) for factor in (1.0, 3.0))
 
 
 def test_models_sharing_captures_each_follow_every_live_change():
