@@ -115,6 +115,8 @@ def test_a_guard_set_holds_exactly_when_every_guard_does():
             change(blocks[changed])
             assert not joint.holds()
             assert [g.holds() for g in guards] == [i != changed for i in range(3)]
+            # A set made after the change compares the guards' recorded state, not the state now.
+            assert not GuardSet(guards).holds()
     blocks = [Block() for _ in range(3)]
     joint = GuardSet([guard_module(b) for b in blocks])
     blocks[2].requires_grad_(False)  # the joint tensor check fails; each guard confirms; rebuilt
