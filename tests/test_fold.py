@@ -157,25 +157,36 @@ class _Block(torch.nn.Module):
         self.gain = torch.nn.Linear(dim, dim)
 
     def forward(self, x, temb):
+        if isinstance(temb, list):
+            temb = temb[0]
         return x + self.attn(x) * self.gain(temb)
 
 
 class _Toy(torch.nn.Module):
     """Three blocks taking the stream and a per-call embedding; ``per_block`` hands each block its
-    own embedding object (equal or, from block ``odd_from`` on, of another dtype)."""
+    own embedding object (equal or, from block ``odd_from`` on, of another dtype); ``in_a_list``
+    hands every block one list holding it, whose item is replaced from block ``odd_from`` on."""
 
     def __init__(self):
         super().__init__()
         self.blocks = torch.nn.ModuleList([_Block() for _ in range(3)])
         self.per_block = False
+        self.in_a_list = False
         self.odd_from = None
 
     def forward(self, hidden_states, timestep):
         temb = timestep.reshape(1, 1, 1).expand(1, 1, 8) / 1000
+        embeddings = [temb]
         for i, block in enumerate(self.blocks):
+            odd = self.odd_from is not None and i >= self.odd_from
+            if self.in_a_list:
+                if odd:
+                    embeddings[0] = temb.to(torch.float64)
+                hidden_states = block(hidden_states, embeddings)
+                continue
             if self.per_block:
                 temb = temb.clone()
-                if self.odd_from is not None and i >= self.odd_from:
+                if odd:
                     temb = temb.to(torch.float64)
             hidden_states = block(hidden_states, temb)
         return hidden_states
@@ -204,6 +215,17 @@ def test_a_replayed_span_checks_each_later_blocks_call_against_what_it_recorded(
         model.odd_from = 2
         with pytest.raises(ax.AdaCacheError, match=r"folded span starting at blocks\.0"):
             model(x, torch.tensor([900.0]))
+    # The same list object handed to every block, its item replaced before the last: a block called
+    # with the very objects the one before it was passes on only when those are immutable.
+    model = ax.transform(_Toy(), ax.Static(2))
+    model.load_state_dict(reference.state_dict())
+    model.in_a_list = True
+    with torch.no_grad(), ax.generation(model, num_steps=6):
+        assert all(torch.equal(model(x, torch.tensor([t])), expected) for t, expected in zip((999.0, 900.0), outs[False]))
+        model(x, torch.tensor([800.0]))  # computes; the next call reuses
+        model.odd_from = 2
+        with pytest.raises(ax.AdaCacheError, match=r"folded span starting at blocks\.0"):
+            model(x, torch.tensor([700.0]))
 
 
 def test_a_weight_replaced_between_replays_is_not_kept_alive_by_the_span_check():

@@ -14,7 +14,9 @@ How graphs run, as they are or compiled, is the :class:`GraphRunner`'s business.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import operator
 import threading
 import weakref
 from dataclasses import dataclass
@@ -53,6 +55,14 @@ class Binding:
     inputs: BoundInputs
     branches: tuple[BranchInfo, ...]
     signature: Any = None  # the call signature the block's bindings hold it under
+
+    @functools.cached_property
+    def branch_ids(self) -> frozenset[str]:
+        return frozenset(info.id for info in self.branches)
+
+    @functools.cached_property
+    def branch_flops(self) -> int:
+        return sum(info.flops or 0 for info in self.branches)
 
 
 class GraphRunner:
@@ -199,6 +209,51 @@ class _Chain:
         return out
 
 
+
+@dataclass(frozen=True, eq=False)
+class _SpanCheck:
+    """A folded span's bindings, the branches they hold, and the joint check of its later blocks' guards."""
+
+    bindings: tuple[Binding, ...]
+    branch_ids: frozenset[str]
+    guards: GuardSet
+
+
+_IMMUTABLE_LEAVES = (torch.Tensor, type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
+@dataclass(eq=False)
+class _PassedCall:
+    """The last passed-through block's call in a replay, kept when every argument is immutable (tensors,
+    scalars, plain tuples of them): a next block called with the same objects has the same leaves."""
+
+    args: tuple
+    kwarg_names: tuple[str, ...]
+    kwarg_values: tuple
+    leaves: list[Any]
+    signature: tuple
+    spec: Any
+    user: tuple
+    result: Any
+
+    def same_call(self, args: tuple, kwargs: dict) -> bool:
+        return (len(args) == len(self.args) and all(map(operator.is_, args, self.args))
+                and len(kwargs) == len(self.kwarg_names) and tuple(kwargs) == self.kwarg_names
+                and all(map(operator.is_, kwargs.values(), self.kwarg_values)))
+
+    def same_outputs(self, user: tuple) -> bool:
+        return len(user) == len(self.user) and all(map(operator.is_, user, self.user))
+
+    @staticmethod
+    def immutable(args: tuple, kwargs: dict) -> bool:
+        def frozen(value: Any, depth: int) -> bool:
+            if type(value) is tuple:
+                return depth < 4 and all(frozen(item, depth + 1) for item in value)
+            return isinstance(value, _IMMUTABLE_LEAVES)
+
+        return all(frozen(v, 0) for v in args) and all(frozen(v, 0) for v in kwargs.values())
+
+
 class Executor:
     """See the module docstring. One per transformed model (or exported runner)."""
 
@@ -209,7 +264,7 @@ class Executor:
         self.blocks: dict[str, Any] = {}  # block path -> the wrapper block (a span checks them live)
         # A folded span's first block path -> its other blocks' guards checked as one (dropped when a
         # block's guard is dropped or recorded anew: a set holds the tensors its guards checked).
-        self._span_guards: dict[str, GuardSet] = {}
+        self._span_guards: dict[str, _SpanCheck] = {}
         self.cache_budget: int | None = None  # bytes one session may hold (transform(cache_budget=))
         self.constants: Constants | None = None  # the model's tensors outside its blocks (bridges.py)
 
@@ -402,29 +457,32 @@ class Executor:
                             session.caches.narrow(session.slot, info.id, narrow)
         session.call.closed = []
         session.call.produced = {}
+
     def _reused_whole(self, session: Session, binding: Binding) -> bool:
         plan = session.plan
-        return not plan.partial and not session.call.cond_only and all(
-            info.id in plan.reuse for info in binding.branches)
+        return not plan.partial and not session.call.cond_only and binding.branch_ids <= plan.reuse
 
     def _span_intact(self, session: Session, span: FoldedSpan, first: Binding) -> bool:
         """Every block of ``span`` is reused whole by this call's plan and bound as when the span was
         recorded, and none but ``first`` (whose call checked its guard just now) changed since: their
         guards are checked as one :class:`GuardSet`."""
-        guards = []
-        for binding in span.bindings:
-            if not self._reused_whole(session, binding):
-                return False
-            if binding is first:
-                continue
-            block = self.blocks.get(binding.path)
-            if block is None or block.epoch != binding.epoch or block.guard is None:
-                return False
-            guards.append(block.guard)
+        plan = session.plan
+        if plan.partial or session.call.cond_only:
+            return False
         checked = self._span_guards.get(first.path)
-        if checked is None or not checked.made_of(guards):
-            checked = self._span_guards[first.path] = GuardSet(guards)
-        return checked.holds()
+        if checked is None or checked.bindings != span.bindings:  # Binding compares by identity
+            if not all(b.branch_ids <= plan.reuse for b in span.bindings):
+                return False
+            for binding in span.bindings:
+                block = self.blocks.get(binding.path)
+                if block is None or block.epoch != binding.epoch or block.guard is None:
+                    return False
+            # Kept until a block's guard is dropped or recorded anew (forget_span_guards): till then
+            # each block is at its binding's epoch, with the guard collected here.
+            checked = self._span_guards[first.path] = _SpanCheck(
+                span.bindings, frozenset().union(*(b.branch_ids for b in span.bindings)),
+                GuardSet([self.blocks[b.path].guard for b in span.bindings if b is not first]))
+        return checked.branch_ids <= plan.reuse and checked.guards.holds()
 
     def forget_span_guards(self) -> None:
         """Drop every joint span check (a block's guard was dropped or recorded anew): what the old
@@ -435,27 +493,46 @@ class Executor:
         """A later block of the folded span being replayed, called as the span recorded it (the binding
         at this position, that binding's input signature): the block's outputs, its stream inputs passed
         on. Its leaves' signature keys are computed once per replayed call and object, not per block (the
-        model passes the same embeddings to every block). None sends the call down the general path,
-        which decides, or refuses, as before."""
+        model passes the same embeddings to every block); a block called with the very objects the block
+        before it was (its passed-on streams, the same embeddings), all immutable, has that call's leaves
+        and, under an equal signature, its outputs. None sends the call down the general path, which
+        decides, or refuses, as before."""
         replay = session.call.replay
         position = replay["position"]
         binding = replay["span"].bindings[position]
         signature = binding.signature
         if position == 0 or signature is None or binding.path != block.path or binding.epoch != block.epoch:
             return None
-        leaves, structure = flatten_call(args, kwargs)
-        if structure != signature[0] or session.ambient != signature[2] or len(leaves) != len(signature[1]):
-            return None
-        known = replay["leaf_keys"]  # id -> (leaf, its key): the leaf is held, so its id stays its own
-        for leaf, recorded in zip(leaves, signature[1]):
-            seen = known.get(id(leaf))
-            if seen is None or seen[0] is not leaf:
-                seen = known[id(leaf)] = (leaf, leaf_key(leaf))
-            if seen[1] != recorded:
+        last: _PassedCall | None = replay.get("last")
+        if last is not None and last.same_call(args, kwargs) and (
+                signature is last.signature or signature == last.signature):
+            leaves = last.leaves
+        else:
+            last = None
+            leaves, structure = flatten_call(args, kwargs)
+            if structure != signature[0] or session.ambient != signature[2] or len(leaves) != len(signature[1]):
                 return None
+            known = replay["leaf_keys"]  # id -> (leaf, its key): the leaf is held, so its id stays its own
+            for leaf, recorded in zip(leaves, signature[1]):
+                seen = known.get(id(leaf))
+                if seen is None or seen[0] is not leaf:
+                    seen = known[id(leaf)] = (leaf, leaf_key(leaf))
+                if seen[1] != recorded:
+                    return None
         outputs = self._replay(session, binding, leaves)
         program = binding.program
-        return pytree.tree_unflatten(list(outputs[: program.num_user_outputs]), program.captured.out_spec)
+        user = tuple(outputs[: program.num_user_outputs])
+        spec = program.captured.out_spec
+        if last is not None and last.spec is spec and last.same_outputs(user):
+            result = last.result
+        else:
+            result = pytree.tree_unflatten(list(user), spec)
+        if last is not None:
+            last.result, last.user = result, user
+        elif _PassedCall.immutable(args, kwargs):
+            replay["last"] = _PassedCall(args, tuple(kwargs), tuple(kwargs.values()), leaves, signature, spec,
+                                         user, result)
+        return result
 
     def _replay(self, session: Session, binding: Binding, leaves: list[Any]) -> Any:
         """On a reusing call: the span's first block adds each stream's folded residual, the others
@@ -512,8 +589,7 @@ class Executor:
                     out.copy_(value)
                 value = out
             outputs.append(value)
-        for info in binding.branches:
-            self.commit(session, info, REUSE, (), binding, None)
+        self._count_reused(session, binding)
         if last:
             call.replay = None
         else:
@@ -708,6 +784,14 @@ class Executor:
             if forecast is not None:
                 return tuple(forecast)
         return entry.values
+
+    def _count_reused(self, session: Session, binding: Binding) -> None:
+        """What :meth:`commit` does for each of ``binding``'s branches reused (a replayed span's block):
+        count them, at once."""
+        record = session.record
+        if session.live and record is not None:
+            record.flops_total += binding.branch_flops
+            record.reused += len(binding.branches)
 
     def commit(self, session: Session, info: BranchInfo, state: RegionState, values: tuple,
                owner: Any, entry: CacheEntry | None, partial_flops: int | None = None) -> None:
