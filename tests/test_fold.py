@@ -247,3 +247,28 @@ def test_a_weight_replaced_between_replays_is_not_kept_alive_by_the_span_check()
     assert [s.reused > 0 for s in ax.report(model).steps] == [False, True, False]
     gc.collect()
     assert old() is None
+
+
+@__import__("dataclasses").dataclass(frozen=True)
+class _EveryOtherAsList(ax.Policy):
+    """Static(2)'s schedule from a user policy that lists the reused branches (a list, not a frozenset)."""
+
+    def plan(self, ctx, state):
+        return ax.Plan.compute_all() if ctx.step % 2 == 0 else ax.Plan(reuse=[b.id for b in ctx.branches])
+
+    def folds(self) -> bool:
+        return True
+
+
+def test_a_plan_listing_its_reused_branches_replays_folded_spans_as_a_frozenset_does():
+    torch.manual_seed(0)
+    reference = _Toy()
+    x = torch.randn(1, 4, 8)
+    outs = []
+    for policy in (ax.Static(2), _EveryOtherAsList()):
+        model = ax.transform(_Toy(), policy)
+        model.load_state_dict(reference.state_dict())
+        with torch.no_grad(), ax.generation(model, num_steps=6):
+            outs.append([model(x, torch.tensor([t])) for t in (999.0, 900.0, 800.0, 700.0)])
+        assert [s.reused for s in ax.report(model).steps] == [0, 3, 0, 3]
+    assert all(torch.equal(a, b) for a, b in zip(*outs))

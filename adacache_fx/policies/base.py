@@ -143,6 +143,8 @@ class Plan:
     skip_uncond: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.reuse, frozenset):  # a list or set from a policy: the runtime tests subsets
+            object.__setattr__(self, "reuse", frozenset(self.reuse))
         if not self.partial:
             return
         both = sorted(set(self.partial) & set(self.reuse))
