@@ -272,3 +272,38 @@ def test_a_plan_listing_its_reused_branches_replays_folded_spans_as_a_frozenset_
             outs.append([model(x, torch.tensor([t])) for t in (999.0, 900.0, 800.0, 700.0)])
         assert [s.reused for s in ax.report(model).steps] == [0, 3, 0, 3]
     assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+class _ListBlock(_Block):
+    def forward(self, x, temb):
+        return [super().forward(x, temb)]
+
+
+class _ListToy(torch.nn.Module):
+    """Blocks return a one-item list, which the model empties (``pop``) before the next block."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_ListBlock() for _ in range(4)])
+
+    def forward(self, hidden_states, timestep):
+        temb = timestep.reshape(1, 1, 1).expand(1, 1, 8) / 1000
+        for block in self.blocks:
+            hidden_states = block(hidden_states, temb).pop()
+        return hidden_states
+
+
+def test_a_replayed_block_returning_a_list_gives_each_caller_its_own():
+    """Later blocks called with the same objects share leaves, but a mutable result is never handed
+    to two callers: here the model empties each block's list before calling the next."""
+    torch.manual_seed(0)
+    reference = _ListToy()
+    x = torch.randn(1, 4, 8)
+    outs = []
+    for fold in (False, True):
+        model = ax.transform(_ListToy(), ax.Static(2), fold=fold)
+        model.load_state_dict(reference.state_dict())
+        with torch.no_grad(), ax.generation(model, num_steps=6):
+            outs.append([model(x, torch.tensor([t])) for t in (999.0, 900.0, 800.0, 700.0)])
+        assert [s.reused for s in ax.report(model).steps] == [0, 4, 0, 4]
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=0) for a, b in zip(*outs))

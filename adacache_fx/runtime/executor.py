@@ -209,7 +209,6 @@ class _Chain:
         return out
 
 
-
 @dataclass(frozen=True, eq=False)
 class _SpanCheck:
     """A folded span's bindings, the branches they hold, and the joint check of its later blocks' guards."""
@@ -222,10 +221,20 @@ class _SpanCheck:
 _IMMUTABLE_LEAVES = (torch.Tensor, type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 
 
+def _immutable(value: Any, depth: int = 0) -> bool:
+    """A tensor, a scalar, or a plain tuple of them (a few levels deep): nothing a caller can change in
+    place between two block calls that would change what a block call reads from it."""
+    if type(value) is tuple:
+        return depth < 4 and all(_immutable(item, depth + 1) for item in value)
+    return isinstance(value, _IMMUTABLE_LEAVES)
+
+
 @dataclass(eq=False)
 class _PassedCall:
     """The last passed-through block's call in a replay, kept when every argument is immutable (tensors,
-    scalars, plain tuples of them): a next block called with the same objects has the same leaves."""
+    scalars, plain tuples of them): a next block called with the same objects has the same leaves, and
+    the same result when its outputs are the same tensors and the result is immutable too (a list
+    handed to two callers could be changed by the first)."""
 
     args: tuple
     kwarg_names: tuple[str, ...]
@@ -235,6 +244,7 @@ class _PassedCall:
     spec: Any
     user: tuple
     result: Any
+    shareable: bool  # the result is immutable (so is every result of ``spec``)
 
     def same_call(self, args: tuple, kwargs: dict) -> bool:
         return (len(args) == len(self.args) and all(map(operator.is_, args, self.args))
@@ -246,12 +256,7 @@ class _PassedCall:
 
     @staticmethod
     def immutable(args: tuple, kwargs: dict) -> bool:
-        def frozen(value: Any, depth: int) -> bool:
-            if type(value) is tuple:
-                return depth < 4 and all(frozen(item, depth + 1) for item in value)
-            return isinstance(value, _IMMUTABLE_LEAVES)
-
-        return all(frozen(v, 0) for v in args) and all(frozen(v, 0) for v in kwargs.values())
+        return all(map(_immutable, args)) and all(map(_immutable, kwargs.values()))
 
 
 class Executor:
@@ -523,15 +528,17 @@ class Executor:
         program = binding.program
         user = tuple(outputs[: program.num_user_outputs])
         spec = program.captured.out_spec
-        if last is not None and last.spec is spec and last.same_outputs(user):
+        if last is not None and last.spec is spec and last.shareable and last.same_outputs(user):
             result = last.result
         else:
             result = pytree.tree_unflatten(list(user), spec)
         if last is not None:
+            if last.spec is not spec:  # another program with the same input signature
+                last.spec, last.shareable = spec, _immutable(result)
             last.result, last.user = result, user
         elif _PassedCall.immutable(args, kwargs):
             replay["last"] = _PassedCall(args, tuple(kwargs), tuple(kwargs.values()), leaves, signature, spec,
-                                         user, result)
+                                         user, result, _immutable(result))
         return result
 
     def _replay(self, session: Session, binding: Binding, leaves: list[Any]) -> Any:
