@@ -307,3 +307,27 @@ def test_a_replayed_block_returning_a_list_gives_each_caller_its_own():
             outs.append([model(x, torch.tensor([t])) for t in (999.0, 900.0, 800.0, 700.0)])
         assert [s.reused for s in ax.report(model).steps] == [0, 4, 0, 4]
     assert all(torch.allclose(a, b, atol=1e-6, rtol=0) for a, b in zip(*outs))
+
+
+def test_two_call_slots_at_different_shapes_each_keep_their_span_check(monkeypatch):
+    """Each step calls the model twice (two call slots), at two token counts: two bindings per block,
+    two spans. The joint guard check of each is built once, not again at every reusing call."""
+    from adacache_fx.runtime import executor
+
+    built = []
+
+    class CountedGuardSet(executor.GuardSet):
+        def __init__(self, guards):
+            built.append(len(guards))
+            super().__init__(guards)
+
+    monkeypatch.setattr(executor, "GuardSet", CountedGuardSet)
+    torch.manual_seed(0)
+    model = ax.transform(_Toy(), ax.Static(2))
+    inputs = (torch.randn(1, 4, 8), torch.randn(1, 6, 8))
+    with torch.no_grad(), ax.generation(model, num_steps=10):
+        for t in (999.0, 900.0, 800.0, 700.0, 600.0, 500.0):
+            for x in inputs:
+                model(x, torch.tensor([t]))
+    assert [s.reused for s in ax.report(model).steps] == [0, 6, 0, 6, 0, 6]  # both slots, each step
+    assert built == [2, 2]

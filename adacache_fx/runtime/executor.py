@@ -209,6 +209,9 @@ class _Chain:
         return out
 
 
+_SPAN_CHECKS_KEPT = 16  # joint span checks an executor keeps (spans by first block and bindings)
+
+
 @dataclass(frozen=True, eq=False)
 class _SpanCheck:
     """A folded span's bindings, the branches they hold, and the joint check of its later blocks' guards."""
@@ -267,9 +270,10 @@ class Executor:
         self.policy = caps.policy
         self.graphs = graphs or GraphRunner()
         self.blocks: dict[str, Any] = {}  # block path -> the wrapper block (a span checks them live)
-        # A folded span's first block path -> its other blocks' guards checked as one (dropped when a
-        # block's guard is dropped or recorded anew: a set holds the tensors its guards checked).
-        self._span_guards: dict[str, _SpanCheck] = {}
+        # (A folded span's first block path, its bindings' ids) -> its other blocks' guards checked as one
+        # (dropped when a block's guard is dropped or recorded anew: a set holds the tensors its guards
+        # checked).
+        self._span_guards: dict[tuple, _SpanCheck] = {}
         self.cache_budget: int | None = None  # bytes one session may hold (transform(cache_budget=))
         self.constants: Constants | None = None  # the model's tensors outside its blocks (bridges.py)
 
@@ -474,8 +478,11 @@ class Executor:
         plan = session.plan
         if plan.partial or session.call.cond_only:
             return False
-        checked = self._span_guards.get(first.path)
-        if checked is None or checked.bindings != span.bindings:  # Binding compares by identity
+        # Keyed by the bindings' identities (a check holds its bindings, so their ids stay theirs): the
+        # spans of two call slots bound at different signatures each keep theirs.
+        key = (first.path, tuple(map(id, span.bindings)))
+        checked = self._span_guards.get(key)
+        if checked is None:
             if not all(b.branch_ids <= plan.reuse for b in span.bindings):
                 return False
             for binding in span.bindings:
@@ -484,7 +491,9 @@ class Executor:
                     return False
             # Kept until a block's guard is dropped or recorded anew (forget_span_guards): till then
             # each block is at its binding's epoch, with the guard collected here.
-            checked = self._span_guards[first.path] = _SpanCheck(
+            if len(self._span_guards) >= _SPAN_CHECKS_KEPT:  # spans of signatures seen long ago
+                self._span_guards.clear()
+            checked = self._span_guards[key] = _SpanCheck(
                 span.bindings, frozenset().union(*(b.branch_ids for b in span.bindings)),
                 GuardSet([self.blocks[b.path].guard for b in span.bindings if b is not first]))
         return checked.branch_ids <= plan.reuse and checked.guards.holds()
