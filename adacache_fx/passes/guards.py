@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from array import array
 import sys
 import types
+from array import array
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -157,7 +157,7 @@ def _tensor_check(tensors: tuple[torch.Tensor, ...]) -> Any:
         return None
 
 
-def _unchanged(dicts: tuple[dict, ...], versions: list, sequences: tuple[tuple[Any, Any], ...]) -> bool:
+def _unchanged(dicts: tuple[dict, ...], versions: Any, sequences: tuple[tuple[Any, Any], ...]) -> bool:
     """The dictionaries still have the recorded versions and the lists and sets the recorded contents."""
     if _versions(dicts) != versions:
         return False
