@@ -21,6 +21,9 @@ step test_cuda 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 # CUDA graphs (mode reduce-overhead) timed beside them in the same process (target: not slower).
 step compile_full_fp16 300 python3 benchmarks/bench_compile.py --device cuda --size full --fp16 --steps 10 --loops 3 --also-mode reduce-overhead
 step kernels_full_fp16 90 python3 benchmarks/bench_kernels.py --device cuda --size full --fp16
+# Host time of a skipping call at real depth against diffusers' hook, device work included (last: the
+# least needed; ~40 s on this workplace's CPU).
+step skip_host_cuda 90 python3 benchmarks/peer_skip_host.py --device cuda --calls 60
 cp benchmarks/results/*cuda* "$OUT/" 2>/dev/null
 tar czf "$OUT/gpu_results.tar.gz" -C "$OUT" logs
 ls "$OUT"

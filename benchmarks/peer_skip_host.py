@@ -11,9 +11,10 @@ at a tiny width and token count, where the blocks' arithmetic is negligible.
 Each call has a new timestep and the threshold is effectively infinite, so every call after the
 first skips; calls of the two tools alternate (A B, B A, ...); reported: fastest and median call.
 
-    python benchmarks/peer_skip_host.py [--calls 80]
+    python benchmarks/peer_skip_host.py [--calls 80] [--device cuda]
 
-Writes benchmarks/results/peer_skip_host_cpu.json.
+Writes benchmarks/results/peer_skip_host_<cpu|cuda>.json. On a GPU each call is timed with its
+device work (synchronised before and after), so a skipping call shows what the device waits for.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ RESULTS = Path(__file__).parent / "results"
 DEPTH = {"flux": dict(num_layers=19, num_single_layers=38), "wan": dict(num_layers=40)}
 
 
-def measure(name: str, calls: int) -> dict:
+def measure(name: str, calls: int, device: torch.device) -> dict:
     import adacache_fx as ax
     from diffusers import FirstBlockCacheConfig
 
@@ -48,7 +49,7 @@ def measure(name: str, calls: int) -> dict:
 
     def build() -> torch.nn.Module:
         torch.manual_seed(0)
-        return model_class(**config).eval()
+        return model_class(**config).eval().to(device)
 
     ours = ax.transform(build(), ax.FirstBlockCache(threshold=1e9))
     theirs = build()
@@ -56,16 +57,34 @@ def measure(name: str, calls: int) -> dict:
     original = build()
     step = itertools.count()
 
+    held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the inputs a pipeline keeps on the device
+
     def kwargs():
-        return spec.kwargs(spec.noise, torch.tensor(999.0 - next(step) * 0.01))
+        out = {}
+        for key, value in spec.kwargs(spec.noise, torch.tensor(999.0 - next(step) * 0.01)).items():
+            if isinstance(value, torch.Tensor):
+                if value.numel() == 1:  # the timestep: new each call
+                    value = value.to(device)
+                else:
+                    if id(value) not in held:  # the pair keeps the host tensor, so its id stays its own
+                        held[id(value)] = (value, value.to(device))
+                    value = held[id(value)][1]
+            out[key] = value
+        return out
 
     def call_theirs(**kw):
         with theirs.cache_context("cond"):
             return theirs(**kw)
 
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     def timed(fn, kw) -> float:
+        sync()
         start = time.perf_counter()
         fn(**kw)
+        sync()  # the call's device work included: a skipping call's host walk is what the device waits for
         return time.perf_counter() - start
 
     times: dict[str, list[float]] = {"adacache_fx": [], "diffusers": [], "original (uncached)": []}
@@ -99,13 +118,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=80)
     parser.add_argument("--models", nargs="+", default=["flux", "wan"], choices=sorted(DEPTH))
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, or cuda: each call timed with its device work (synchronised)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
     torch.set_num_threads(1)
     start = time.perf_counter()
-    results = {name: measure(name, args.calls) for name in args.models}
+    results = {name: measure(name, args.calls, device) for name in args.models}
     record = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": 1,
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "load_average_at_end": list(__import__("os").getloadavg())},
         "versions": {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__},
         "command": "python benchmarks/peer_skip_host.py " + " ".join(sys.argv[1:]),
@@ -113,7 +138,7 @@ def main() -> None:
         "models": results,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "peer_skip_host_cpu.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / f"peer_skip_host_{device.type}.json").write_text(json.dumps(record, indent=2) + "\n")
     for name, r in results.items():
         print(f"{name} ({r['blocks']} blocks): " + "; ".join(
             f"{k} {v['fastest_ms']} ms (median {v['median_ms']})" for k, v in r["calls"].items())
