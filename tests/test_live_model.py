@@ -352,3 +352,43 @@ def test_a_change_to_some_blocks_drops_the_caches_of_the_blocks_after_them():
             got.append(entry.output(model(**entry.inputs(timestep=t))))
     assert ax.report(model).steps[1].reused == 0
     assert (got[1] - out(reference, entry, 899.0)).abs().max().item() <= ATOL
+
+
+def _edit_in_place(model):
+    with torch.no_grad():  # every matrix, the first block's included: no block may reuse
+        for name, parameter in model.named_parameters():
+            if name.endswith("weight") and parameter.dim() == 2:
+                parameter.mul_(0.9)
+
+
+def _load_scaled_state(model, state):
+    model.load_state_dict({k: v * 1.1 for k, v in state.items()})
+
+
+@pytest.mark.parametrize("name,fold", [*((m, True) for m in MODELS), ("flux", False)],
+                         ids=[*(f"{m}-folded" for m in MODELS), "flux-per-branch"])
+def test_weights_edited_in_place_inside_a_generation_are_not_reused_stale(name, fold):
+    """In-place edits (``torch.no_grad()`` arithmetic, ``load_state_dict``) keep every tensor's identity,
+    dtype and shape, so the graphs stay valid; but residuals cached before them were computed with the
+    old values. A reusing step right after either edit computes instead, equal to the untransformed
+    model with the same edit; the step after it reuses again."""
+    entry = ZOO[name]
+    reference = entry.build()
+    model = ax.transform(copy.deepcopy(reference), ax.Static(2), fold=fold)
+    got, expected = [], []
+    with torch.no_grad(), ax.generation(model, num_steps=8):
+        for step, t in enumerate((999.0, 899.0, 799.0, 699.0, 599.0, 499.0)):
+            if step == 1:
+                _edit_in_place(reference)
+                _edit_in_place(model)
+            if step == 3:
+                state = {k: v.clone() for k, v in reference.state_dict().items()}
+                _load_scaled_state(reference, state)
+                _load_scaled_state(model, state)
+            got.append(entry.output(model(**entry.inputs(timestep=t))))
+            expected.append(out(reference, entry, t))
+    reused = [s.reused > 0 for s in ax.report(model).steps]
+    assert reused == [False, False, False, False, False, True], reused  # Static(2) reuses at odd steps
+    for step in (1, 3):
+        assert (got[step] - expected[step]).abs().max().item() <= ATOL, f"{name}: step {step}"
+    assert any("edited in place" in what for _, what in ax.report(model).recaptures)

@@ -14,8 +14,11 @@ capture fixes, besides the input shapes:
 :func:`guard_module` records all of that for one live block as a :class:`ModuleGuard`. Its
 :meth:`~ModuleGuard.holds` compares, in microseconds, the version tags of every dictionary that
 holds such state (the same tags dynamo's guards read: any assignment bumps them), the contents of
-small lists (``merged_adapters``), and the dtype, device and shape of every tensor. Values are read
-live by the graphs, so in-place weight edits and ``load_state_dict`` need no re-capture.
+small lists (``merged_adapters``), the dtype, device and shape of every tensor, and the version
+counter of every parameter. Values are read live by the graphs, so in-place weight edits and
+``load_state_dict`` need no new capture; but residuals cached before them are stale, so they fail
+the guard too (the block is bound again to its program and computes). Edits through ``.data`` do
+not move the counter and are not seen.
 :meth:`~ModuleGuard.changes` says what changed, for the log and the report.
 
 Outside the block the runtime adds the ambient state a forward reads (:func:`ambient_state`):
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import operator
 import sys
 import types
 from array import array
@@ -83,6 +87,15 @@ def _versions(dicts: Sequence[dict]) -> Any:
     return [_version(d) for d in dicts]
 
 
+_VERSION = operator.attrgetter("_version")
+
+
+def _weight_versions(weights: Sequence[torch.Tensor]) -> array:
+    """The parameters' version counters: an in-place edit (``torch.no_grad()`` arithmetic, ``copy_``,
+    ``load_state_dict``) moves them. Edits through ``.data`` do not, and stay unseen."""
+    return array("Q", map(_VERSION, weights))
+
+
 def _frozen(value: Any) -> Any:
     """Contents of a small sequence or set, for comparison (objects by identity)."""
     if isinstance(value, _SCALARS):
@@ -101,6 +114,7 @@ class _Recorder:
         self.dicts: list[dict] = []
         self.sequences: list[tuple[Any, Any]] = []
         self.tensors: list[torch.Tensor] = []
+        self.weights: list[torch.Tensor] = []  # parameters whose in-place edits are tracked
         self._seen: set[int] = set()
 
     def module(self, module: nn.Module) -> None:
@@ -111,6 +125,10 @@ class _Recorder:
         for tensor in (*state["_parameters"].values(), *state["_buffers"].values()):
             if tensor is not None:
                 self.tensors.append(tensor)
+        for tensor in state["_parameters"].values():
+            # Inference tensors have no version counter (their in-place edits cannot be seen).
+            if tensor is not None and not tensor.is_inference():
+                self.weights.append(tensor)
         for key, value in state.items():
             if key not in _IGNORED and key not in _MODULE_DICTS and not key.startswith(_FOREIGN):
                 self.value(value, 1)
@@ -177,10 +195,17 @@ class ModuleGuard:
     skip: tuple[nn.Module, ...] = ()
     # The fast check of ``tensors``, rebuilt when only what it checks beyond ``tensor_states`` moved.
     tensor_check: list = dataclasses.field(default_factory=lambda: [None])
+    # Parameters and their version counters: an in-place edit does not change what a capture computes
+    # (graphs read weights live), but residuals cached before it are stale, so it fails the guard too.
+    weights: tuple[torch.Tensor, ...] = ()
+    weight_versions: array = dataclasses.field(default_factory=lambda: array("Q"))
 
     def holds(self, module: nn.Module | None = None) -> bool:
-        """True when nothing the capture baked in has changed (``module``: unused, for symmetry)."""
+        """True when nothing the capture baked in, or a cached residual was computed with, changed
+        (``module``: unused, for symmetry)."""
         if not _unchanged(self.dicts, self.versions, self.sequences):
+            return False
+        if _weight_versions(self.weights) != self.weight_versions:
             return False
         check = self.tensor_check[0]
         if check is not None and check.check(*self.tensors):
@@ -205,10 +230,12 @@ class ModuleGuard:
             elif before["id"] != after["id"] or before["type"] != after["type"]:
                 found.append(f"{where} replaced ({before['type']} -> {after['type']})")
             else:
-                for part in ("parameters", "hooks", "attributes"):
+                for part in ("parameters", "hooks", "attributes", "edits"):
                     keys = sorted(set(before[part]) | set(after[part]))
                     changed = [k for k in keys if before[part].get(k) != after[part].get(k)]
-                    if changed:
+                    if changed and part == "edits":
+                        found.append(f"{where}: {', '.join(changed[:4])} edited in place")
+                    elif changed:
                         found.append(f"{where}: {part[:-1] if len(changed) == 1 else part} "
                                      f"{', '.join(changed[:4])} changed")
             if len(found) >= limit:
@@ -242,6 +269,10 @@ class GuardSet:
             self.versions.extend(guard.versions)
         self.sequences = tuple(s for g in self.guards for s in g.sequences)
         self.tensors = tuple(t for g in self.guards for t in g.tensors)
+        self.weights = tuple(t for g in self.guards for t in g.weights)
+        self.weight_versions = array("Q")
+        for guard in self.guards:
+            self.weight_versions.extend(guard.weight_versions)
         # Built at the first holds(), once each guard confirmed its recorded state: built now, it would
         # take the tensors as they are, and a change since the guards were recorded would pass.
         self.tensor_check: list = [None]
@@ -252,6 +283,8 @@ class GuardSet:
 
     def holds(self) -> bool:
         if not _unchanged(self.dicts, self.versions, self.sequences):
+            return False
+        if _weight_versions(self.weights) != self.weight_versions:
             return False
         check = self.tensor_check[0]
         if check is not None and check.check(*self.tensors):
@@ -290,6 +323,7 @@ def describe(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> dict[str, A
             "id": id(sub),
             "type": f"{type(sub).__module__}.{type(sub).__qualname__}",
             "parameters": {n: _describe_value(p) for n, p in (*state["_parameters"].items(), *state["_buffers"].items())},
+            "edits": {n: p._version for n, p in state["_parameters"].items() if p is not None and not p.is_inference()},
             "hooks": {"forward": tuple(state["_forward_hooks"]), "forward_pre": tuple(state["_forward_pre_hooks"])},
             "attributes": {k: _describe_value(v) for k, v in state.items()
                            if k not in _IGNORED and k not in _MODULE_DICTS and not k.startswith(_FOREIGN)},
@@ -335,6 +369,8 @@ def guard_module(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> ModuleG
         description=describe(module, skip),
         skip=tuple(skip),
         tensor_check=[_tensor_check(tuple(recorder.tensors))],
+        weights=tuple(recorder.weights),
+        weight_versions=_weight_versions(recorder.weights),
     )
 
 
