@@ -111,7 +111,7 @@ def test_a_guard_set_holds_exactly_when_every_guard_does():
             blocks = [Block() for _ in range(3)]
             guards = [guard_module(b) for b in blocks]
             joint = GuardSet(guards)
-            assert joint.holds() and joint.made_of(guards) and not joint.made_of(guards[:2])
+            assert joint.holds() and joint.guards == tuple(guards) and joint.guards != tuple(guards[:2])
             change(blocks[changed])
             assert not joint.holds()
             assert [g.holds() for g in guards] == [i != changed for i in range(3)]

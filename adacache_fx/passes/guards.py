@@ -90,6 +90,11 @@ def _versions(dicts: Sequence[dict]) -> Any:
 _VERSION = operator.attrgetter("_version")
 
 
+def _counts_edits(parameter: torch.Tensor | None) -> bool:
+    """Whether in-place edits of ``parameter`` are seen: inference tensors have no version counter."""
+    return parameter is not None and not parameter.is_inference()
+
+
 def _weight_versions(weights: Sequence[torch.Tensor]) -> array:
     """The parameters' version counters: an in-place edit (``torch.no_grad()`` arithmetic, ``copy_``,
     ``load_state_dict``) moves them. Edits through ``.data`` do not, and stay unseen."""
@@ -125,10 +130,7 @@ class _Recorder:
         for tensor in (*state["_parameters"].values(), *state["_buffers"].values()):
             if tensor is not None:
                 self.tensors.append(tensor)
-        for tensor in state["_parameters"].values():
-            # Inference tensors have no version counter (their in-place edits cannot be seen).
-            if tensor is not None and not tensor.is_inference():
-                self.weights.append(tensor)
+        self.weights.extend(filter(_counts_edits, state["_parameters"].values()))
         for key, value in state.items():
             if key not in _IGNORED and key not in _MODULE_DICTS and not key.startswith(_FOREIGN):
                 self.value(value, 1)
@@ -175,11 +177,21 @@ def _tensor_check(tensors: tuple[torch.Tensor, ...]) -> Any:
         return None
 
 
-def _unchanged(dicts: tuple[dict, ...], versions: Any, sequences: tuple[tuple[Any, Any], ...]) -> bool:
-    """The dictionaries still have the recorded versions and the lists and sets the recorded contents."""
-    if _versions(dicts) != versions:
+def _unchanged(guard: ModuleGuard | GuardSet) -> bool:
+    """The guard's dictionaries still have their recorded versions, its lists and sets their recorded
+    contents and its parameters their recorded version counters (tensors: checked apart)."""
+    if _versions(guard.dicts) != guard.versions:
         return False
-    return all(_frozen(sequence) == frozen for sequence, frozen in sequences)
+    if _weight_versions(guard.weights) != guard.weight_versions:
+        return False
+    return all(_frozen(sequence) == frozen for sequence, frozen in guard.sequences)
+
+
+def _joined(parts: Sequence[Any], empty: Any) -> Any:
+    """``empty`` extended by every part in turn (guards' recorded version arrays or lists, joined)."""
+    for part in parts:
+        empty.extend(part)
+    return empty
 
 
 @dataclass(frozen=True, eq=False)
@@ -203,9 +215,7 @@ class ModuleGuard:
     def holds(self, module: nn.Module | None = None) -> bool:
         """True when nothing the capture baked in, or a cached residual was computed with, changed
         (``module``: unused, for symmetry)."""
-        if not _unchanged(self.dicts, self.versions, self.sequences):
-            return False
-        if _weight_versions(self.weights) != self.weight_versions:
+        if not _unchanged(self):
             return False
         check = self.tensor_check[0]
         if check is not None and check.check(*self.tensors):
@@ -264,27 +274,18 @@ class GuardSet:
     def __init__(self, guards: Sequence[ModuleGuard]) -> None:
         self.guards = tuple(guards)
         self.dicts = tuple(d for g in self.guards for d in g.dicts)
-        self.versions = _versions(())  # the recorded tags, joined (not read now: a change since must show)
-        for guard in self.guards:
-            self.versions.extend(guard.versions)
+        # The recorded tags and counters, joined (not read now: a change since must show).
+        self.versions = _joined([g.versions for g in self.guards], _versions(()))
         self.sequences = tuple(s for g in self.guards for s in g.sequences)
         self.tensors = tuple(t for g in self.guards for t in g.tensors)
         self.weights = tuple(t for g in self.guards for t in g.weights)
-        self.weight_versions = array("Q")
-        for guard in self.guards:
-            self.weight_versions.extend(guard.weight_versions)
+        self.weight_versions = _joined([g.weight_versions for g in self.guards], array("Q"))
         # Built at the first holds(), once each guard confirmed its recorded state: built now, it would
         # take the tensors as they are, and a change since the guards were recorded would pass.
         self.tensor_check: list = [None]
 
-    def made_of(self, guards: Sequence[ModuleGuard]) -> bool:
-        """Whether this set checks exactly ``guards`` (the same objects, in order)."""
-        return len(guards) == len(self.guards) and all(a is b for a, b in zip(guards, self.guards))
-
     def holds(self) -> bool:
-        if not _unchanged(self.dicts, self.versions, self.sequences):
-            return False
-        if _weight_versions(self.weights) != self.weight_versions:
+        if not _unchanged(self):
             return False
         check = self.tensor_check[0]
         if check is not None and check.check(*self.tensors):
@@ -323,7 +324,7 @@ def describe(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> dict[str, A
             "id": id(sub),
             "type": f"{type(sub).__module__}.{type(sub).__qualname__}",
             "parameters": {n: _describe_value(p) for n, p in (*state["_parameters"].items(), *state["_buffers"].items())},
-            "edits": {n: p._version for n, p in state["_parameters"].items() if p is not None and not p.is_inference()},
+            "edits": {n: p._version for n, p in state["_parameters"].items() if _counts_edits(p)},
             "hooks": {"forward": tuple(state["_forward_hooks"]), "forward_pre": tuple(state["_forward_pre_hooks"])},
             "attributes": {k: _describe_value(v) for k, v in state.items()
                            if k not in _IGNORED and k not in _MODULE_DICTS and not k.startswith(_FOREIGN)},

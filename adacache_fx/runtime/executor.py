@@ -483,8 +483,6 @@ class Executor:
         key = (first.path, tuple(map(id, span.bindings)))
         checked = self._span_guards.get(key)
         if checked is None:
-            if not all(b.branch_ids <= plan.reuse for b in span.bindings):
-                return False
             for binding in span.bindings:
                 block = self.blocks.get(binding.path)
                 if block is None or block.epoch != binding.epoch or block.guard is None:
