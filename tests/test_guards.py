@@ -153,3 +153,14 @@ def test_children_and_buffers_added_to_torch_leaf_layers_are_not_checked_and_cha
     guard = guard_module(block)
     block.proj.register_buffer("gain", torch.full((1,), 3.0))
     assert not guard.holds()
+
+
+def test_changes_tell_a_parameter_edited_in_place_from_one_replaced():
+    layer = nn.Linear(2, 2)
+    guard = guard_module(layer)
+    with torch.no_grad():
+        layer.weight.mul_(2)
+    assert not guard.holds() and guard.changes(layer) == ["the block: weight edited in place"]
+    guard = guard_module(layer)
+    layer.weight = nn.Parameter(layer.weight.detach().half())
+    assert not guard.holds() and guard.changes(layer) == ["the block: parameter weight changed"]

@@ -243,8 +243,10 @@ class ModuleGuard:
                 for part in ("parameters", "hooks", "attributes", "edits"):
                     keys = sorted(set(before[part]) | set(after[part]))
                     changed = [k for k in keys if before[part].get(k) != after[part].get(k)]
-                    if changed and part == "edits":
-                        found.append(f"{where}: {', '.join(changed[:4])} edited in place")
+                    if part == "edits":  # the same parameter object, another version count
+                        edited = [key[0] for key in changed if key in before[part] and key in after[part]]
+                        if edited:
+                            found.append(f"{where}: {', '.join(edited[:4])} edited in place")
                     elif changed:
                         found.append(f"{where}: {part[:-1] if len(changed) == 1 else part} "
                                      f"{', '.join(changed[:4])} changed")
@@ -324,7 +326,8 @@ def describe(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> dict[str, A
             "id": id(sub),
             "type": f"{type(sub).__module__}.{type(sub).__qualname__}",
             "parameters": {n: _describe_value(p) for n, p in (*state["_parameters"].items(), *state["_buffers"].items())},
-            "edits": {n: p._version for n, p in state["_parameters"].items() if _counts_edits(p)},
+            # By parameter object: a parameter replaced is reported as that, not as an edit.
+            "edits": {(n, id(p)): p._version for n, p in state["_parameters"].items() if _counts_edits(p)},
             "hooks": {"forward": tuple(state["_forward_hooks"]), "forward_pre": tuple(state["_forward_pre_hooks"])},
             "attributes": {k: _describe_value(v) for k, v in state.items()
                            if k not in _IGNORED and k not in _MODULE_DICTS and not k.startswith(_FOREIGN)},
