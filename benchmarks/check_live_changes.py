@@ -32,7 +32,7 @@ from adacache_lab.zoo_more import MORE_ZOO  # noqa: E402
 
 ZOO = {**CORE_ZOO, **MORE_ZOO}  # --models takes names from both; the default is the core zoo
 from tests.test_live_model import (  # noqa: E402
-    CHANGES, add_adapter, fuse_qkv_and_edit, half_weight, out,
+    add_adapter, every_change, fuse_qkv_and_edit, half_weight, out,
 )
 
 ATOL = 1e-5
@@ -51,7 +51,7 @@ def run_after(name: str) -> dict:
     reference, model = entry.build(), ax.transform(entry.build(), ax.NoCache())
     out(model, entry)
     rows = {}
-    for label, change in CHANGES:
+    for label, change in every_change():
         if not _supports(reference, label):
             rows[label] = "n/a"
             continue

@@ -150,9 +150,9 @@ def test_blocks_with_an_installed_forward_are_never_shared():
 
 
 def test_models_sharing_captures_each_follow_every_live_change():
-    """Two models sharing a cache go through every change of tests/test_live_model.py (adapters
-    added, switched, re-weighted, fused; QKV fused; attention backend and processor; a hook; a weight
-    replaced): the second binds what the first captured for each new state, and both equal the
+    """Two models sharing a cache go through the changes of tests/test_live_model.py's CHANGES (an
+    adapter added, disabled, re-enabled, re-weighted, fused, unfused; QKV fused; attention backend and
+    processor; a hook; a weight replaced): the second binds what the first captured for each new state, and both equal the
     untransformed model. A third model in the cache, never changed, keeps its own outputs."""
     pytest.importorskip("peft")
     from diffusers.models.attention_dispatch import attention_backend

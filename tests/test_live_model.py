@@ -3,8 +3,10 @@
 Each row of the issue's table, on Latte, Wan and Flux at tiny configs, compared with the
 untransformed model doing the same thing (float32, 1e-5):
 
-* PEFT LoRA: added, disabled, re-enabled, re-weighted, fused, unfused, unloaded (diffusers' adapter
-  API on Wan and Flux; PEFT's own injection and layer API on Latte, which has no adapter mixin);
+* PEFT LoRA: added, disabled, re-enabled, re-weighted, fused, unfused; a second adapter added, switched
+  to, combined with the first, deleted; the first hot-swapped for other weights; all unloaded
+  (diffusers' adapter API on Wan and Flux; PEFT's own injection, layer and hotswap API on Latte, which
+  has no adapter mixin; the adapter management on Wan and Latte only, see ADAPTER_CHANGES);
 * QKV projections fused, then the fused weight edited; unfused;
 * the attention backend and the attention processor switched; a forward hook added; a weight replaced;
 * generation boundaries: a 1-step generation then a new one from t=999; a generation stopped at
@@ -52,12 +54,67 @@ def lora_layers(model):
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
-def add_adapter(model):
-    torch.manual_seed(1)  # the same LoRA weights in both models
+def add_adapter(model, name="default", seed=1):
+    torch.manual_seed(seed)  # the same LoRA weights in both models
     if hasattr(model, "add_adapter"):
-        model.add_adapter(lora_config())
+        model.add_adapter(lora_config(), adapter_name=name)
     else:  # Latte has no adapter mixin: PEFT's own injection
-        inject_adapter_in_model(lora_config(), model)
+        inject_adapter_in_model(lora_config(), model, adapter_name=name)
+
+
+def add_second_adapter(model):
+    add_adapter(model, "other", seed=2)
+
+
+def switch_adapter(model):
+    if hasattr(model, "set_adapters"):
+        model.set_adapters("other")
+    else:
+        for layer in lora_layers(model):
+            layer.set_adapter("other")
+
+
+def combine_adapters(model):
+    if hasattr(model, "set_adapters"):
+        model.set_adapters(["default", "other"], weights=[0.5, 1.0])
+    else:
+        for layer in lora_layers(model):
+            layer.set_adapter(["default", "other"])
+            layer.set_scale("default", 0.5)
+
+
+def delete_second_adapter(model):
+    if hasattr(model, "delete_adapters"):
+        model.delete_adapters("other")
+    else:
+        for layer in lora_layers(model):
+            layer.delete_adapter("other")
+
+
+def hotswap_adapter(model, seed=3):
+    """New weights for the ``default`` adapter, copied into its tensors in place (how a server switches
+    LoRAs without recompiling): diffusers' ``load_lora_adapter(hotswap=True)``; PEFT's own function
+    on Latte."""
+    donor = type(model).from_config(model.config)  # only its adapter's weights are used
+    add_adapter(donor, seed=seed)
+    if hasattr(model, "load_lora_adapter"):
+        from peft import get_peft_model_state_dict
+
+        model.load_lora_adapter(get_peft_model_state_dict(donor), prefix=None, adapter_name="default", hotswap=True)
+    else:
+        from peft.utils.hotswap import hotswap_adapter_from_state_dict
+
+        state = {k: v for k, v in donor.state_dict().items() if "lora_" in k}
+        hotswap_adapter_from_state_dict(model, state, adapter_name="default", config=lora_config())
+
+
+def unload_adapters(model):
+    if hasattr(model, "unload_lora"):
+        model.unload_lora()
+    else:  # what diffusers' unload_lora does, on any module
+        from diffusers.utils import recurse_remove_peft_layers
+
+        recurse_remove_peft_layers(model)
 
 
 def disable_adapters(model):
@@ -162,6 +219,21 @@ CHANGES = [
     ("attention processor", attention_processor), ("forward hook", forward_hook), ("replace weight", replace_weight),
 ]
 
+# Managing several adapters, after "unfuse lora". Each state is a new capture (~8 s a model here), so
+# the tests run them on Wan (diffusers' adapter API, which Flux shares) and Latte (PEFT's layer API);
+# benchmarks/check_live_changes.py runs them on every zoo model.
+ADAPTER_CHANGES = [
+    ("second adapter", add_second_adapter), ("switch adapter", switch_adapter),
+    ("combine adapters", combine_adapters), ("delete adapter", delete_second_adapter),
+    ("hotswap adapter", hotswap_adapter), ("unload adapters", unload_adapters),
+]
+
+
+def every_change(adapters: bool = True) -> list:
+    """CHANGES in order, with ADAPTER_CHANGES after the adapters were unfused when ``adapters``."""
+    at = [label for label, _ in CHANGES].index("unfuse lora") + 1
+    return CHANGES[:at] + (ADAPTER_CHANGES if adapters else []) + CHANGES[at:]
+
 
 @pytest.fixture(autouse=True)
 def _keep_the_global_attention_backend():
@@ -179,7 +251,7 @@ def test_nocache_follows_every_change(name):
     reference = entry.build()
     model = ax.transform(entry.build(), ax.NoCache())
     assert torch.allclose(out(model, entry), out(reference, entry), atol=ATOL, rtol=0)
-    for label, change in CHANGES:
+    for label, change in every_change(adapters=name != "flux"):
         change(reference)
         change(model)
         for t in (500.0, 400.0):  # a second call runs the re-captured graphs as bound
@@ -222,6 +294,16 @@ def test_static_caches_follow_changes_between_and_inside_generations(name):
     ax.reset(model)
     got = _generation(model, entry, change_at=1, change=fuse_lora)
     fuse_lora(changed)
+    assert (got[1] - out(changed, entry, TIMESTEPS[1])).abs().max().item() <= ATOL
+    assert ax.report(model).steps[1].reused == 0
+
+    # Inside a generation: the adapter hot-swapped for other weights (copied into its tensors in place,
+    # the module tree unchanged) before a reuse step: that step computes too.
+    unfuse_lora(model)
+    unfuse_lora(changed)
+    ax.reset(model)
+    got = _generation(model, entry, change_at=1, change=hotswap_adapter)
+    hotswap_adapter(changed)
     assert (got[1] - out(changed, entry, TIMESTEPS[1])).abs().max().item() <= ATOL
     assert ax.report(model).steps[1].reused == 0
 
