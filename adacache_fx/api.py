@@ -138,6 +138,7 @@ def transform(
         )
     for path, reason in search.left_alone:
         logger.info("adacache_fx: left alone %s (%s)", path, reason)
+    _follow_regional_compilation(model, runtime)
     if runtime.read_timestep is None:
         logger.warning(
             "adacache_fx: %s.forward has no timestep argument; every call counts as one step. "
@@ -153,6 +154,23 @@ def transform(
     model.__dict__[_RUNTIME_ATTR] = runtime
     runtime.attach_pipeline_signals(model)
     return compiled
+
+
+def _follow_regional_compilation(model: nn.Module, runtime: ModelRuntime) -> None:
+    """Blocks compiled before ``transform`` (``nn.Module.compile``, diffusers' ``compile_repeated_blocks``)
+    get their captured graphs compiled (the wrapper runs those, not the block's compiled call); and
+    ``compile_repeated_blocks`` after it, which finds blocks by class name, finds the wrappers too."""
+    if any(block.original.__dict__.get("_compiled_call_impl") is not None for block in runtime.blocks):
+        runtime.compile_blocks({})
+        logger.info("adacache_fx: blocks were compiled before transform: their captured graphs are compiled with "
+                    "torch.compile's defaults (options given then cannot be read back: call "
+                    "model.compile_repeated_blocks(...) or ax.compile(model, ...) after transform to set others)")
+    repeated = getattr(model, "_repeated_blocks", None)
+    if repeated:
+        wrappers = sorted({type(b).__name__ for b in runtime.blocks if type(b.original).__name__ in repeated})
+        own = "_repeated_blocks" in model.__dict__  # an instance's own list, or the class's
+        runtime.repeated_blocks_before = (own, model.__dict__.get("_repeated_blocks"))
+        model.__dict__["_repeated_blocks"] = type(repeated)([*repeated, *wrappers])
 
 
 def restore(model: nn.Module) -> nn.Module:
@@ -175,6 +193,12 @@ def restore(model: nn.Module) -> nn.Module:
         wrapper.original.training = wrapper.training
     for hook in runtime.hooks:
         hook.remove()
+    if runtime.repeated_blocks_before is not None:  # see _follow_regional_compilation
+        own, before = runtime.repeated_blocks_before
+        if own:
+            model.__dict__["_repeated_blocks"] = before
+        else:
+            model.__dict__.pop("_repeated_blocks", None)
     del model.__dict__[_RUNTIME_ATTR]
     return compiled
 

@@ -53,6 +53,7 @@ _IGNORED = frozenset({
     "_non_persistent_buffers_set", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook",
     "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
     "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+    "_compiled_call_impl",  # nn.Module.compile's compiled call: a capture exports the forward itself
 })
 # Attributes no captured forward reads: our own runtime's, and diffusers' hook registry (hooks it
 # registers install an instance ``forward``, which is checked).

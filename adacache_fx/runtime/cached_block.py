@@ -65,6 +65,16 @@ class CachedBlock(nn.Module):
             # Plain attributes of the block (flags models read, e.g. ``block.context_pre_only``).
             return getattr(self.__dict__["original"], name)
 
+    def compile(self, *args: Any, **kwargs: Any) -> None:  # noqa: A003 - nn.Module.compile's name
+        """``nn.Module.compile`` on a transformed block (diffusers' ``compile_repeated_blocks`` calls it
+        on every block): the blocks' captured plan-variant graphs are compiled with these
+        ``torch.compile`` options (``fullgraph=True``: they have no breaks), every block's at once (one
+        graph runner per model), instead of dynamo tracing this wrapper's Python. The modules outside
+        the blocks are left as they are (``ax.compile(model)`` compiles those too)."""
+        if args:
+            raise TypeError(f"{self.path}.compile() takes torch.compile's keyword arguments only, got {args!r}")
+        self.runtime.compile_blocks(kwargs)
+
     def extra_repr(self) -> str:
         return f"wraps={type(self.original).__name__}, captured_shapes={len(self.bindings)}"
 

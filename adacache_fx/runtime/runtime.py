@@ -144,6 +144,8 @@ class ModelRuntime:
         self.left_alone: list[tuple[str, str]] = []
         self.hooks: list[Any] = []
         self.signals: Any = None  # the diffusers hook that hears pipeline calls end (if any)
+        # (whether the model had its own ``_repeated_blocks``, that list): transform extends it, restore undoes
+        self.repeated_blocks_before: tuple[bool, Any] | None = None
         self._handoff_graphs: GraphRunner | None = None  # block graphs of calls torch.compile hands over
         self._model = weakref.ref(model)  # refreshed by every call (a pickled runtime comes back without it)
         self.outside: CompiledOutside | None = None  # modules outside the blocks compiled beside them
@@ -278,6 +280,23 @@ class ModelRuntime:
         self.executor.graphs = graphs
         if model is not None and graphs.compiling:
             self.compile_outside(model, graphs.options)
+
+    def compile_blocks(self, options: dict) -> None:
+        """Compile the blocks' graphs with ``torch.compile`` keyword ``options`` (a block's
+        ``nn.Module.compile``; diffusers' regional compilation), leaving the modules outside them as
+        they are. Options equal to those in use change nothing (compiled graphs are kept)."""
+        known = {"fullgraph", "dynamic", "backend", "mode", "options", "disable"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"torch.compile options {unknown} are not known; it takes {sorted(known)}")
+        if options.get("disable"):
+            return
+        wanted = {"backend": options.get("backend") or "inductor", "mode": options.get("mode"),
+                  "dynamic": options.get("dynamic"), **({"options": options["options"]} if options.get("options") else {}),
+                  "fullgraph": True}
+        if self.executor.graphs.options != wanted:
+            self.use_graphs(GraphRunner(wanted))
+            logger.info("adacache_fx: block graphs compiled with %s", wanted)
 
     def compile_outside(self, model: nn.Module, options: dict) -> None:
         """Compile ``model``'s modules outside its blocks (again, with ``options``)."""
