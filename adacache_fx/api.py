@@ -157,14 +157,8 @@ def transform(
 
 
 def _follow_regional_compilation(model: nn.Module, runtime: ModelRuntime) -> None:
-    """Blocks compiled before ``transform`` (``nn.Module.compile``, diffusers' ``compile_repeated_blocks``)
-    get their captured graphs compiled (the wrapper runs those, not the block's compiled call); and
-    ``compile_repeated_blocks`` after it, which finds blocks by class name, finds the wrappers too."""
-    if any(block.original.__dict__.get("_compiled_call_impl") is not None for block in runtime.blocks):
-        runtime.compile_blocks({})
-        logger.info("adacache_fx: blocks were compiled before transform: their captured graphs are compiled with "
-                    "torch.compile's defaults (options given then cannot be read back: call "
-                    "model.compile_repeated_blocks(...) or ax.compile(model, ...) after transform to set others)")
+    """diffusers' ``compile_repeated_blocks`` finds blocks by class name: after ``transform``, the
+    wrappers too. (Blocks compiled in place before it: see ``ModelRuntime.bind``.)"""
     repeated = getattr(model, "_repeated_blocks", None)
     if repeated:
         wrappers = sorted({type(b).__name__ for b in runtime.blocks if type(b.original).__name__ in repeated})

@@ -286,6 +286,8 @@ def test_regional_compilation_compiles_the_captured_block_graphs(order):
     if order == "before":
         model.compile_repeated_blocks(backend=counting)
         ax.transform(model, ax.NoCache())
+        with torch.no_grad():  # the blocks are bound at their first call: their graphs compile then
+            model(**entry.inputs(timestep=999.0))
         assert ax.get_runtime(model).executor.graphs.options["backend"] == "inductor"
     else:
         ax.transform(model, ax.NoCache())
@@ -305,6 +307,27 @@ def test_regional_compilation_compiles_the_captured_block_graphs(order):
         model.blocks[0].compile(counting)
     ax.restore(model)
     assert "_repeated_blocks" not in model.__dict__ and type(model.blocks[0]).__name__ == "WanTransformerBlock"
+
+
+def test_modules_compiled_inside_blocks_are_followed_and_compiled_wrappers_refused():
+    """``nn.Module.compile`` on a module inside a block: the block's captured graph stands in for that
+    compiled call, so the blocks' graphs are compiled (they ran uncompiled, silently). A list of
+    ``torch.compile(block)`` wrappers is refused, naming what works."""
+    entry = ZOO["dit"]
+    reference, model = entry.build(), entry.build()
+    for module in model.modules():
+        if type(module).__name__ == "FeedForward":
+            module.compile(backend="eager")
+    ax.transform(model, ax.NoCache())
+    assert not ax.get_runtime(model).executor.graphs.compiling
+    with torch.no_grad():
+        assert max_abs(_sample(model(**entry.inputs())), _sample(reference(**entry.inputs()))) <= 1e-5
+    assert ax.get_runtime(model).executor.graphs.compiling
+
+    wrapped = entry.build()
+    wrapped.transformer_blocks[0] = torch.compile(wrapped.transformer_blocks[0])
+    with pytest.raises(ax.NoBlocksFoundError, match=r"torch\.compile'd modules .*compile_repeated_blocks"):
+        ax.transform(wrapped, ax.NoCache())
 
 
 def test_cuda_graph_mode_keeps_each_cached_branch_at_one_address():

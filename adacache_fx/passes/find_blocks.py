@@ -55,11 +55,27 @@ def _is_block_list(module: nn.Module) -> bool:
     return any(True for _ in module[0].children()) and _has_attention(module[0])
 
 
+def _refuse_compiled_wrappers(model: nn.Module) -> None:
+    """``model.blocks[i] = torch.compile(block)`` puts dynamo's ``OptimizedModule`` wrappers in the list:
+    what they run is dynamo's compiled call, not a block a capture could read. Say so, and what works."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and any(isinstance(m, OptimizedModule) for m in module):
+            raise NoBlocksFoundError(
+                f"{name!r} holds torch.compile'd modules (OptimizedModule wrappers, from "
+                f"`{name}[i] = torch.compile({name}[i])`). Transform first and compile after "
+                "(ax.compile(model), torch.compile(model)), or compile the blocks in place "
+                "(block.compile(), diffusers' model.compile_repeated_blocks()), before or after transform"
+            )
+
+
 def find_block_lists(model: nn.Module, names: list[str] | None = None) -> BlockSearch:
     """Return the ModuleLists holding the model's transformer blocks.
 
     ``names`` overrides the search with explicit paths (``"transformer_blocks"``, ``"dit.blocks"``).
     """
+    _refuse_compiled_wrappers(model)
     if names is not None:
         chosen = []
         for name in names:

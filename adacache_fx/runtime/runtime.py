@@ -398,6 +398,13 @@ class ModelRuntime:
                     block.record_guard()
                 for note in program.notes:
                     logger.info("adacache_fx: %s: %s", block.path, note)
+            if not self.executor.graphs.compiling and _compiled_inside(original):
+                # nn.Module.compile on the block or a module in it: the captured graph stands in for
+                # their compiled calls, so it is compiled (torch.compile's defaults; their options
+                # cannot be read back). block.compile(**options) after transform sets others.
+                self.compile_blocks({})
+                logger.info("adacache_fx: %s (or a module in it) was compiled in place: the blocks' graphs are "
+                            "compiled with torch.compile's defaults", block.path)
             if program.regions:
                 self.uncached_blocks.pop(block.path, None)
             else:
@@ -723,6 +730,11 @@ class ModelRuntime:
 
     def cache_bytes(self) -> int:
         return sum(session.caches.nbytes() for session in self._sessions)
+
+
+def _compiled_inside(block: nn.Module) -> bool:
+    """Whether ``nn.Module.compile`` was called on ``block`` or a module inside it."""
+    return any(module.__dict__.get("_compiled_call_impl") is not None for module in block.modules())
 
 
 def _is_temporal(list_name: str) -> bool:
