@@ -476,3 +476,50 @@ def test_weights_edited_in_place_inside_a_generation_are_not_reused_stale(name, 
     for step in (1, 3):
         assert (got[step] - expected[step]).abs().max().item() <= ATOL, f"{name}: step {step}"
     assert any("edited in place" in what for _, what in ax.report(model).recaptures)
+
+
+def _layerwise_casting(model):
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+
+
+def _group_offload(model):  # CPU to CPU here: the hooks' plumbing, not the transfers (a GPU's business)
+    model.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                               offload_type="block_level", num_blocks_per_group=1)
+
+
+@pytest.mark.parametrize("feature,order", [("layerwise casting", "before"), ("layerwise casting", "after"),
+                                           ("group offloading", "after")])
+def test_diffusers_memory_features_are_followed(feature, order):
+    """Layerwise casting (float8 storage, cast per layer call: its hooks cast weights inside the forward,
+    so the blocks are cached branch by branch) and group offloading enabled after transform (its hooks
+    wrap the cached blocks): NoCache equals the untransformed model with the same feature at every step,
+    Static(2) reuses at odd steps and its computing steps equal it too."""
+    enable = _layerwise_casting if feature == "layerwise casting" else _group_offload
+    entry = ZOO["wan"]
+    reference = entry.build()
+    enable(reference)
+    for policy in (ax.NoCache(), ax.Static(2)):
+        model = entry.build()
+        if order == "before":
+            enable(model)
+            ax.transform(model, policy)
+        else:
+            ax.transform(model, policy)
+            out(model, entry)
+            enable(model)
+        with torch.no_grad(), ax.generation(model, num_steps=6):
+            for step, t in enumerate(TIMESTEPS):
+                got = out(model, entry, t)
+                if step % 2 == 0 or isinstance(policy, ax.NoCache):
+                    assert (got - out(reference, entry, t)).abs().max().item() <= ATOL, (type(policy).__name__, step)
+        reused = [s.reused > 0 for s in ax.report(model).steps][-len(TIMESTEPS):]
+        assert reused == ([False] * 4 if isinstance(policy, ax.NoCache) else [False, True, False, True]), reused
+
+
+def test_group_offloading_enabled_before_transform_is_refused_with_what_to_do():
+    entry = ZOO["wan"]
+    model = entry.build()
+    _group_offload(model)
+    ax.transform(model, ax.NoCache())
+    with pytest.raises(ax.CaptureError, match="enable group offloading after transform"):
+        out(model, entry)

@@ -72,11 +72,13 @@ def branch_children(block: nn.Module, prefix: str = "") -> tuple[str, ...]:
 
 def why_not_viewable(block: nn.Module) -> str | None:
     """Why ``block``'s forward cannot run on a :class:`BlockView`, or None when it can."""
+    registry = getattr(block, "_diffusers_hook", None)
+    if registry is not None and getattr(registry, "hooks", None):  # (they install an instance forward)
+        hint = ("; enable group offloading after transform, where its hooks wrap the cached block"
+                if "group_offloading" in registry.hooks else "")
+        return f"diffusers hooks are registered on it ({', '.join(registry.hooks)}){hint}"
     if block._forward_hooks or block._forward_pre_hooks or "forward" in block.__dict__:
         return "it has forward hooks (or an instance forward) that a view of it would not run"
-    registry = getattr(block, "_diffusers_hook", None)
-    if registry is not None and getattr(registry, "hooks", None):
-        return f"diffusers hooks are registered on it ({', '.join(registry.hooks)})"
     forward = inspect.unwrap(type(block).forward)  # (decorated forwards: the function inside)
     code = getattr(forward, "__code__", None)
     if code is None:
