@@ -445,7 +445,7 @@ def run_steps(model: GenNet, timesteps=TIMESTEPS) -> list[torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=10)  # the heaviest property here (two runs and a restore per example)
 @given(net_specs())
 def test_nocache_is_exact_and_restore_gives_back_the_blocks(spec: NetSpec):
     model = build(spec)
