@@ -138,7 +138,7 @@ def transform(
         )
     for path, reason in search.left_alone:
         logger.info("adacache_fx: left alone %s (%s)", path, reason)
-    _follow_regional_compilation(model, runtime)
+    _extend_repeated_blocks(model, runtime)
     if runtime.read_timestep is None:
         logger.warning(
             "adacache_fx: %s.forward has no timestep argument; every call counts as one step. "
@@ -156,7 +156,7 @@ def transform(
     return compiled
 
 
-def _follow_regional_compilation(model: nn.Module, runtime: ModelRuntime) -> None:
+def _extend_repeated_blocks(model: nn.Module, runtime: ModelRuntime) -> None:
     """diffusers' ``compile_repeated_blocks`` finds blocks by class name: after ``transform``, the
     wrappers too. (Blocks compiled in place before it: see ``ModelRuntime.bind``.)"""
     repeated = getattr(model, "_repeated_blocks", None)
@@ -187,7 +187,7 @@ def restore(model: nn.Module) -> nn.Module:
         wrapper.original.training = wrapper.training
     for hook in runtime.hooks:
         hook.remove()
-    if runtime.repeated_blocks_before is not None:  # see _follow_regional_compilation
+    if runtime.repeated_blocks_before is not None:  # see _extend_repeated_blocks
         own, before = runtime.repeated_blocks_before
         if own:
             model.__dict__["_repeated_blocks"] = before

@@ -292,8 +292,9 @@ class ModelRuntime:
         if options.get("disable"):
             return
         wanted = {"backend": options.get("backend") or "inductor", "mode": options.get("mode"),
-                  "dynamic": options.get("dynamic"), **({"options": options["options"]} if options.get("options") else {}),
-                  "fullgraph": True}
+                  "dynamic": options.get("dynamic"), "fullgraph": True}  # variant graphs have no breaks
+        if options.get("options"):
+            wanted["options"] = options["options"]
         if self.executor.graphs.options != wanted:
             self.use_graphs(GraphRunner(wanted))
             logger.info("adacache_fx: block graphs compiled with %s", wanted)
