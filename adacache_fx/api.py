@@ -251,6 +251,10 @@ def compile(  # noqa: A001 - mirrors torch.compile, which it applies
     compiled ahead of time into a package (``torch._inductor.aoti_compile_and_package``;
     ``options={"package_path": "model.pt2"}``, default a temporary file) and loaded for the loop.
 
+    Regional compilation, ``model.compile_repeated_blocks(**options)`` or ``block.compile(**options)``
+    (before or after ``transform``), compiles the block graphs the same way and leaves the modules
+    outside the blocks eager (see :meth:`~adacache_fx.runtime.runtime.ModelRuntime.compile_blocks`).
+
     ``torch.compile(model)`` on a transformed model (before or after its first call) hands each
     call over to this runtime at the model's entry (one graph break): the blocks run their
     plan-variant graphs compiled with these options (Inductor, ``fullgraph=True`` when this function
