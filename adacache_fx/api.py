@@ -17,7 +17,7 @@ from .runtime.captures import CaptureCache
 from .runtime.dynamo import HandOffForward
 from .runtime.executor import GraphRunner
 from .runtime.report import Report, build_report
-from .runtime.runtime import RECAPTURE_LIMIT, ModelRuntime
+from .runtime.runtime import RECAPTURE_LIMIT, ModelRuntime, refuse_stacked_cache
 from .runtime.session import Session
 
 logger = logging.getLogger("adacache_fx")
@@ -106,6 +106,7 @@ def transform(
             f"{type(model).__name__} is already transformed by adacache_fx; call "
             "adacache_fx.restore(model) first to change the policy"
         )
+    refuse_stacked_cache(model)
     if not isinstance(policy, Policy):
         raise TypeError(
             f"policy must be an adacache_fx policy (e.g. adacache_fx.Static(interval=2)), got {policy!r}"
@@ -124,10 +125,11 @@ def transform(
     runtime.executor.cache_budget = cache_budget
     runtime.left_alone = list(search.left_alone)
     runtime.auxiliary_lists = frozenset(block_list.name for block_list in search.auxiliary)
+    wrapper_classes: dict[type, type] = {}  # one per block class
     for block_list in search.chosen + search.auxiliary:
         module_list = model.get_submodule(block_list.name)
         for index, block in enumerate(block_list.blocks):
-            wrapper = wrap_block(block, block_list.name, index, runtime, on_capture_error)
+            wrapper = wrap_block(block, block_list.name, index, runtime, on_capture_error, wrapper_classes)
             module_list[index] = wrapper
             runtime.blocks.append(wrapper)
             runtime.executor.blocks[wrapper.path] = wrapper

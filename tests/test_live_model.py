@@ -523,3 +523,109 @@ def test_group_offloading_enabled_before_transform_is_refused_with_what_to_do():
     ax.transform(model, ax.NoCache())
     with pytest.raises(ax.CaptureError, match="enable group offloading after transform"):
         out(model, entry)
+
+
+def _skip_block_one(model):
+    """diffusers' layer skip on the second block (what skip-layer guidance applies at its guided call)."""
+    from diffusers.hooks import LayerSkipConfig, apply_layer_skip
+
+    apply_layer_skip(model, LayerSkipConfig(indices=[1], fqn="auto"))
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_diffusers_layer_skip_is_followed(order):
+    """``apply_layer_skip`` looks the block's argument layout up by class (diffusers' block registry):
+    after transform it raised "CachedWanTransformerBlock not registered". Now, before or after
+    transform (after: once the blocks were captured), NoCache equals the untransformed model with the
+    same layer skipped and Static(2) equals a model transformed after the skip."""
+    entry = ZOO["wan"]
+    reference = entry.build()
+    _skip_block_one(reference)
+    expected_static = entry.build()
+    _skip_block_one(expected_static)
+    expected = _generation(ax.transform(expected_static, ax.Static(2)), entry)
+    for policy in (ax.NoCache(), ax.Static(2)):
+        model = entry.build()
+        if order == "before":
+            _skip_block_one(model)
+            ax.transform(model, policy)
+        else:
+            ax.transform(model, policy)
+            _generation(model, entry)
+            _skip_block_one(model)
+            ax.reset(model)
+        got = _generation(model, entry)
+        if isinstance(policy, ax.NoCache):
+            for step, t in enumerate(TIMESTEPS):
+                assert (got[step] - out(reference, entry, t)).abs().max().item() <= ATOL, (order, step)
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(got, expected)), order
+            assert [s.reused > 0 for s in ax.report(model).steps[-4:]] == [False, True, False, True]
+
+
+def test_skip_layer_guidance_adding_and_removing_its_hooks_at_every_step_is_followed():
+    """diffusers' SkipLayerGuidance guider, driven as its modular Wan denoise loop drives it: per step
+    a conditional, an unconditional and, inside its step window, a conditional call with the second
+    block skipped (hooks applied before that call, removed after). The latent is held fixed, so every
+    call has an exact reference: NoCache equals the untransformed model at every call; under Static(2)
+    every step that reused nothing equals it too, and the calls of the window stay exact however their
+    hooks come and go."""
+    from diffusers.guiders import SkipLayerGuidance
+    from diffusers.hooks import LayerSkipConfig
+
+    entry = ZOO["wan"]
+    num_steps = 8
+    inputs = entry.inputs(timestep=999.0, seed=0)
+    negative = entry.inputs(timestep=999.0, seed=5)["encoder_hidden_states"]
+
+    def run(model):
+        guider = SkipLayerGuidance(guidance_scale=5.0, skip_layer_guidance_scale=2.8, skip_layer_guidance_start=0.25,
+                                   skip_layer_guidance_stop=0.75, skip_layer_config=LayerSkipConfig(indices=[1]))
+        calls = []
+        with torch.no_grad():
+            for step in range(num_steps):
+                t = torch.tensor([999.0 - 120.0 * step])
+                guider.set_state(step=step, num_inference_steps=num_steps, timestep=t)
+                batches = guider.prepare_inputs({"encoder_hidden_states": (inputs["encoder_hidden_states"], negative)})
+                outputs = []
+                for batch in batches:
+                    guider.prepare_models(model)
+                    outputs.append(model(**{**inputs, "timestep": t, "encoder_hidden_states": batch.encoder_hidden_states},
+                                         return_dict=False)[0])
+                    guider.cleanup_models(model)
+                calls.append(outputs)
+        return calls
+
+    expected = run(entry.build())
+    assert {len(c) for c in expected} == {2, 3}, "the guider's window: some steps with the skip call, some without"
+    for policy in (ax.NoCache(), ax.Static(2)):
+        model = ax.transform(entry.build(), policy)
+        with ax.generation(model, num_steps=num_steps):
+            got = run(model)
+        steps = ax.report(model).steps
+        assert [len(c) for c in got] == [len(c) for c in expected] == [s.calls for s in steps]
+        for step, (calls, reference) in enumerate(zip(got, expected)):
+            if steps[step].reused == 0:
+                for call, (a, b) in enumerate(zip(calls, reference)):
+                    assert (a - b).abs().max().item() <= ATOL, (type(policy).__name__, step, call)
+        if isinstance(policy, ax.Static):
+            assert any(s.reused for s in steps), "Static(2) never reused: the test would show nothing"
+
+
+def test_diffusers_own_cache_on_a_transformed_model_is_refused_with_what_to_do():
+    """``enable_cache`` before transform, or after it (its hooks would wrap the cached blocks):
+    a clear error naming ``disable_cache``; once disabled, the model runs as before."""
+    from diffusers import FirstBlockCacheConfig
+
+    entry = ZOO["wan"]
+    model = entry.build()
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.05))
+    with pytest.raises(ax.AdaCacheError, match=r"FirstBlockCacheConfig is enabled .*model.disable_cache\(\)"):
+        ax.transform(model, ax.NoCache())
+    model.disable_cache()
+    ax.transform(model, ax.NoCache())
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.05))
+    with pytest.raises(ax.AdaCacheError, match="model.disable_cache"):
+        out(model, entry)
+    model.disable_cache()
+    assert (out(model, entry) - out(entry.build(), entry)).abs().max().item() <= ATOL

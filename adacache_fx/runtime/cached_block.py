@@ -10,6 +10,7 @@ state, and residuals it cached before are never read again.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any
 
@@ -188,14 +189,49 @@ def wrapper_class(block_class: type) -> type:
 
 
 def _new_wrapper(block_class: type) -> CachedBlock:
-    return nn.Module.__new__(wrapper_class(block_class))
+    wrapper = wrapper_class(block_class)
+    share_block_metadata(block_class, wrapper)
+    return nn.Module.__new__(wrapper)
+
+
+def share_block_metadata(block_class: type, wrapper: type) -> None:
+    """Give ``wrapper`` the entry ``block_class`` has in diffusers' ``TransformerBlockRegistry``.
+
+    diffusers' block hooks look a block's argument and output layout up by class: layer skipping
+    (``apply_layer_skip``, which skip-layer guidance applies to the denoiser at each guided call)
+    finds the wrapper in the block list and would fail on its class. Blocks diffusers does not
+    describe, and diffusers versions without the registry, are left as they are.
+
+        >>> from diffusers.hooks._helpers import TransformerBlockRegistry
+        >>> from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+        >>> wrapper = wrapper_class(WanTransformerBlock)
+        >>> share_block_metadata(WanTransformerBlock, wrapper)
+        >>> TransformerBlockRegistry.get(wrapper).return_hidden_states_index
+        0
+    """
+    try:
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+    except ImportError:  # pragma: no cover - diffusers before its hook registry
+        return
+    try:
+        metadata = TransformerBlockRegistry.get(block_class)
+    except ValueError:  # a block class diffusers' hooks do not know
+        return
+    # A copy: registering sets the entry's class, which reads the forward's parameter names.
+    TransformerBlockRegistry.register(wrapper, dataclasses.replace(metadata))
 
 
 def wrap_block(block: nn.Module, list_name: str, index: int, runtime: ModelRuntime,
-               on_capture_error: str = "branches") -> CachedBlock:
-    """The :class:`CachedBlock` standing in for ``block`` (of a class made for ``type(block)``).
+               on_capture_error: str = "branches", classes: dict[type, type] | None = None) -> CachedBlock:
+    """The :class:`CachedBlock` standing in for ``block`` (of a class made for ``type(block)``, kept
+    in ``classes`` for the model's other blocks of that class when given).
     Context-parallel hooks on the block move to the wrapper (see :func:`move_parallel_hooks`)."""
-    wrapper = wrapper_class(type(block))(block, list_name, index, runtime, on_capture_error)
+    classes = {} if classes is None else classes
+    wrapper_type = classes.get(type(block))
+    if wrapper_type is None:
+        wrapper_type = classes[type(block)] = wrapper_class(type(block))
+        share_block_metadata(type(block), wrapper_type)
+    wrapper = wrapper_type(block, list_name, index, runtime, on_capture_error)
     move_parallel_hooks(block, wrapper)
     return wrapper
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from ..errors import CaptureError
+from ..errors import AdaCacheError, CaptureError
 from ..passes.guards import ambient_state, is_portable, structural_key
 from ..passes.program import BlockProgram, build_program
 from ..policies.base import BranchInfo, Capabilities, Policy
@@ -587,6 +587,7 @@ class ModelRuntime:
     def on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
             return None  # the handed-over call runs it (see .dynamo)
+        refuse_stacked_cache(module)
         session = self.session()
         if not session.live:
             return None
@@ -731,6 +732,23 @@ class ModelRuntime:
 
     def cache_bytes(self) -> int:
         return sum(session.caches.nbytes() for session in self._sessions)
+
+
+def refuse_stacked_cache(model: nn.Module) -> None:
+    """Raise when diffusers' own cache (``model.enable_cache(...)``) is enabled on ``model``: its hooks
+    would cache the blocks adacache_fx caches, each cache deciding without the other.
+
+        >>> refuse_stacked_cache(nn.Linear(2, 2))  # no diffusers cache: nothing to say
+    """
+    config = getattr(model, "_cache_config", None)  # diffusers' CacheMixin: set by enable_cache
+    if config is not None:
+        raise AdaCacheError(
+            f"diffusers' {type(config).__name__} is enabled on {type(model).__name__} (model.enable_cache): its "
+            "hooks would cache the blocks adacache_fx caches, two caches deciding apart. Call "
+            "model.disable_cache() and use adacache_fx's policy of that method (e.g. adacache_fx.FirstBlockCache, "
+            "adacache_fx.PAB, adacache_fx.FasterCache, adacache_fx.MagCache, adacache_fx.TaylorSeer), or "
+            "adacache_fx.restore(model) to use diffusers' cache alone"
+        )
 
 
 def _compiled_inside(block: nn.Module) -> bool:
