@@ -106,7 +106,7 @@ def transform(
             f"{type(model).__name__} is already transformed by adacache_fx; call "
             "adacache_fx.restore(model) first to change the policy"
         )
-    refuse_stacked_cache(model)
+    refuse_stacked_cache(model, model.named_modules())
     if not isinstance(policy, Policy):
         raise TypeError(
             f"policy must be an adacache_fx policy (e.g. adacache_fx.Static(interval=2)), got {policy!r}"

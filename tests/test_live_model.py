@@ -612,15 +612,31 @@ def test_skip_layer_guidance_adding_and_removing_its_hooks_at_every_step_is_foll
             assert any(s.reused for s in steps), "Static(2) never reused: the test would show nothing"
 
 
+def _pyramid_attention_broadcast(model):
+    from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+
+    apply_pyramid_attention_broadcast(model, PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, current_timestep_callback=lambda: 500,
+        spatial_attention_timestep_skip_range=(100, 800)))
+
+
+def _first_block_cache_hooks(model):
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    apply_first_block_cache(model, FirstBlockCacheConfig(threshold=0.05))
+
+
 def test_diffusers_own_cache_on_a_transformed_model_is_refused_with_what_to_do():
     """``enable_cache`` before transform, or after it (its hooks would wrap the cached blocks):
-    a clear error naming ``disable_cache``; once disabled, the model runs as before."""
+    a clear error naming ``disable_cache``; once disabled, the model runs as before. diffusers' caching
+    hooks applied directly (First-Block-Cache on the blocks, PAB inside them), before or after
+    transform, are refused too, naming where they are."""
     from diffusers import FirstBlockCacheConfig
 
     entry = ZOO["wan"]
     model = entry.build()
     model.enable_cache(FirstBlockCacheConfig(threshold=0.05))
-    with pytest.raises(ax.AdaCacheError, match=r"FirstBlockCacheConfig is enabled .*model.disable_cache\(\)"):
+    with pytest.raises(ax.AdaCacheError, match=r"FirstBlockCacheConfig \(model.enable_cache\).*model.disable_cache\(\)"):
         ax.transform(model, ax.NoCache())
     model.disable_cache()
     ax.transform(model, ax.NoCache())
@@ -629,3 +645,15 @@ def test_diffusers_own_cache_on_a_transformed_model_is_refused_with_what_to_do()
         out(model, entry)
     model.disable_cache()
     assert (out(model, entry) - out(entry.build(), entry)).abs().max().item() <= ATOL
+
+    for apply, where in ((_first_block_cache_hooks, r"fbc_leader_block_hook on blocks\.0\."),
+                         (_pyramid_attention_broadcast, r"pyramid_attention_broadcast on blocks\.0\.attn1\.")):
+        model = entry.build()
+        apply(model)
+        with pytest.raises(ax.AdaCacheError, match=where):
+            ax.transform(model, ax.NoCache())
+        model = ax.transform(entry.build(), ax.NoCache())
+        out(model, entry)  # captured first
+        apply(model)
+        with pytest.raises(ax.AdaCacheError, match=where):
+            out(model, entry)

@@ -20,7 +20,7 @@ import torch.utils._pytree as pytree
 from ..passes.capture import flatten_call, leaf_key
 from ..passes.guards import guard_module
 from .eager_block import EagerBinding
-from .runtime import ModelRuntime, Uncached
+from .runtime import ModelRuntime, Uncached, foreign_caches, refuse_stacked_cache
 
 # What a CachedBlock keeps beside nn.Module's own state; none of it survives pickling.
 _RUNTIME_STATE = ("bindings", "guard")
@@ -118,6 +118,8 @@ class CachedBlock(nn.Module):
     # -- call -----------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         runtime = self.runtime
+        if "_diffusers_hook" in self.__dict__ and foreign_caches(self):  # registered on the wrapper
+            refuse_stacked_cache(self, name=self.path)
         session = runtime.session()
         session.call.block_calls += 1
         guard = self.guard

@@ -366,6 +366,9 @@ class ModelRuntime:
                 return known
             original = block.original
             original.training = block.training
+            # Hooks inside the block: a capture would bake their cached state in.
+            refuse_stacked_cache(block, ((f"{block.path}.{n}".rstrip("."), sub) for n, sub in original.named_modules()),
+                                 name=block.path)
             temporal = _is_temporal(block.list_name)
             key = (structural_key(original), signature, temporal)
             program = self.programs.get(key)
@@ -734,20 +737,46 @@ class ModelRuntime:
         return sum(session.caches.nbytes() for session in self._sessions)
 
 
-def refuse_stacked_cache(model: nn.Module) -> None:
-    """Raise when diffusers' own cache (``model.enable_cache(...)``) is enabled on ``model``: its hooks
-    would cache the blocks adacache_fx caches, each cache deciding without the other.
+def foreign_caches(module: nn.Module) -> list[str]:
+    """The diffusers caching hooks registered on ``module`` itself: its stateful hooks (First-Block-Cache,
+    PAB, FasterCache, MagCache, TaylorSeer, ... keep outputs between calls; layer skip, offloading and
+    context-parallel hooks keep none).
+
+        >>> foreign_caches(nn.Linear(2, 2))
+        []
+    """
+    registry = module.__dict__.get("_diffusers_hook")
+    if registry is None:
+        return []
+    return [name for name, hook in registry.hooks.items()
+            if getattr(hook, "_is_stateful", False) and type(hook).__module__.startswith("diffusers.")]
+
+
+def refuse_stacked_cache(model: nn.Module, modules: Any = (), name: str | None = None) -> None:
+    """Raise when diffusers' own cache is enabled on ``model`` (``model.enable_cache(...)``) or its
+    caching hooks are registered on ``model`` or on any of ``modules``, ``(path, module)`` pairs
+    (``apply_first_block_cache``, ``apply_pyramid_attention_broadcast``, ...): they would cache what
+    adacache_fx caches, each cache deciding without the other, and a capture would bake in a hook's
+    cached state. ``name``: what the message calls ``model`` (its class name by default).
 
         >>> refuse_stacked_cache(nn.Linear(2, 2))  # no diffusers cache: nothing to say
     """
     config = getattr(model, "_cache_config", None)  # diffusers' CacheMixin: set by enable_cache
-    if config is not None:
+    found = f"{type(config).__name__} (model.enable_cache)" if config is not None else None
+    name = name or type(model).__name__
+    for path, module in ((name, model), *modules):
+        if found is not None:
+            break
+        hooks = foreign_caches(module)
+        if hooks:
+            found = f"hooks {', '.join(hooks)} on {path}"
+    if found is not None:
         raise AdaCacheError(
-            f"diffusers' {type(config).__name__} is enabled on {type(model).__name__} (model.enable_cache): its "
-            "hooks would cache the blocks adacache_fx caches, two caches deciding apart. Call "
-            "model.disable_cache() and use adacache_fx's policy of that method (e.g. adacache_fx.FirstBlockCache, "
-            "adacache_fx.PAB, adacache_fx.FasterCache, adacache_fx.MagCache, adacache_fx.TaylorSeer), or "
-            "adacache_fx.restore(model) to use diffusers' cache alone"
+            f"diffusers' cache is enabled on {name}: {found}. It would cache what adacache_fx "
+            "caches, two caches deciding apart. Call model.disable_cache() (or remove those hooks) and use "
+            "adacache_fx's policy of that method (e.g. adacache_fx.FirstBlockCache, adacache_fx.PAB, "
+            "adacache_fx.FasterCache, adacache_fx.MagCache, adacache_fx.TaylorSeer), or adacache_fx.restore(model) "
+            "to use diffusers' cache alone"
         )
 
 
