@@ -493,6 +493,18 @@ def test_weights_edited_in_place_inside_a_generation_are_not_reused_stale(name, 
     assert any("edited in place" in what for _, what in ax.report(model).recaptures)
 
 
+def _changed_before_or_after(entry, policy, change, order):
+    """A model transformed with ``policy``, ``change`` made before ``transform`` or after it (once captured)."""
+    model = entry.build()
+    if order == "before":
+        change(model)
+        return ax.transform(model, policy)
+    ax.transform(model, policy)
+    out(model, entry)
+    change(model)
+    return model
+
+
 def _layerwise_casting(model):
     model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
 
@@ -514,14 +526,7 @@ def test_diffusers_memory_features_are_followed(feature, order):
     reference = entry.build()
     enable(reference)
     for policy in (ax.NoCache(), ax.Static(2)):
-        model = entry.build()
-        if order == "before":
-            enable(model)
-            ax.transform(model, policy)
-        else:
-            ax.transform(model, policy)
-            out(model, entry)
-            enable(model)
+        model = _changed_before_or_after(entry, policy, enable, order)
         with torch.no_grad(), ax.generation(model, num_steps=6):
             for step, t in enumerate(TIMESTEPS):
                 got = out(model, entry, t)
@@ -560,15 +565,8 @@ def test_diffusers_layer_skip_is_followed(order):
     _skip_block_one(expected_static)
     expected = _generation(ax.transform(expected_static, ax.Static(2)), entry)
     for policy in (ax.NoCache(), ax.Static(2)):
-        model = entry.build()
-        if order == "before":
-            _skip_block_one(model)
-            ax.transform(model, policy)
-        else:
-            ax.transform(model, policy)
-            _generation(model, entry)
-            _skip_block_one(model)
-            ax.reset(model)
+        model = _changed_before_or_after(entry, policy, _skip_block_one, order)
+        ax.reset(model)
         got = _generation(model, entry)
         if isinstance(policy, ax.NoCache):
             for step, t in enumerate(TIMESTEPS):
