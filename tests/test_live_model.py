@@ -670,3 +670,35 @@ def test_diffusers_own_cache_on_a_transformed_model_is_refused_with_what_to_do()
         apply(model)
         with pytest.raises(ax.AdaCacheError, match=where):
             out(model, entry)
+
+
+def test_a_model_cast_to_bfloat16_inside_a_generation_computes_then_and_after():
+    """``model.to(torch.bfloat16)`` before a reuse step (every parameter replaced in place: dtype, not
+    object): that step computes, equal to the untransformed model cast the same way, and the next
+    reuse step adds residuals stored in bfloat16; cast back to float32 between generations, computing
+    steps equal the untransformed model again."""
+    entry = ZOO["wan"]
+
+    def cast_generation(model, to_dtype=None):
+        outs = []
+        with torch.no_grad():
+            for step, t in enumerate(TIMESTEPS):
+                if step == 1 and to_dtype is not None:
+                    model.to(to_dtype)
+                dtype = next(model.parameters()).dtype
+                inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in entry.inputs(timestep=t).items()}
+                outs.append(entry.output(model(**inputs)).float())
+        return outs
+
+    for policy in (ax.NoCache(), ax.Static(2)):
+        reference, model = entry.build(), ax.transform(entry.build(), policy)
+        got, expected = cast_generation(model, torch.bfloat16), cast_generation(reference, torch.bfloat16)
+        reused = [s.reused > 0 for s in ax.report(model).steps]
+        assert reused == [False, False, False, isinstance(policy, ax.Static)], reused  # step 1: the cast
+        for step in range(3):
+            assert torch.equal(got[step], expected[step]), (type(policy).__name__, step)
+        reference.float()
+        model.float()
+        ax.reset(model)
+        got, expected = cast_generation(model), cast_generation(reference)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[2], expected[2])
