@@ -9,10 +9,10 @@ from typing import Iterator
 
 import torch.nn as nn
 
-from .errors import AlreadyTransformedError, NotTransformedError
+from .errors import AdaCacheError, AlreadyTransformedError, NotTransformedError
 from .passes.find_blocks import find_block_lists
 from .policies.base import Policy
-from .runtime.cached_block import move_parallel_hooks, wrap_block
+from .runtime.cached_block import move_block_hooks, stranded_hooks, wrap_block
 from .runtime.captures import CaptureCache
 from .runtime.dynamo import HandOffForward
 from .runtime.executor import GraphRunner
@@ -174,6 +174,14 @@ def restore(model: nn.Module) -> nn.Module:
     compiled = model
     model = _unwrapped(model)
     runtime = get_runtime(model)
+    stranded = [f"{name} on {wrapper.path}" for wrapper in runtime.blocks for name in stranded_hooks(wrapper)]
+    if stranded:  # checked before anything is undone: the model stays transformed
+        raise AdaCacheError(
+            f"restore would drop diffusers hooks registered on the cached blocks after transform "
+            f"({', '.join(stranded[:3])}{', ...' if len(stranded) > 3 else ''}): they are bound to the "
+            "wrappers and cannot follow the blocks back. Remove them first, or keep the model transformed "
+            "(adacache_fx.NoCache() computes every step)"
+        )
     runtime.uncompile_outside()
     runtime.detach_pipeline_signals(model)
     forward = model.__dict__.get("forward")
@@ -184,7 +192,7 @@ def restore(model: nn.Module) -> nn.Module:
         else:
             model.__dict__["forward"] = forward.forward  # what was installed before transform
     for wrapper in runtime.blocks:
-        move_parallel_hooks(wrapper, wrapper.original)
+        move_block_hooks(wrapper, wrapper.original)
         model.get_submodule(wrapper.list_name)[wrapper.index] = wrapper.original
         wrapper.original.training = wrapper.training
     for hook in runtime.hooks:

@@ -534,6 +534,10 @@ def test_diffusers_memory_features_are_followed(feature, order):
                     assert (got - out(reference, entry, t)).abs().max().item() <= ATOL, (type(policy).__name__, step)
         reused = [s.reused > 0 for s in ax.report(model).steps][-len(TIMESTEPS):]
         assert reused == ([False] * 4 if isinstance(policy, ax.NoCache) else [False, True, False, True]), reused
+    if feature == "group offloading":  # its hooks are bound to the wrappers: restore says so, undoes nothing
+        with pytest.raises(ax.AdaCacheError, match="restore would drop diffusers hooks .* on blocks.0"):
+            ax.restore(model)
+        assert ax.is_transformed(model)
 
 
 def test_group_offloading_enabled_before_transform_is_refused_with_what_to_do():
@@ -557,7 +561,8 @@ def test_diffusers_layer_skip_is_followed(order):
     """``apply_layer_skip`` looks the block's argument layout up by class (diffusers' block registry):
     after transform it raised "CachedWanTransformerBlock not registered". Now, before or after
     transform (after: once the blocks were captured), NoCache equals the untransformed model with the
-    same layer skipped and Static(2) equals a model transformed after the skip."""
+    same layer skipped and Static(2) equals a model transformed after the skip; after ``restore`` the
+    block is still skipped."""
     entry = ZOO["wan"]
     reference = entry.build()
     _skip_block_one(reference)
@@ -574,6 +579,8 @@ def test_diffusers_layer_skip_is_followed(order):
         else:
             assert all(torch.equal(a, b) for a, b in zip(got, expected)), order
             assert [s.reused > 0 for s in ax.report(model).steps[-4:]] == [False, True, False, True]
+        ax.restore(model)  # the skip hook goes back to the block with it
+        assert (out(model, entry) - out(reference, entry)).abs().max().item() <= ATOL, (order, "restored")
 
 
 def test_skip_layer_guidance_adding_and_removing_its_hooks_at_every_step_is_followed():

@@ -227,36 +227,55 @@ def wrap_block(block: nn.Module, list_name: str, index: int, runtime: ModelRunti
                on_capture_error: str = "branches", classes: dict[type, type] | None = None) -> CachedBlock:
     """The :class:`CachedBlock` standing in for ``block`` (of a class made for ``type(block)``, kept
     in ``classes`` for the model's other blocks of that class when given).
-    Context-parallel hooks on the block move to the wrapper (see :func:`move_parallel_hooks`)."""
+    Context-parallel and layer-skip hooks on the block move to the wrapper (see :func:`move_block_hooks`)."""
     classes = {} if classes is None else classes
     wrapper_type = classes.get(type(block))
     if wrapper_type is None:
         wrapper_type = classes[type(block)] = wrapper_class(type(block))
         share_block_metadata(type(block), wrapper_type)
     wrapper = wrapper_type(block, list_name, index, runtime, on_capture_error)
-    move_parallel_hooks(block, wrapper)
+    move_block_hooks(block, wrapper)
     return wrapper
 
 
-def move_parallel_hooks(source: nn.Module, target: nn.Module) -> None:
-    """Move diffusers' context-parallel split/gather hooks from ``source`` to ``target``, in order.
+def _follows_the_block(hook: Any) -> bool:
+    """diffusers hooks that move with a block between it and its wrapper: they keep no state and are
+    bound to no module object (context-parallel split and gather, a whole-block layer skip)."""
+    from diffusers.hooks.context_parallel import ContextParallelGatherHook, ContextParallelSplitHook
+    from diffusers.hooks.layer_skip import TransformerBlockSkipHook
+
+    return isinstance(hook, (ContextParallelSplitHook, ContextParallelGatherHook, TransformerBlockSkipHook))
+
+
+def move_block_hooks(source: nn.Module, target: nn.Module) -> None:
+    """Move diffusers' block hooks that follow a block (see :func:`_follows_the_block`) from ``source``
+    to ``target``, in order.
 
     ``enable_parallelism`` before ``transform`` puts the sequence split of ``blocks.0`` on the block
     itself; a capture would bake that split into the block's graph, whose stream then changes shape
     inside the block. On the wrapper the split runs before the cached block, as when parallelism is
-    enabled after ``transform``. Other diffusers hooks stay where they are.
+    enabled after ``transform``; a layer skip runs instead of it. ``restore`` moves them back. Other
+    diffusers hooks stay where they are.
     """
     registry = getattr(source, "_diffusers_hook", None)
     if registry is None:
         return
     from diffusers.hooks import HookRegistry
-    from diffusers.hooks.context_parallel import ContextParallelGatherHook, ContextParallelSplitHook
 
-    moving = [(name, hook) for name, hook in registry.hooks.items()
-              if isinstance(hook, (ContextParallelSplitHook, ContextParallelGatherHook))]
+    moving = [(name, hook) for name, hook in registry.hooks.items() if _follows_the_block(hook)]
     for name, _ in reversed(moving):
         registry.remove_hook(name, recurse=False)
     if moving:
         target_registry = HookRegistry.check_if_exists_or_initialize(target)
         for name, hook in moving:
             target_registry.register_hook(hook, name)
+
+
+def stranded_hooks(wrapper: CachedBlock) -> list[str]:
+    """The diffusers hooks registered on ``wrapper`` that cannot move back to its block (group
+    offloading's, bound to the wrapper object): ``restore`` would drop them with the wrapper."""
+    registry = wrapper.__dict__.get("_diffusers_hook")
+    if registry is None:
+        return []
+    return [name for name, hook in registry.hooks.items()
+            if not _follows_the_block(hook) and not type(hook).__module__.startswith("adacache_fx.")]
