@@ -312,8 +312,9 @@ def test_static_caches_follow_changes_between_and_inside_generations(name):
     assert (got[1] - out(changed, entry, TIMESTEPS[1])).abs().max().item() <= ATOL
     assert ax.report(model).steps[1].reused == 0
 
-    # Inside a generation: the adapter hot-swapped for other weights (copied into its tensors in place,
-    # the module tree unchanged) before a reuse step: that step computes too. (Flux: Wan's adapter API.)
+    # Inside a generation: the adapter (re-weighted to 0.5 above) hot-swapped for other weights at its own
+    # scale before a reuse step: the swap rewrites the layers' scaling, so that step computes too. (Flux:
+    # Wan's adapter API.) At the same scale the swap is not seen: see the strict xfail below.
     if name == "flux":
         return
     unfuse_lora(model)
@@ -323,6 +324,22 @@ def test_static_caches_follow_changes_between_and_inside_generations(name):
     hotswap_adapter(changed)
     assert (got[1] - out(changed, entry, TIMESTEPS[1])).abs().max().item() <= ATOL
     assert ax.report(model).steps[1].reused == 0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known limitation: PEFT's hot swap copies the new weights through .data, which moves no version "
+    "counter and changes nothing else when the scale stays; inside a generation the reuse step after it "
+    "adds residuals of the old adapter. Between generations it is followed (caches never outlive one)"))
+def test_a_hot_swap_at_the_same_scale_inside_a_generation_is_seen():
+    entry = ZOO["wan"]
+    model, changed = entry.build(), entry.build()
+    add_adapter(model)
+    add_adapter(changed)
+    ax.transform(model, ax.Static(2))
+    got = _generation(model, entry, change_at=1, change=hotswap_adapter)
+    hotswap_adapter(changed)
+    assert ax.report(model).steps[1].reused == 0
+    assert (got[1] - out(changed, entry, TIMESTEPS[1])).abs().max().item() <= ATOL
 
 
 def _fresh(name, policy):
