@@ -129,7 +129,7 @@ def transform(
     for block_list in search.chosen + search.auxiliary:
         module_list = model.get_submodule(block_list.name)
         for index, block in enumerate(block_list.blocks):
-            wrapper = wrap_block(block, block_list.name, index, runtime, on_capture_error, wrapper_classes)
+            wrapper = wrap_block(block, block_list.name, index, runtime, on_capture_error, wrapper_classes, module_list)
             module_list[index] = wrapper
             runtime.blocks.append(wrapper)
             runtime.executor.blocks[wrapper.path] = wrapper

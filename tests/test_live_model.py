@@ -726,3 +726,35 @@ def test_a_model_cast_to_bfloat16_inside_a_generation_computes_then_and_after():
         ax.reset(model)
         got, expected = cast_generation(model), cast_generation(reference)
         assert torch.equal(got[0], expected[0]) and torch.equal(got[2], expected[2])
+
+
+def _halve_block_output(model):
+    model.blocks[1].register_forward_hook(lambda module, inputs, output: output * 0.5)
+
+
+def _replace_block(model):
+    block = model.blocks[1]
+    new = copy.deepcopy(getattr(block, "original", block))  # the block itself, not a transformed wrapper
+    with torch.no_grad():
+        for parameter in new.parameters():
+            parameter.mul_(0.9)
+    model.blocks[1] = new
+
+
+def _delete_block(model):
+    del model.blocks[1]
+
+
+@pytest.mark.parametrize("change", [_halve_block_output, _replace_block, _delete_block],
+                         ids=["hook on a block", "block replaced", "block deleted"])
+def test_changes_to_the_block_list_inside_a_generation_are_followed(change):
+    """The block list changed before a reuse step (a hook on a block, a plain block put in a wrapper's
+    place, a block deleted): that step computes, equal to the untransformed model changed the same way,
+    and the following steps cache again."""
+    entry = ZOO["wan"]
+    reference, model = entry.build(), ax.transform(entry.build(), ax.Static(2))
+    got = _generation(model, entry, change_at=1, change=change)
+    change(reference)
+    for step in (1, 2):
+        assert (got[step] - out(reference, entry, TIMESTEPS[step])).abs().max().item() <= ATOL, step
+    assert [s.reused > 0 for s in ax.report(model).steps] == [False, False, False, True]

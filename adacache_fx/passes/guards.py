@@ -349,7 +349,7 @@ def _walk(module: nn.Module, skip: frozenset[int]) -> list[nn.Module]:
     return out
 
 
-def guard_module(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> ModuleGuard:
+def guard_module(module: nn.Module, skip: tuple[nn.Module, ...] = (), also: Sequence[dict] = ()) -> ModuleGuard:
     """Record the state of ``module`` (and everything under it) that a capture of it depends on.
 
     >>> layer = nn.Linear(2, 2)
@@ -361,10 +361,12 @@ def guard_module(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> ModuleG
     (False, ['the block: parameter weight changed'])
 
     ``skip``: submodules (with everything under them) left out, e.g. blocks guarded on their own.
+    ``also``: more dictionaries whose versions are checked (a wrapper's own forward hooks).
     """
     recorder = _Recorder()
     for sub in _walk(module, frozenset(map(id, skip))):
         recorder.module(sub)
+    recorder.dicts.extend(also)
     return ModuleGuard(
         dicts=tuple(recorder.dicts),
         versions=_versions(recorder.dicts),

@@ -36,6 +36,7 @@ class CachedBlock(nn.Module):
         index: int,
         runtime: ModelRuntime,
         on_capture_error: str = "branches",
+        block_list: nn.Module | None = None,
     ) -> None:
         super().__init__()
         # Share state with the original block: one set of weights, unchanged state_dict keys.
@@ -45,6 +46,9 @@ class CachedBlock(nn.Module):
         self.__dict__["_non_persistent_buffers_set"] = block._non_persistent_buffers_set
         self.__dict__["original"] = block  # not a submodule: its children are ours already
         self.__dict__["runtime"] = runtime
+        # The list this block stands in (not a submodule: its parent): replacing, deleting or inserting a
+        # block there changes what every later block receives, so it is part of each block's guard.
+        self.__dict__["_adacache_fx_block_list"] = block_list
         self.training = block.training
         self.list_name = list_name
         self.index = index
@@ -100,12 +104,20 @@ class CachedBlock(nn.Module):
         """Keep ``binding`` for ``signature``; the first one records the guard of the live block."""
         self.bindings[signature] = binding
         if self.guard is None:
-            self.__dict__["guard"] = guard_module(self.original)
+            self.__dict__["guard"] = self._guard()
         return binding
+
+    def _guard(self) -> Any:
+        """The guard of the live block, of this wrapper's own forward hooks and of its block list: a hook
+        added to the wrapper (``model.blocks[i].register_forward_hook``) or a block replaced, deleted or
+        inserted in the list changes what the blocks pass on, so residuals cached before are stale."""
+        block_list = self.__dict__.get("_adacache_fx_block_list")
+        listed = (block_list._modules,) if block_list is not None else ()
+        return guard_module(self.original, also=(self._forward_hooks, self._forward_pre_hooks, *listed))
 
     def record_guard(self) -> None:
         """Record the guard of the live block anew (after a driver's trace, see ``ModelRuntime.tracing``)."""
-        self.__dict__["guard"] = guard_module(self.original)
+        self.__dict__["guard"] = self._guard()
         self.runtime.executor.forget_span_guards()
 
     def unbind(self, reason: str) -> None:
@@ -224,16 +236,17 @@ def share_block_metadata(block_class: type, wrapper: type) -> None:
 
 
 def wrap_block(block: nn.Module, list_name: str, index: int, runtime: ModelRuntime,
-               on_capture_error: str = "branches", classes: dict[type, type] | None = None) -> CachedBlock:
+               on_capture_error: str = "branches", classes: dict[type, type] | None = None,
+               block_list: nn.Module | None = None) -> CachedBlock:
     """The :class:`CachedBlock` standing in for ``block`` (of a class made for ``type(block)``, kept
-    in ``classes`` for the model's other blocks of that class when given).
+    in ``classes`` for the model's other blocks of that class when given) in ``block_list``.
     Context-parallel and layer-skip hooks on the block move to the wrapper (see :func:`move_block_hooks`)."""
     classes = {} if classes is None else classes
     wrapper_type = classes.get(type(block))
     if wrapper_type is None:
         wrapper_type = classes[type(block)] = wrapper_class(type(block))
         share_block_metadata(type(block), wrapper_type)
-    wrapper = wrapper_type(block, list_name, index, runtime, on_capture_error)
+    wrapper = wrapper_type(block, list_name, index, runtime, on_capture_error, block_list)
     move_block_hooks(block, wrapper)
     return wrapper
 
