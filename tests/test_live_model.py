@@ -745,9 +745,11 @@ def _delete_block(model):
     del model.blocks[1]
 
 
-@pytest.mark.parametrize("change", [_halve_block_output, _replace_block, _delete_block],
+@pytest.mark.parametrize("change, reason", [(_halve_block_output, "forward hooks on the block changed"),
+                                            (_replace_block, "the blocks of blocks changed"),
+                                            (_delete_block, "the blocks of blocks changed")],
                          ids=["hook on a block", "block replaced", "block deleted"])
-def test_changes_to_the_block_list_inside_a_generation_are_followed(change):
+def test_changes_to_the_block_list_inside_a_generation_are_followed(change, reason):
     """The block list changed before a reuse step (a hook on a block, a plain block put in a wrapper's
     place, a block deleted): that step computes, equal to the untransformed model changed the same way,
     and the following steps cache again."""
@@ -758,3 +760,4 @@ def test_changes_to_the_block_list_inside_a_generation_are_followed(change):
     for step in (1, 2):
         assert (got[step] - out(reference, entry, TIMESTEPS[step])).abs().max().item() <= ATOL, step
     assert [s.reused > 0 for s in ax.report(model).steps] == [False, False, False, True]
+    assert any(what == reason for _, what in ax.report(model).recaptures), ax.report(model).recaptures

@@ -212,6 +212,8 @@ class ModuleGuard:
     # (graphs read weights live), but residuals cached before it are stale, so it fails the guard too.
     weights: tuple[torch.Tensor, ...] = ()
     weight_versions: array = dataclasses.field(default_factory=lambda: array("Q"))
+    # What :func:`guard_module`'s ``also`` dictionaries are, in order (the last entries of ``dicts``).
+    also: tuple[str, ...] = ()
 
     def holds(self, module: nn.Module | None = None) -> bool:
         """True when nothing the capture baked in, or a cached residual was computed with, changed
@@ -253,6 +255,11 @@ class ModuleGuard:
                                      f"{', '.join(changed[:4])} changed")
             if len(found) >= limit:
                 break
+        tail = len(self.also)
+        if not found and tail:  # not in the description: the extra dictionaries, by version
+            recorded = list(self.versions)[-tail:]
+            found = [f"{what} changed" for what, d, version in zip(self.also, self.dicts[-tail:], recorded)
+                     if _versions((d,))[0] != version]
         return found or ["state the capture read changed (no difference found in its description)"]
 
 
@@ -349,7 +356,7 @@ def _walk(module: nn.Module, skip: frozenset[int]) -> list[nn.Module]:
     return out
 
 
-def guard_module(module: nn.Module, skip: tuple[nn.Module, ...] = (), also: Sequence[dict] = ()) -> ModuleGuard:
+def guard_module(module: nn.Module, skip: tuple[nn.Module, ...] = (), also: dict[str, dict] | None = None) -> ModuleGuard:
     """Record the state of ``module`` (and everything under it) that a capture of it depends on.
 
     >>> layer = nn.Linear(2, 2)
@@ -361,12 +368,14 @@ def guard_module(module: nn.Module, skip: tuple[nn.Module, ...] = (), also: Sequ
     (False, ['the block: parameter weight changed'])
 
     ``skip``: submodules (with everything under them) left out, e.g. blocks guarded on their own.
-    ``also``: more dictionaries whose versions are checked (a wrapper's own forward hooks).
+    ``also``: more dictionaries whose versions are checked, by what :meth:`~ModuleGuard.changes` calls
+    them (a wrapper's own forward hooks).
     """
+    also = also or {}
     recorder = _Recorder()
     for sub in _walk(module, frozenset(map(id, skip))):
         recorder.module(sub)
-    recorder.dicts.extend(also)
+    recorder.dicts.extend(also.values())
     return ModuleGuard(
         dicts=tuple(recorder.dicts),
         versions=_versions(recorder.dicts),
@@ -378,6 +387,7 @@ def guard_module(module: nn.Module, skip: tuple[nn.Module, ...] = (), also: Sequ
         tensor_check=[_tensor_check(tuple(recorder.tensors))],
         weights=tuple(recorder.weights),
         weight_versions=_weight_versions(recorder.weights),
+        also=tuple(also),
     )
 
 

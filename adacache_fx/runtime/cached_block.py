@@ -111,9 +111,12 @@ class CachedBlock(nn.Module):
         """The guard of the live block, of this wrapper's own forward hooks and of its block list: a hook
         added to the wrapper (``model.blocks[i].register_forward_hook``) or a block replaced, deleted or
         inserted in the list changes what the blocks pass on, so residuals cached before are stale."""
+        also = {"forward hooks on the block": self._forward_hooks,
+                "forward pre-hooks on the block": self._forward_pre_hooks}
         block_list = self.__dict__.get("_adacache_fx_block_list")
-        listed = (block_list._modules,) if block_list is not None else ()
-        return guard_module(self.original, also=(self._forward_hooks, self._forward_pre_hooks, *listed))
+        if block_list is not None:
+            also[f"the blocks of {self.list_name}"] = block_list._modules
+        return guard_module(self.original, also=also)
 
     def record_guard(self) -> None:
         """Record the guard of the live block anew (after a driver's trace, see ``ModelRuntime.tracing``)."""

@@ -764,12 +764,12 @@ def refuse_stacked_cache(model: nn.Module, modules: Any = (), name: str | None =
     config = getattr(model, "_cache_config", None)  # diffusers' CacheMixin: set by enable_cache
     found = f"{type(config).__name__} (model.enable_cache)" if config is not None else None
     name = name or type(model).__name__
-    for path, module in ((name, model), *modules):
-        if found is not None:
-            break
-        hooks = foreign_caches(module)
-        if hooks:
-            found = f"hooks {', '.join(hooks)} on {path}"
+    if found is None:
+        for path, module in ((name, model), *modules):
+            hooks = foreign_caches(module)
+            if hooks:
+                found = f"hooks {', '.join(hooks)} on {path}"
+                break
     if found is not None:
         raise AdaCacheError(
             f"diffusers' cache is enabled on {name}: {found}. It would cache what adacache_fx "
