@@ -112,6 +112,10 @@ class CacheState:
             entry.history.append((step, values))
             del entry.history[:-history]
 
+    def holds_any(self) -> bool:
+        """Whether anything is cached that a call could read instead of computing."""
+        return bool(self._entries or self._spans or self.invariant.holds_any())
+
     def clear(self) -> None:
         self._entries.clear()
         self._spans.clear()

@@ -22,10 +22,24 @@ from ..passes.guards import guard_module
 from .eager_block import EagerBinding
 from .runtime import ModelRuntime, Uncached, foreign_caches, refuse_stacked_cache
 
-# What a CachedBlock keeps beside nn.Module's own state; none of it survives pickling.
-_RUNTIME_STATE = ("bindings", "guard")
-# Attributes libraries set on a module for itself: the wrapper has its own, not the block's.
-_OWN_ATTRIBUTES = frozenset({"_diffusers_hook"})
+# Where a CachedBlock keeps what the runtime changes while it runs (see _RuntimeState); not pickled.
+_STATE = "_adacache_fx_state"
+# Attributes hook libraries set on a module for themselves (diffusers', accelerate's): the wrapper has
+# its own, not the block's, even where the block has some of its own.
+_OWN_ATTRIBUTES = frozenset({"_diffusers_hook", "forward", "_hf_hook", "_old_forward"})
+
+
+class _RuntimeState:
+    """What the runtime keeps per wrapper and changes as it runs, held outside the wrapper's
+    ``__dict__``: that dictionary's version is part of each block's guard (an instance ``forward`` a
+    hook installs on the wrapper, ``training``), so the runtime's own writes must not move it."""
+
+    __slots__ = ("bindings", "guard", "epoch")
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.bindings: dict = {}  # input signature -> Binding | Uncached
+        self.guard: Any = None  # ModuleGuard of the live block, recorded at its capture
+        self.epoch = epoch  # moves each time the block is unbound (its old caches are never read again)
 
 
 class CachedBlock(nn.Module):
@@ -49,17 +63,26 @@ class CachedBlock(nn.Module):
         # The list this block stands in (not a submodule: its parent): replacing, deleting or inserting a
         # block there changes what every later block receives, so it is part of each block's guard.
         self.__dict__["_adacache_fx_block_list"] = block_list
-        self.training = block.training
-        self.list_name = list_name
-        self.index = index
-        self.path = f"{list_name}.{index}"
-        self.on_capture_error = on_capture_error
-        self.epoch = 0
-        self._fresh_runtime_state()
+        self.__dict__["training"] = block.training
+        self.__dict__["list_name"] = list_name
+        self.__dict__["index"] = index
+        self.__dict__["path"] = f"{list_name}.{index}"
+        self.__dict__["on_capture_error"] = on_capture_error
+        self.__dict__[_STATE] = _RuntimeState()
 
-    def _fresh_runtime_state(self) -> None:
-        self.__dict__["bindings"] = {}  # input signature -> Binding | Uncached
-        self.__dict__["guard"] = None  # ModuleGuard of the live block, recorded at its capture
+    @property
+    def bindings(self) -> dict:
+        """Input signature -> the binding the block runs under it."""
+        return self.__dict__[_STATE].bindings
+
+    @property
+    def guard(self) -> Any:
+        """The :class:`~adacache_fx.passes.guards.ModuleGuard` recorded at the block's capture, or None."""
+        return self.__dict__[_STATE].guard
+
+    @property
+    def epoch(self) -> int:
+        return self.__dict__[_STATE].epoch
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -69,6 +92,34 @@ class CachedBlock(nn.Module):
                 raise
             # Plain attributes of the block (flags models read, e.g. ``block.context_pre_only``).
             return getattr(self.__dict__["original"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A flag set on ``model.blocks[i]`` must change what the block computes, as it would untransformed:
+        # an attribute the block has, or a new public one, is set on the block, whose forward reads it
+        # there. New private names (libraries' bookkeeping) and hook attributes stay on the wrapper.
+        # Parameters, buffers and submodules go to the dictionaries both share; ``training`` to both.
+        original = self.__dict__.get("original")
+        if original is not None and self._belongs_to_the_block(name):
+            setattr(original, name, value)
+            return
+        if name == "training" and original is not None:
+            original.training = value
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        original = self.__dict__.get("original")
+        if original is not None and self._belongs_to_the_block(name):
+            delattr(original, name)
+            return
+        super().__delattr__(name)
+
+    def _belongs_to_the_block(self, name: str) -> bool:
+        if name in _OWN_ATTRIBUTES or name in self.__dict__ or hasattr(type(self), name):
+            return False
+        if name in self._parameters or name in self._buffers or name in self._modules:
+            return False  # shared dictionaries: nn.Module's own handling reaches the block
+        original = self.__dict__["original"]
+        return not name.startswith("_") or name in original.__dict__ or hasattr(type(original), name)
 
     def compile(self, *args: Any, **kwargs: Any) -> None:  # noqa: A003 - nn.Module.compile's name
         """``nn.Module.compile`` on a transformed block (diffusers' ``compile_repeated_blocks`` calls it
@@ -89,7 +140,7 @@ class CachedBlock(nn.Module):
         return (_new_wrapper, (type(self.original),), self.__getstate__())
 
     def __getstate__(self) -> dict:
-        state = {k: v for k, v in self.__dict__.items() if k not in _RUNTIME_STATE}
+        state = {k: v for k, v in self.__dict__.items() if k != _STATE}
         # A diffusers hook installs a closure as ``forward``: the runtime installs it again.
         state.pop("forward", None)
         state.pop("_diffusers_hook", None)
@@ -97,22 +148,25 @@ class CachedBlock(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._fresh_runtime_state()
+        self.__dict__[_STATE] = _RuntimeState()
 
     # -- bindings -------------------------------------------------------------------------------
     def remember(self, signature: Any, binding: Any) -> Any:
         """Keep ``binding`` for ``signature``; the first one records the guard of the live block."""
-        self.bindings[signature] = binding
-        if self.guard is None:
-            self.__dict__["guard"] = self._guard()
+        state = self.__dict__[_STATE]
+        state.bindings[signature] = binding
+        if state.guard is None:
+            state.guard = self._guard()
         return binding
 
     def _guard(self) -> Any:
-        """The guard of the live block, of this wrapper's own forward hooks and of its block list: a hook
-        added to the wrapper (``model.blocks[i].register_forward_hook``) or a block replaced, deleted or
-        inserted in the list changes what the blocks pass on, so residuals cached before are stale."""
+        """The guard of the live block, of this wrapper's own forward hooks and attributes and of its block
+        list: a hook added to the wrapper (``model.blocks[i].register_forward_hook``, or a diffusers
+        ``ModelHook``, which installs an instance ``forward``), ``training`` or a block replaced, deleted
+        or inserted in the list changes what the blocks pass on, so residuals cached before are stale."""
         also = {"forward hooks on the block": self._forward_hooks,
-                "forward pre-hooks on the block": self._forward_pre_hooks}
+                "forward pre-hooks on the block": self._forward_pre_hooks,
+                "the block's forward or attributes set on it": self.__dict__}
         block_list = self.__dict__.get("_adacache_fx_block_list")
         if block_list is not None:
             also[f"the blocks of {self.list_name}"] = block_list._modules
@@ -120,14 +174,15 @@ class CachedBlock(nn.Module):
 
     def record_guard(self) -> None:
         """Record the guard of the live block anew (after a driver's trace, see ``ModelRuntime.tracing``)."""
-        self.__dict__["guard"] = self._guard()
+        self.__dict__[_STATE].guard = self._guard()
         self.runtime.executor.forget_span_guards()
 
     def unbind(self, reason: str) -> None:
         """Forget every binding: the next call captures the block for its state then."""
-        self.bindings.clear()
-        self.__dict__["guard"] = None
-        self.epoch += 1
+        state = self.__dict__[_STATE]
+        state.bindings.clear()
+        state.guard = None
+        state.epoch += 1
         self.runtime.executor.forget_span_guards()
 
     # -- call -----------------------------------------------------------------------------------

@@ -100,6 +100,10 @@ class InvariantLists:
     def clear(self) -> None:
         self.memos.clear()
 
+    def holds_any(self) -> bool:
+        """Whether some list holds recorded block outputs a call could replay."""
+        return any(isinstance(memo, ListMemo) and memo.blocks for memo in self.memos.values())
+
     def nbytes(self) -> int:
         seen: set[int] = set()
         total = 0

@@ -28,6 +28,7 @@ from ..passes.guards import ambient_state, is_portable, structural_key
 from ..passes.program import BlockProgram, build_program
 from ..policies.base import BranchInfo, Capabilities, Policy
 from . import guidance
+from .adapter_weights import AdapterWeights
 from .eager_block import EagerBinding, EagerRegion, branch_children, kind_of, why_not_viewable
 from .captures import CaptureCache
 from .executor import Binding, Executor, GraphRunner
@@ -167,6 +168,8 @@ class ModelRuntime:
         # Main block lists found step-invariant (see invariant.py): numbered after the latent path's blocks.
         self.invariant_lists: set[str] = set()
         self.recaptures: list[tuple[str, str]] = []  # (block, what changed), in order
+        self.weight_swaps: list[tuple[str, str]] = []  # (blocks, adapter tensors rewritten in place), in order
+        self._adapters: tuple[tuple[int, ...], AdapterWeights] | None = None  # (block epochs, found then)
         self.model_flops: int | None = None
         self._validated_for: tuple[BranchInfo, ...] | None = None
         self._sessions: list[Session] = []
@@ -179,7 +182,7 @@ class ModelRuntime:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         for key in ("_lock", "programs", "capture_failures", "branches", "_branch_tuple", "block_order", "auxiliary_order", "block_flops",
-                    "uncached_blocks", "eager_blocks", "invariant_lists", "recaptures", "model_flops", "_validated_for", "_sessions", "_local",
+                    "uncached_blocks", "eager_blocks", "invariant_lists", "recaptures", "weight_swaps", "_adapters", "model_flops", "_validated_for", "_sessions", "_local",
                     "_threads", "executor", "signals", "_handoff_graphs", "_metric_groups", "_model", "outside",
                     "shared_captures"):
             state.pop(key, None)
@@ -618,6 +621,7 @@ class ModelRuntime:
                 "nothing was reused. Mark generations explicitly: with ax.generation(model, num_steps=N): ..."
             )
         session.ambient = ambient_state()
+        self._check_adapter_weights(session)
         layout = self.caps.guidance_layout
         if layout is None:
             return None
@@ -640,6 +644,7 @@ class ModelRuntime:
             self._validated_for = branches
             self.policy.validate(branches)
         self.executor.finish_call(session)
+        self._record_adapter_weights(session)
         if session.call.renumber:
             self._renumber(session.call.renumber, session)
         result = None
@@ -648,6 +653,38 @@ class ModelRuntime:
         leaves = pytree.tree_leaves(result if result is not None else output)
         session.end_call(next((t for t in leaves if isinstance(t, torch.Tensor)), None))
         return result
+
+    # -- adapter weights rewritten in place (see .adapter_weights) -----------------------------------
+    def _adapter_weights(self) -> AdapterWeights:
+        """The cached blocks' adapter tensors, found again when a block was bound anew (adapters added,
+        deleted, fused or resized all fail its guard)."""
+        epochs = tuple(block.epoch for block in self.blocks)
+        known = self._adapters
+        if known is None or known[0] != epochs:
+            known = self._adapters = (epochs, AdapterWeights.of((block.path, block.original) for block in self.blocks))
+        return known[1]
+
+    def _check_adapter_weights(self, session: Session) -> None:
+        """Before a call that could read caches: drop them if adapter tensors were rewritten in place
+        since the last call (a LoRA hot swap)."""
+        last = session.adapter_norms
+        if last is None or not session.caches.holds_any():
+            return
+        weights, norms = last
+        changed = weights.changed(norms)
+        if not changed:
+            return
+        blocks = list(dict.fromkeys(owner for owner, _ in changed))
+        names = [name for _, name in changed]
+        what = f"{len(names)} adapter tensor(s) rewritten in place ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+        logger.info("adacache_fx: %s; every cache of this generation is dropped: this call computes", what)
+        session.caches.clear()
+        session.call.dropped = True
+        self.weight_swaps.append((", ".join(blocks[:4]) + (", ..." if len(blocks) > 4 else ""), what))
+
+    def _record_adapter_weights(self, session: Session) -> None:
+        weights = self._adapter_weights()
+        session.adapter_norms = (weights, weights.norms()) if weights else None
 
     def _guidance_output(self, session: Session, output: Any) -> Any:
         """Show a full guidance call's output halves to the policy, or rebuild a cond-only call's."""

@@ -93,6 +93,8 @@ class Session:
         # (block before, block) -> the model's code between them as a Bridge, or None; proven once a
         # generation (see bridges.py)
         self.bridges: dict[tuple[Any, Any], Any] = {}
+        # The blocks' adapter tensors and their norms at the end of the last call (see adapter_weights.py)
+        self.adapter_norms: tuple[Any, tuple[torch.Tensor, ...]] | None = None
 
     @property
     def slot(self) -> int:
