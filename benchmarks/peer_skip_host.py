@@ -11,9 +11,11 @@ at a tiny width and token count, where the blocks' arithmetic is negligible.
 Each call has a new timestep and the threshold is effectively infinite, so every call after the
 first skips; calls of the two tools alternate (A B, B A, ...); reported: fastest and median call.
 
-    python benchmarks/peer_skip_host.py [--calls 80] [--device cuda]
+    python benchmarks/peer_skip_host.py [--calls 80] [--device cuda] [--lora 16]
 
-Writes benchmarks/results/peer_skip_host_<cpu|cuda>.json. On a GPU each call is timed with its
+Writes benchmarks/results/peer_skip_host_<cpu|cuda>[_lora<rank>].json. ``--lora``: with a LoRA
+adapter on every model, where adacache_fx also keeps a norm per adapter tensor each call (a hot swap
+copies new weights in place, which only their content shows; see ``runtime/adapter_weights.py``). On a GPU each call is timed with its
 device work (synchronised before and after), so a skipping call shows what the device waits for.
 """
 
@@ -39,7 +41,7 @@ RESULTS = Path(__file__).parent / "results"
 DEPTH = {"flux": dict(num_layers=19, num_single_layers=38), "wan": dict(num_layers=40)}
 
 
-def measure(name: str, calls: int, device: torch.device) -> dict:
+def measure(name: str, calls: int, device: torch.device, lora: int = 0) -> dict:
     import adacache_fx as ax
     from diffusers import FirstBlockCacheConfig
 
@@ -49,7 +51,13 @@ def measure(name: str, calls: int, device: torch.device) -> dict:
 
     def build() -> torch.nn.Module:
         torch.manual_seed(0)
-        return model_class(**config).eval().to(device)
+        model = model_class(**config).eval().to(device)
+        if lora:  # the same adapter in all three (the models then pay for it alike but for our fingerprint)
+            from peft import LoraConfig
+
+            model.add_adapter(LoraConfig(r=lora, lora_alpha=lora, init_lora_weights=False,
+                                         target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        return model
 
     ours = ax.transform(build(), ax.FirstBlockCache(threshold=1e9))
     theirs = build()
@@ -104,6 +112,7 @@ def measure(name: str, calls: int, device: torch.device) -> dict:
     extra = min(times["adacache_fx"]) - min(times["diffusers"])
     return {
         "model": f"{model_class.__name__}({', '.join(f'{k}={v}' for k, v in config.items())})",
+        "lora_rank": lora,
         "blocks": blocks,
         "inputs": spec.tokens,
         "ours_last_call_reused_branches": skipped.reused,
@@ -120,13 +129,16 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["flux", "wan"], choices=sorted(DEPTH))
     parser.add_argument("--device", default="cpu",
                         help="cpu, or cuda: each call timed with its device work (synchronised)")
+    parser.add_argument("--lora", type=int, default=0, metavar="RANK",
+                        help="a PEFT LoRA adapter of this rank on every attention projection of all three "
+                             "models (adacache_fx then also fingerprints the adapter tensors every call)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     torch.set_num_threads(1)
     start = time.perf_counter()
-    results = {name: measure(name, args.calls, device) for name in args.models}
+    results = {name: measure(name, args.calls, device, args.lora) for name in args.models}
     record = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": 1,
@@ -138,7 +150,8 @@ def main() -> None:
         "models": results,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"peer_skip_host_{device.type}.json").write_text(json.dumps(record, indent=2) + "\n")
+    suffix = f"_lora{args.lora}" if args.lora else ""
+    (RESULTS / f"peer_skip_host_{device.type}{suffix}.json").write_text(json.dumps(record, indent=2) + "\n")
     for name, r in results.items():
         print(f"{name} ({r['blocks']} blocks): " + "; ".join(
             f"{k} {v['fastest_ms']} ms (median {v['median_ms']})" for k, v in r["calls"].items())

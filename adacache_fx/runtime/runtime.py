@@ -671,7 +671,9 @@ class ModelRuntime:
         if last is None or not session.caches.holds_any():
             return
         weights, norms = last
-        changed = weights.changed(norms)
+        now = weights.norms()
+        session.adapter_norms, session.call.adapters_read = (weights, now), True  # this call's: see below
+        changed = weights.changed(norms, now)
         if not changed:
             return
         blocks = list(dict.fromkeys(owner for owner, _ in changed))
@@ -683,7 +685,12 @@ class ModelRuntime:
         self.weight_swaps.append((", ".join(blocks[:4]) + (", ..." if len(blocks) > 4 else ""), what))
 
     def _record_adapter_weights(self, session: Session) -> None:
+        """The adapter tensors' norms as this call ran (read at its start when it checked them, and the
+        blocks were not bound anew since: nothing rewrites weights inside a call)."""
         weights = self._adapter_weights()
+        last = session.adapter_norms
+        if session.call.adapters_read and last is not None and last[0] is weights:
+            return
         session.adapter_norms = (weights, weights.norms()) if weights else None
 
     def _guidance_output(self, session: Session, output: Any) -> Any:

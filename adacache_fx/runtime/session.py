@@ -63,6 +63,7 @@ class CallState:
     skip_signal: bool = False  # no in-step signal this call (its block is being renumbered)
     dropped: bool = False  # a block changed this call: the generation's caches were dropped
     block_calls: int = 0  # block wrapper calls so far (a bridge joins two blocks called one after the other)
+    adapters_read: bool = False  # the session's adapter norms were read at this call's start
 
 
 class Session:
