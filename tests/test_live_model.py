@@ -480,6 +480,20 @@ def test_pickle_save_and_deepcopy_give_working_models(name):
     assert torch.equal(out(restored, entry), out(entry.build(), entry))
 
 
+def test_copying_a_model_with_a_diffusers_hook_on_a_block_refuses_with_what_to_do():
+    """A diffusers ``ModelHook`` registered on a block after ``transform`` sits on its wrapper, whose
+    copy could not carry the hook's forward closure: copying says so instead of dropping the hook."""
+    entry = ZOO["wan"]
+    model = ax.transform(entry.build(), ax.NoCache())
+    registry = HookRegistry.check_if_exists_or_initialize(model.blocks[1])
+    registry.register_hook(_HalveOutput(), "halve")
+    for copy_model in (copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))):
+        with pytest.raises(ax.AdaCacheError, match=r"blocks\.1.*'halve'.*remove_hook"):
+            copy_model(model)
+    registry.remove_hook("halve")
+    assert torch.equal(out(copy.deepcopy(model), entry), out(entry.build(), entry))
+
+
 def test_a_change_to_some_blocks_drops_the_caches_of_the_blocks_after_them():
     """Regression (Flux2 in the held-out sweep): a LoRA on the double blocks only, re-weighted before a
     reuse step. The single blocks' guards hold, but their residuals were cached from what the old double

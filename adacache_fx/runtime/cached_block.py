@@ -17,6 +17,7 @@ from typing import Any
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from ..errors import AdaCacheError
 from ..passes.capture import flatten_call, leaf_key
 from ..passes.guards import guard_module
 from .eager_block import EagerBinding
@@ -141,9 +142,19 @@ class CachedBlock(nn.Module):
 
     def __getstate__(self) -> dict:
         state = {k: v for k, v in self.__dict__.items() if k != _STATE}
-        # A diffusers hook installs a closure as ``forward``: the runtime installs it again.
-        state.pop("forward", None)
-        state.pop("_diffusers_hook", None)
+        registry = state.pop("_diffusers_hook", None)
+        if registry is not None:
+            # diffusers' hooks install a closure as ``forward`` that a copy cannot carry: the runtime
+            # attaches its own again; anyone else's would be lost without a word, so say so instead.
+            foreign = [name for name, hook in registry.hooks.items()
+                       if not type(hook).__module__.startswith("adacache_fx.")]
+            if foreign:
+                raise AdaCacheError(
+                    f"cannot copy or pickle the transformed block {self.path}: the diffusers hooks "
+                    f"{', '.join(map(repr, foreign))} registered on it would not come with it (their "
+                    "forward is a closure bound to this block). Remove them (its _diffusers_hook registry's "
+                    "remove_hook) before copying and register them on the copy, or copy the model first")
+            state.pop("forward", None)
         return state
 
     def __setstate__(self, state: dict) -> None:
