@@ -20,6 +20,9 @@ class Block(nn.Module):
         self.proj = nn.Linear(8, 8)
         self.register_buffer("scale", torch.ones(8))
         self.flags = {"fused": False}
+        self.merged = []  # a list of scalars, as PEFT's merged_adapters
+        self.active = {"default"}
+        self.extra = nn.ModuleDict({"default": nn.Linear(8, 8)})  # a container, as PEFT's lora_A
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.proj(self.norm(x)) * self.scale
@@ -105,6 +108,11 @@ def test_a_guard_set_holds_exactly_when_every_guard_does():
         lambda b: b.norm.register_forward_hook(lambda module, args, out: out * 2),
         lambda b: b.flags.__setitem__("fused", True),
         lambda b: setattr(b.proj.weight, "data", b.proj.weight.data.half()),
+        lambda b: b.merged.append("default"),
+        lambda b: b.merged.append(torch.ones(2)),  # an element no scalar compares with
+        lambda b: b.active.add("other"),
+        lambda b: b.extra.__setitem__("other", nn.Linear(8, 8)),
+        lambda b: b.extra["default"].register_forward_hook(lambda module, args, out: out * 2),
     ]
     for change in changes:
         for changed in range(3):

@@ -68,6 +68,11 @@ _LEAF_LAYERS = frozenset({
     nn.Sigmoid, nn.Mish, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, *([nn.RMSNorm] if hasattr(nn, "RMSNorm") else []),
 })
 _LEAF_DICTS = ("_parameters", "_forward_hooks", "_forward_pre_hooks")
+# torch's containers (exactly these classes) are never called, so their hooks never run, and hold
+# nothing a forward reads but their items: only the dictionary of those is checked (PEFT puts six in
+# every LoRA layer, two thirds of a LoRA block's dictionaries otherwise).
+_CONTAINERS = {nn.ModuleDict: "_modules", nn.ModuleList: "_modules",
+               nn.ParameterDict: "_parameters", nn.ParameterList: "_parameters"}
 _SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, enum.Enum)
 _OPAQUE = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type, types.ModuleType)
 _DEPTH = 2  # objects held by modules (processors) and what they hold (their configs), no deeper
@@ -125,6 +130,12 @@ class _Recorder:
 
     def module(self, module: nn.Module) -> None:
         state = module.__dict__
+        items = _CONTAINERS.get(type(module))
+        if items is not None:
+            self.dicts.append(state[items])
+            self.tensors.extend(t for t in state["_parameters"].values() if t is not None)
+            self.weights.extend(filter(_counts_edits, state["_parameters"].values()))
+            return
         self.dicts.append(state)
         for name in _LEAF_DICTS if type(module) in _LEAF_LAYERS else _MODULE_DICTS:
             self.dicts.append(state[name])
@@ -178,6 +189,35 @@ def _tensor_check(tensors: tuple[torch.Tensor, ...]) -> Any:
         return None
 
 
+def _flat(recorded: tuple[Any, Any]) -> bool:
+    """Whether a recorded list or set (exactly those types) held scalars only."""
+    sequence, frozen = recorded
+    return type(sequence) in (list, set) and all(isinstance(v, _SCALARS) for v in frozen[1])
+
+
+class _SequenceCheck:
+    """Recorded lists and sets compared with their contents now: those of scalars only (PEFT's
+    ``merged_adapters``, a few hundred on a LoRA model) in two passes at C speed, the rest one by one."""
+
+    __slots__ = ("lists", "list_items", "sets", "set_items", "others")
+
+    def __init__(self, sequences: Sequence[tuple[Any, Any]]) -> None:
+        flat = [s for s in sequences if _flat(s)]
+        self.lists = tuple(seq for seq, _ in flat if type(seq) is list)
+        self.list_items = tuple(frozen[1] for seq, frozen in flat if type(seq) is list)
+        self.sets = tuple(seq for seq, _ in flat if type(seq) is set)
+        self.set_items = tuple(frozen[1] for seq, frozen in flat if type(seq) is set)
+        self.others = tuple(s for s in sequences if not _flat(s))
+
+    def holds(self) -> bool:
+        try:  # an element put in since may not compare with a scalar (a tensor): a change
+            if tuple(map(tuple, self.lists)) != self.list_items or tuple(map(frozenset, self.sets)) != self.set_items:
+                return False
+        except Exception:
+            return False
+        return all(_frozen(sequence) == frozen for sequence, frozen in self.others)
+
+
 def _unchanged(guard: ModuleGuard | GuardSet) -> bool:
     """The guard's dictionaries still have their recorded versions, its lists and sets their recorded
     contents and its parameters their recorded version counters (tensors: checked apart)."""
@@ -185,7 +225,7 @@ def _unchanged(guard: ModuleGuard | GuardSet) -> bool:
         return False
     if _weight_versions(guard.weights) != guard.weight_versions:
         return False
-    return all(_frozen(sequence) == frozen for sequence, frozen in guard.sequences)
+    return guard.sequence_check.holds()
 
 
 def _joined(parts: Sequence[Any], empty: Any) -> Any:
@@ -214,6 +254,13 @@ class ModuleGuard:
     weight_versions: array = dataclasses.field(default_factory=lambda: array("Q"))
     # What :func:`guard_module`'s ``also`` dictionaries are, in order (the last entries of ``dicts``).
     also: tuple[str, ...] = ()
+
+    @property
+    def sequence_check(self) -> _SequenceCheck:
+        check = self.__dict__.get("_sequence_check")
+        if check is None:  # made once (a frozen dataclass: set past its __setattr__)
+            check = self.__dict__["_sequence_check"] = _SequenceCheck(self.sequences)
+        return check
 
     def holds(self, module: nn.Module | None = None) -> bool:
         """True when nothing the capture baked in, or a cached residual was computed with, changed
@@ -287,6 +334,7 @@ class GuardSet:
         # The recorded tags and counters, joined (not read now: a change since must show).
         self.versions = _joined([g.versions for g in self.guards], _versions(()))
         self.sequences = tuple(s for g in self.guards for s in g.sequences)
+        self.sequence_check = _SequenceCheck(self.sequences)
         self.tensors = tuple(t for g in self.guards for t in g.tensors)
         self.weights = tuple(t for g in self.guards for t in g.weights)
         self.weight_versions = _joined([g.weight_versions for g in self.guards], array("Q"))
