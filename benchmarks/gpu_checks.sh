@@ -24,6 +24,9 @@ step kernels_full_fp16 90 python3 benchmarks/bench_kernels.py --device cuda --si
 # Host time of a skipping call at real depth against diffusers' hook, device work included (last: the
 # least needed; ~40 s on this workplace's CPU).
 step skip_host_cuda 90 python3 benchmarks/peer_skip_host.py --device cuda --calls 60
+# The same with a rank-16 LoRA on every model: adacache_fx then also fingerprints the adapter tensors
+# (one fused norm and one host wait per call; see runtime/adapter_weights.py).
+step skip_host_cuda_lora 60 python3 benchmarks/peer_skip_host.py --device cuda --calls 60 --models flux --lora 16
 cp benchmarks/results/*cuda* "$OUT/" 2>/dev/null
 tar czf "$OUT/gpu_results.tar.gz" -C "$OUT" logs
 ls "$OUT"
