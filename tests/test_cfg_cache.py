@@ -158,3 +158,45 @@ def test_odd_batch_with_cfg_cache_is_a_clear_error():
         model(**entry.inputs(timestep=999.0, batch=3))
         with pytest.raises(ax.PolicyError, match="batch 3"):
             model(**entry.inputs(timestep=750.0, batch=3))
+
+
+def _scale_block_weights(model):
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "transformer_blocks" in name and name.endswith("weight") and parameter.dim() == 2:
+                parameter.mul_(0.9)
+
+
+def _reweight_adapter(model):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for layer in model.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.set_scale("default", 0.5)
+
+
+@pytest.mark.parametrize("change", [_scale_block_weights, _reweight_adapter], ids=["weights edited", "adapter re-weighted"])
+def test_a_cond_only_step_after_a_change_runs_in_full(change):
+    """The model changed before a step planned cond-only: its uncond half would be rebuilt from a bias
+    the old model made. The step runs both halves instead, equal to the untransformed model changed the
+    same way, and the later cond-only steps use the new model's bias."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    entry = ZOO["latte"]
+    original, model = entry.build(), entry.build()
+    for m in (original, model):
+        torch.manual_seed(1)
+        inject_adapter_in_model(LoraConfig(r=4, target_modules=["to_q", "to_v"], init_lora_weights=False), m)
+    policy = ax.FasterCache(start=0.99, cfg_cache=True, cfg_start=0.2, cfg_interval=3, alpha=0.0)
+    ax.transform(model, policy)
+    assert policy.skips_uncond(3, STEPS) and policy.skips_uncond(4, STEPS)
+    with torch.no_grad(), ax.generation(model, num_steps=STEPS):
+        for step in range(5):
+            if step == 3:
+                change(model)
+                change(original)
+            inputs = _step_inputs(entry, step)
+            out = entry.output(model(**inputs))
+            if step == 3:
+                assert torch.allclose(out, entry.output(original(**inputs)), atol=1e-5)
+    assert [s.cond_only for s in ax.report(model).steps] == [0, 0, 0, 0, 1]

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from ..errors import AdaCacheError, CaptureError
-from ..passes.guards import ambient_state, is_portable, structural_key
+from ..passes.guards import GuardSet, ambient_state, is_portable, structural_key
 from ..passes.program import BlockProgram, build_program
 from ..policies.base import BranchInfo, Capabilities, Policy
 from . import guidance
@@ -170,6 +170,7 @@ class ModelRuntime:
         self.recaptures: list[tuple[str, str]] = []  # (block, what changed), in order
         self.weight_swaps: list[tuple[str, str]] = []  # (blocks, adapter tensors rewritten in place), in order
         self._adapters: tuple[tuple[int, ...], AdapterWeights] | None = None  # (block epochs, found then)
+        self._all_guards: tuple | None = None  # (ids of the blocks' guards, their GuardSet, the guards)
         self.model_flops: int | None = None
         self._validated_for: tuple[BranchInfo, ...] | None = None
         self._sessions: list[Session] = []
@@ -182,7 +183,7 @@ class ModelRuntime:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         for key in ("_lock", "programs", "capture_failures", "branches", "_branch_tuple", "block_order", "auxiliary_order", "block_flops",
-                    "uncached_blocks", "eager_blocks", "invariant_lists", "recaptures", "weight_swaps", "_adapters", "model_flops", "_validated_for", "_sessions", "_local",
+                    "uncached_blocks", "eager_blocks", "invariant_lists", "recaptures", "weight_swaps", "_adapters", "_all_guards", "model_flops", "_validated_for", "_sessions", "_local",
                     "_threads", "executor", "signals", "_handoff_graphs", "_metric_groups", "_model", "outside",
                     "shared_captures"):
             state.pop(key, None)
@@ -629,6 +630,10 @@ class ModelRuntime:
         call.rows = guidance.call_batch(args, kwargs)
         if not session.plan.skip_uncond or call.rows is None:
             return None
+        if call.dropped or not self._blocks_unchanged():
+            # The model changed since the last call: the uncond half would be rebuilt from what the old
+            # model made, so this call runs in full (its blocks see the change and drop their caches).
+            return None
         call.cond_only = True
         session.records[-1].cond_only += 1
         return guidance.halve_call(args, kwargs, call.rows, layout, type(self.policy).__name__)
@@ -653,6 +658,15 @@ class ModelRuntime:
         leaves = pytree.tree_leaves(result if result is not None else output)
         session.end_call(next((t for t in leaves if isinstance(t, torch.Tensor)), None))
         return result
+
+    def _blocks_unchanged(self) -> bool:
+        """Whether every bound block's guard holds (one joint check, kept while the guards are the same)."""
+        guards = tuple(block.guard for block in self.blocks if block.guard is not None)
+        key = tuple(map(id, guards))
+        known = self._all_guards
+        if known is None or known[0] != key:
+            known = self._all_guards = (key, GuardSet(guards), guards)  # holds the guards: their ids stay theirs
+        return known[1].holds()
 
     # -- adapter weights rewritten in place (see .adapter_weights) -----------------------------------
     def _adapter_weights(self) -> AdapterWeights:
