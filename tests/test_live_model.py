@@ -345,7 +345,7 @@ def test_a_hot_swap_at_the_same_scale_inside_a_generation_is_seen(name):
     assert [s.reused > 0 for s in report.steps] == [False, False, False, True]
     for step in (1, 2):
         assert (got[step] - out(changed, entry, TIMESTEPS[step])).abs().max().item() <= ATOL, step
-    assert len(report.weight_swaps) == 1 and "lora_" in report.weight_swaps[0][1], report.weight_swaps
+    assert len(report.cache_drops) == 1 and "lora_" in report.cache_drops[0][1], report.cache_drops
     assert not report.recaptures, report.recaptures
 
 
@@ -374,7 +374,7 @@ def test_a_hot_swap_prepared_for_compiling_that_changes_only_the_scale_is_seen()
     assert [s.reused > 0 for s in report.steps] == [False, False, False, True]
     for step in (1, 2):
         assert (got[step] - out(changed, entry, TIMESTEPS[step])).abs().max().item() <= ATOL, step
-    assert len(report.weight_swaps) == 1 and "scaling" in report.weight_swaps[0][1], report.weight_swaps
+    assert len(report.cache_drops) == 1 and "scaling" in report.cache_drops[0][1], report.cache_drops
 
 
 def _fresh(name, policy):
@@ -886,3 +886,33 @@ def test_an_attribute_set_on_a_block_reaches_the_block_inside_a_generation_too(p
     model.blocks[1].gate = 0.5
     ax.restore(model)
     assert model.blocks[1].gate == 0.5 and not model.blocks[0].training
+
+
+def _edit_outside_the_blocks(model):
+    with torch.no_grad():
+        model.condition_embedder.time_embedder.linear_1.weight.mul_(0.5)
+
+
+def _adapter_outside_the_blocks(model):
+    torch.manual_seed(4)
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=["time_embedder.linear_1"], init_lora_weights=False), model,
+                            adapter_name="outside")
+
+
+@pytest.mark.parametrize("change", [_edit_outside_the_blocks, _adapter_outside_the_blocks],
+                         ids=["time embedder edited in place", "adapter added to the time embedder"])
+def test_a_change_outside_the_blocks_inside_a_generation_drops_the_caches(change):
+    """The modules outside the blocks run every call and are in no capture, but residuals cached before
+    a change there were computed from what the old ones passed to the blocks (the time embedding
+    modulates every block): the next step computes, equal to the untransformed model changed the same
+    way, the report says where, and the steps after cache again."""
+    entry = ZOO["wan"]
+    reference, model = entry.build(), ax.transform(entry.build(), ax.Static(2))
+    got = _generation(model, entry, change_at=1, change=change)
+    change(reference)
+    for step in (1, 2):
+        assert (got[step] - out(reference, entry, TIMESTEPS[step])).abs().max().item() <= ATOL, step
+    report = ax.report(model)
+    assert [s.reused > 0 for s in report.steps] == [False, False, False, True]
+    assert [where for where, _ in report.cache_drops] == ["outside the blocks"], report.cache_drops
+    assert "condition_embedder.time_embedder.linear_1" in report.cache_drops[0][1], report.cache_drops

@@ -276,13 +276,14 @@ class ModuleGuard:
         self.tensor_check[0] = _tensor_check(self.tensors)
         return True
 
-    def changes(self, module: nn.Module, limit: int = 4) -> list[str]:
-        """What differs between the recorded state and ``module`` now, in words (at most ``limit``)."""
+    def changes(self, module: nn.Module, limit: int = 4, root: str = "the block") -> list[str]:
+        """What differs between the recorded state and ``module`` now, in words (at most ``limit``;
+        ``root``: what to call ``module`` itself)."""
         now = describe(module, self.skip)
         found: list[str] = []
         for path in sorted(set(self.description) | set(now)):
             before, after = self.description.get(path), now.get(path)
-            where = path or "the block"
+            where = path or root
             if before is None:
                 found.append(f"{where} added ({after['type']})")
             elif after is None:

@@ -46,8 +46,9 @@ class Report:
     cache_bytes: int
     notes: list[str] = field(default_factory=list)
     recaptures: list[tuple[str, str]] = field(default_factory=list)  # (block, what changed)
-    # (blocks, adapter tensors rewritten in place): the caches were dropped, nothing captured again
-    weight_swaps: list[tuple[str, str]] = field(default_factory=list)
+    # (where, what changed) where no block's guard looks (adapter tensors rewritten in place, the modules
+    # outside the blocks): the caches were dropped, nothing captured again
+    cache_drops: list[tuple[str, str]] = field(default_factory=list)
     sessions: int = 1  # callers (threads) with a session of their own
     cache_bytes_per_slot: dict[int, int] = field(default_factory=dict)  # held now, by call slot
     cache_peak_bytes: int = 0  # the most held at once in the last generation (largest session)
@@ -157,10 +158,10 @@ class Report:
             lines.append(f"re-captured after the model changed: {len(self.recaptures)} time(s)")
             for path, what in self.recaptures[-5:]:
                 lines.append(f"  {path}: {what}")
-        if self.weight_swaps:
-            lines.append(f"caches dropped after adapter weights were rewritten in place: {len(self.weight_swaps)} time(s)")
-            for blocks, what in self.weight_swaps[-5:]:
-                lines.append(f"  {blocks}: {what}")
+        if self.cache_drops:
+            lines.append(f"caches dropped after the model changed where no capture looks: {len(self.cache_drops)} time(s)")
+            for where, what in self.cache_drops[-5:]:
+                lines.append(f"  {where}: {what}")
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -185,7 +186,7 @@ def build_report(runtime: ModelRuntime) -> Report:
         cache_bytes=runtime.cache_bytes(),
         notes=[f"note: {n}" for n in notes],
         recaptures=list(runtime.recaptures),
-        weight_swaps=list(runtime.weight_swaps),
+        cache_drops=list(runtime.cache_drops),
         sessions=max(1, len(sessions)),
         cache_bytes_per_slot=runtime.cache_bytes_per_slot(),
         cache_peak_bytes=max((session.caches.peak for session in sessions), default=0),

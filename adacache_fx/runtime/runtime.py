@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from ..errors import AdaCacheError, CaptureError
-from ..passes.guards import GuardSet, ambient_state, is_portable, structural_key
+from ..passes.guards import GuardSet, ambient_state, guard_module, is_portable, structural_key
 from ..passes.program import BlockProgram, build_program
 from ..policies.base import BranchInfo, Capabilities, Policy
 from . import guidance
@@ -168,7 +168,8 @@ class ModelRuntime:
         # Main block lists found step-invariant (see invariant.py): numbered after the latent path's blocks.
         self.invariant_lists: set[str] = set()
         self.recaptures: list[tuple[str, str]] = []  # (block, what changed), in order
-        self.weight_swaps: list[tuple[str, str]] = []  # (blocks, adapter tensors rewritten in place), in order
+        # (where, what changed) where no block's guard looks, each dropping a session's caches, in order
+        self.cache_drops: list[tuple[str, str]] = []
         self._adapters: tuple[tuple[int, ...], AdapterWeights] | None = None  # (block epochs, found then)
         self._all_guards: tuple | None = None  # (ids of the blocks' guards, their GuardSet, the guards)
         self.model_flops: int | None = None
@@ -183,7 +184,7 @@ class ModelRuntime:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         for key in ("_lock", "programs", "capture_failures", "branches", "_branch_tuple", "block_order", "auxiliary_order", "block_flops",
-                    "uncached_blocks", "eager_blocks", "invariant_lists", "recaptures", "weight_swaps", "_adapters", "_all_guards", "model_flops", "_validated_for", "_sessions", "_local",
+                    "uncached_blocks", "eager_blocks", "invariant_lists", "recaptures", "cache_drops", "_adapters", "_all_guards", "model_flops", "_validated_for", "_sessions", "_local",
                     "_threads", "executor", "signals", "_handoff_graphs", "_metric_groups", "_model", "outside",
                     "shared_captures"):
             state.pop(key, None)
@@ -244,11 +245,17 @@ class ModelRuntime:
         model's parameters for its own tensors and back, which bumps the dictionaries the guards
         watch without changing the model. Guards that held before are recorded again after."""
         held = [block for block in self.blocks if block.guard is not None and block.guard.holds()]
+        outside = [s for s in self._sessions if s.outside_guard is not None and s.outside_guard.holds()]
         try:
             yield
         finally:
             for block in held:
                 block.record_guard()
+            model = self._model() if self._model is not None else None
+            if outside and model is not None:
+                guard = guard_module(model, skip=tuple(self.blocks))
+                for session in outside:
+                    session.outside_guard = guard
 
     def _drop_dead_sessions(self) -> None:
         alive = set(map(id, self._threads.values()))
@@ -623,6 +630,7 @@ class ModelRuntime:
             )
         session.ambient = ambient_state()
         self._check_adapter_weights(session)
+        self._check_outside(session)
         layout = self.caps.guidance_layout
         if layout is None:
             return None
@@ -650,6 +658,7 @@ class ModelRuntime:
             self.policy.validate(branches)
         self.executor.finish_call(session)
         self._record_adapter_weights(session)
+        self._record_outside(session)
         if session.call.renumber:
             self._renumber(session.call.renumber, session)
         result = None
@@ -667,6 +676,30 @@ class ModelRuntime:
         if known is None or known[0] != key:
             known = self._all_guards = (key, GuardSet(guards), guards)  # holds the guards: their ids stay theirs
         return known[1].holds()
+
+    # -- the modules outside the blocks ----------------------------------------------------------------
+    def _check_outside(self, session: Session) -> None:
+        """Before a call that could read caches: drop them if the model's modules outside its blocks
+        (embedders, the output head, their adapters and hooks) changed since the session's last call.
+        No capture holds them (they run every call), but residuals cached before were computed from
+        what the old ones passed to the blocks."""
+        guard = session.outside_guard
+        if guard is None or not session.caches.holds_any() or guard.holds():
+            return
+        model = self._model() if self._model is not None else None
+        changes = guard.changes(model, root="the model") if model is not None else ["state outside the blocks changed"]
+        logger.info("adacache_fx: the model outside its blocks changed (%s); every cache of this generation "
+                    "is dropped: this call computes", "; ".join(changes))
+        session.caches.clear()
+        session.call.dropped = True
+        session.outside_guard = None
+        self.cache_drops.append(("outside the blocks", "; ".join(changes)))
+
+    def _record_outside(self, session: Session) -> None:
+        model = self._model() if self._model is not None else None
+        if model is None or (session.outside_guard is not None and session.outside_guard.holds()):
+            return
+        session.outside_guard = guard_module(model, skip=tuple(self.blocks))
 
     # -- adapter weights rewritten in place (see .adapter_weights) -----------------------------------
     def _adapter_weights(self) -> AdapterWeights:
@@ -696,7 +729,7 @@ class ModelRuntime:
         logger.info("adacache_fx: %s; every cache of this generation is dropped: this call computes", what)
         session.caches.clear()
         session.call.dropped = True
-        self.weight_swaps.append((", ".join(blocks[:4]) + (", ..." if len(blocks) > 4 else ""), what))
+        self.cache_drops.append((", ".join(blocks[:4]) + (", ..." if len(blocks) > 4 else ""), what))
 
     def _record_adapter_weights(self, session: Session) -> None:
         """The adapter tensors' norms as this call ran (read at its start when it checked them, and the

@@ -96,6 +96,8 @@ class Session:
         self.bridges: dict[tuple[Any, Any], Any] = {}
         # The blocks' adapter tensors and their norms at the end of the last call (see adapter_weights.py)
         self.adapter_norms: tuple[Any, tuple[torch.Tensor, ...]] | None = None
+        # The guard of the model's modules outside its blocks at the end of the last call (runtime.py)
+        self.outside_guard: Any = None
 
     @property
     def slot(self) -> int:

@@ -157,7 +157,7 @@ class CompiledModel(nn.Module):
             block.guard is not None and block.guard.holds() for block in self.runtime.blocks)
 
     def _changes(self) -> list[str]:
-        changes = [] if self._guard is None or self._guard.holds() else self._guard.changes(self.model)
+        changes = [] if self._guard is None or self._guard.holds() else self._guard.changes(self.model, root="the model")
         for block in self.runtime.blocks:
             if block.guard is not None and not block.guard.holds():
                 changes += [f"{block.path}: {c}" for c in block.guard.changes(block.original)]
