@@ -165,20 +165,21 @@ class _Block(torch.nn.Module):
 class _Toy(torch.nn.Module):
     """Three blocks taking the stream and a per-call embedding; ``per_block`` hands each block its
     own embedding object (equal or, from block ``odd_from`` on, of another dtype); ``in_a_list``
-    hands every block one list holding it, whose item is replaced from block ``odd_from`` on."""
+    hands every block one list holding it, whose item is replaced from block ``odd_from`` on.
+    (``odd_from`` is an argument of the call: an attribute set on the model would be a change of the
+    model, which drops the caches before the call.)"""
 
     def __init__(self):
         super().__init__()
         self.blocks = torch.nn.ModuleList([_Block() for _ in range(3)])
         self.per_block = False
         self.in_a_list = False
-        self.odd_from = None
 
-    def forward(self, hidden_states, timestep):
+    def forward(self, hidden_states, timestep, odd_from=None):
         temb = timestep.reshape(1, 1, 1).expand(1, 1, 8) / 1000
         embeddings = [temb]
         for i, block in enumerate(self.blocks):
-            odd = self.odd_from is not None and i >= self.odd_from
+            odd = odd_from is not None and i >= odd_from
             if self.in_a_list:
                 if odd:
                     embeddings[0] = temb.to(torch.float64)
@@ -212,9 +213,8 @@ def test_a_replayed_span_checks_each_later_blocks_call_against_what_it_recorded(
     model.per_block = True
     with torch.no_grad(), ax.generation(model, num_steps=3):
         model(x, torch.tensor([999.0]))
-        model.odd_from = 2
         with pytest.raises(ax.AdaCacheError, match=r"folded span starting at blocks\.0"):
-            model(x, torch.tensor([900.0]))
+            model(x, torch.tensor([900.0]), odd_from=2)
     # The same list object handed to every block, its item replaced before the last: a block called
     # with the very objects the one before it was passes on only when those are immutable.
     model = ax.transform(_Toy(), ax.Static(2))
@@ -223,9 +223,8 @@ def test_a_replayed_span_checks_each_later_blocks_call_against_what_it_recorded(
     with torch.no_grad(), ax.generation(model, num_steps=6):
         assert all(torch.equal(model(x, torch.tensor([t])), expected) for t, expected in zip((999.0, 900.0), outs[False]))
         model(x, torch.tensor([800.0]))  # computes; the next call reuses
-        model.odd_from = 2
         with pytest.raises(ax.AdaCacheError, match=r"folded span starting at blocks\.0"):
-            model(x, torch.tensor([700.0]))
+            model(x, torch.tensor([700.0]), odd_from=2)
 
 
 def test_a_weight_replaced_between_replays_is_not_kept_alive_by_the_span_check():
