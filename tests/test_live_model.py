@@ -289,6 +289,16 @@ def _generation(model, entry, timesteps=TIMESTEPS, seed=0, change_at=None, chang
     return outs
 
 
+def _computed_after_the_change_then_cached(model, got, changed, entry):
+    """A Static(2) generation of four steps changed before step 1 (a reuse step): steps 1 and 2 equal
+    the untransformed model ``changed`` the same way, and step 3 reuses again. Returns the report."""
+    for step in (1, 2):
+        assert (got[step] - out(changed, entry, TIMESTEPS[step])).abs().max().item() <= ATOL, step
+    report = ax.report(model)
+    assert [s.reused > 0 for s in report.steps] == [False, False, False, True]
+    return report
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_static_caches_follow_changes_between_and_inside_generations(name):
     entry = ZOO[name]
@@ -341,10 +351,7 @@ def test_a_hot_swap_at_the_same_scale_inside_a_generation_is_seen(name):
     ax.transform(model, ax.Static(2))
     got = _generation(model, entry, change_at=1, change=hotswap_adapter)
     hotswap_adapter(changed)
-    report = ax.report(model)
-    assert [s.reused > 0 for s in report.steps] == [False, False, False, True]
-    for step in (1, 2):
-        assert (got[step] - out(changed, entry, TIMESTEPS[step])).abs().max().item() <= ATOL, step
+    report = _computed_after_the_change_then_cached(model, got, changed, entry)
     assert len(report.cache_drops) == 1 and "lora_" in report.cache_drops[0][1], report.cache_drops
     assert not report.recaptures, report.recaptures
 
@@ -370,10 +377,7 @@ def test_a_hot_swap_prepared_for_compiling_that_changes_only_the_scale_is_seen()
     ax.transform(model, ax.Static(2))
     got = _generation(model, entry, change_at=1, change=rescale)
     rescale(changed)
-    report = ax.report(model)
-    assert [s.reused > 0 for s in report.steps] == [False, False, False, True]
-    for step in (1, 2):
-        assert (got[step] - out(changed, entry, TIMESTEPS[step])).abs().max().item() <= ATOL, step
+    report = _computed_after_the_change_then_cached(model, got, changed, entry)
     assert len(report.cache_drops) == 1 and "scaling" in report.cache_drops[0][1], report.cache_drops
 
 
@@ -816,9 +820,7 @@ def test_changes_to_the_block_list_inside_a_generation_are_followed(change, reas
     reference, model = entry.build(), ax.transform(entry.build(), ax.Static(2))
     got = _generation(model, entry, change_at=1, change=change)
     change(reference)
-    for step in (1, 2):
-        assert (got[step] - out(reference, entry, TIMESTEPS[step])).abs().max().item() <= ATOL, step
-    assert [s.reused > 0 for s in ax.report(model).steps] == [False, False, False, True]
+    _computed_after_the_change_then_cached(model, got, reference, entry)
     assert any(what == reason for _, what in ax.report(model).recaptures), ax.report(model).recaptures
 
 
@@ -910,9 +912,6 @@ def test_a_change_outside_the_blocks_inside_a_generation_drops_the_caches(change
     reference, model = entry.build(), ax.transform(entry.build(), ax.Static(2))
     got = _generation(model, entry, change_at=1, change=change)
     change(reference)
-    for step in (1, 2):
-        assert (got[step] - out(reference, entry, TIMESTEPS[step])).abs().max().item() <= ATOL, step
-    report = ax.report(model)
-    assert [s.reused > 0 for s in report.steps] == [False, False, False, True]
+    report = _computed_after_the_change_then_cached(model, got, reference, entry)
     assert [where for where, _ in report.cache_drops] == ["outside the blocks"], report.cache_drops
     assert "condition_embedder.time_embedder.linear_1" in report.cache_drops[0][1], report.cache_drops
