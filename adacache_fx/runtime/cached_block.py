@@ -37,10 +37,10 @@ class _RuntimeState:
 
     __slots__ = ("bindings", "guard", "epoch")
 
-    def __init__(self, epoch: int = 0) -> None:
+    def __init__(self) -> None:
         self.bindings: dict = {}  # input signature -> Binding | Uncached
         self.guard: Any = None  # ModuleGuard of the live block, recorded at its capture
-        self.epoch = epoch  # moves each time the block is unbound (its old caches are never read again)
+        self.epoch = 0  # moves each time the block is unbound (its old caches are never read again)
 
 
 class CachedBlock(nn.Module):

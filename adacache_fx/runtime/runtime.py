@@ -171,7 +171,7 @@ class ModelRuntime:
         # (where, what changed) where no block's guard looks, each dropping a session's caches, in order
         self.cache_drops: list[tuple[str, str]] = []
         self._adapters: tuple[tuple[int, ...], AdapterWeights] | None = None  # (block epochs, found then)
-        self._all_guards: tuple | None = None  # (ids of the blocks' guards, their GuardSet, the guards)
+        self._all_guards: tuple | None = None  # (ids of the blocks' guards, their GuardSet)
         self.model_flops: int | None = None
         self._validated_for: tuple[BranchInfo, ...] | None = None
         self._sessions: list[Session] = []
@@ -251,7 +251,7 @@ class ModelRuntime:
         finally:
             for block in held:
                 block.record_guard()
-            model = self._model() if self._model is not None else None
+            model = self._live_model()
             if outside and model is not None:
                 guard = guard_module(model, skip=tuple(self.blocks))
                 for session in outside:
@@ -581,9 +581,7 @@ class ModelRuntime:
         # Not only the block's own: every block after it was cached from what the old one passed on (an
         # adapter re-weighted in some blocks only, Flux2's double blocks, leaves the single blocks' guards
         # holding, but their cached residuals belong to the old model).
-        if not session.call.dropped:  # once a call: what later blocks store this call is the new model's
-            session.call.dropped = True
-            session.caches.clear()
+        _drop_caches(session)
         self.recaptures.append((path, "; ".join(changes)))
         count = session.rebinds[path] = session.rebinds.get(path, 0) + 1
         if count <= self.recapture_limit:
@@ -674,7 +672,7 @@ class ModelRuntime:
         key = tuple(map(id, guards))
         known = self._all_guards
         if known is None or known[0] != key:
-            known = self._all_guards = (key, GuardSet(guards), guards)  # holds the guards: their ids stay theirs
+            known = self._all_guards = (key, GuardSet(guards))  # the set holds the guards: their ids stay theirs
         return known[1].holds()
 
     # -- the modules outside the blocks ----------------------------------------------------------------
@@ -686,17 +684,15 @@ class ModelRuntime:
         guard = session.outside_guard
         if guard is None or not session.caches.holds_any() or guard.holds():
             return
-        model = self._model() if self._model is not None else None
+        model = self._live_model()
         changes = guard.changes(model, root="the model") if model is not None else ["state outside the blocks changed"]
-        logger.info("adacache_fx: the model outside its blocks changed (%s); every cache of this generation "
-                    "is dropped: this call computes", "; ".join(changes))
-        session.caches.clear()
-        session.call.dropped = True
         session.outside_guard = None
-        self.cache_drops.append(("outside the blocks", "; ".join(changes)))
+        self._note_cache_drop(session, "outside the blocks", "; ".join(changes))
 
     def _record_outside(self, session: Session) -> None:
-        model = self._model() if self._model is not None else None
+        """Recorded again when it no longer holds at a call's end: what a forward writes itself (a module
+        keeping its rope tables) is not a change between calls, and must not drop the next call's caches."""
+        model = self._live_model()
         if model is None or (session.outside_guard is not None and session.outside_guard.holds()):
             return
         session.outside_guard = guard_module(model, skip=tuple(self.blocks))
@@ -726,10 +722,17 @@ class ModelRuntime:
         blocks = list(dict.fromkeys(owner for owner, _ in changed))
         names = [name for _, name in changed]
         what = f"{len(names)} adapter tensor(s) rewritten in place ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-        logger.info("adacache_fx: %s; every cache of this generation is dropped: this call computes", what)
-        session.caches.clear()
-        session.call.dropped = True
-        self.cache_drops.append((", ".join(blocks[:4]) + (", ..." if len(blocks) > 4 else ""), what))
+        self._note_cache_drop(session, ", ".join(blocks[:4]) + (", ..." if len(blocks) > 4 else ""), what)
+
+    def _note_cache_drop(self, session: Session, where: str, what: str) -> None:
+        """A change no block's guard sees, found before a call: its caches go, and the report says why."""
+        logger.info("adacache_fx: %s: %s; every cache of this generation is dropped: this call computes", where, what)
+        _drop_caches(session)
+        self.cache_drops.append((where, what))
+
+    def _live_model(self) -> nn.Module | None:
+        """The transformed model, as its last call passed it (None before any, or after unpickling)."""
+        return self._model() if self._model is not None else None
 
     def _record_adapter_weights(self, session: Session) -> None:
         """The adapter tensors' norms as this call ran (read at its start when it checked them, and the
@@ -826,6 +829,14 @@ class ModelRuntime:
 
     def cache_bytes(self) -> int:
         return sum(session.caches.nbytes() for session in self._sessions)
+
+
+def _drop_caches(session: Session) -> None:
+    """Drop every cache of the session's generation, once a call: what later blocks store in the same
+    call is the changed model's."""
+    if not session.call.dropped:
+        session.call.dropped = True
+        session.caches.clear()
 
 
 def foreign_caches(module: nn.Module) -> list[str]:
