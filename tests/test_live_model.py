@@ -915,3 +915,44 @@ def test_a_change_outside_the_blocks_inside_a_generation_drops_the_caches(change
     report = _computed_after_the_change_then_cached(model, got, reference, entry)
     assert [where for where, _ in report.cache_drops] == ["outside the blocks"], report.cache_drops
     assert "condition_embedder.time_embedder.linear_1" in report.cache_drops[0][1], report.cache_drops
+
+
+class _ScaledWeight(torch.nn.Module):
+    """A ``torch.nn.utils.parametrize`` parametrization with a setting its forward reads."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, weight):
+        return weight * self.scale
+
+
+def _parametrized_projection(model):
+    return next(m for n, m in model.named_modules() if n.endswith("blocks.1.attn1.to_q"))
+
+
+def _parametrize(model):
+    torch.nn.utils.parametrize.register_parametrization(_parametrized_projection(model), "weight", _ScaledWeight(1.5))
+
+
+def _rescale_parametrization(model):
+    _parametrized_projection(model).parametrizations.weight[0].scale = 0.5
+
+
+@pytest.mark.parametrize("change", [_parametrize, _rescale_parametrization],
+                         ids=["registered", "its setting changed"])
+def test_a_torch_parametrization_on_a_block_weight_is_followed(change):
+    """``register_parametrization`` moves the weight to ``parametrizations.weight.original`` and computes
+    it in the forward (export traces that; the capture binds the real parameter, not a quantized
+    tensor's unwrapped inner ones, which export names alike). Registered, or its setting changed, inside
+    a generation: the next step computes, equal to the untransformed model changed the same way."""
+    entry = ZOO["wan"]
+    reference, model = entry.build(), entry.build()
+    if change is _rescale_parametrization:
+        _parametrize(reference)
+        _parametrize(model)
+    ax.transform(model, ax.Static(2))
+    got = _generation(model, entry, change_at=1, change=change)
+    change(reference)
+    _computed_after_the_change_then_cached(model, got, reference, entry)

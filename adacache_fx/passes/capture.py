@@ -260,6 +260,16 @@ def subclass_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def _holds_state(block: nn.Module, target: str) -> bool:
+    """Whether ``target`` (a dotted path) names a parameter or buffer the live ``block`` has."""
+    owner_path, _, name = target.rpartition(".")
+    try:
+        owner = block.get_submodule(owner_path) if owner_path else block
+    except AttributeError:
+        return False
+    return name in owner._parameters or name in owner._buffers
+
+
 class BoundInputs:
     """Resolves a captured graph's parameter/buffer inputs against one live block, cheaply per call.
 
@@ -271,7 +281,10 @@ class BoundInputs:
         for binding in captured.bindings:
             if binding.kind in ("parameter", "buffer"):
                 target = str(binding.target)
-                unwrapped = ".parametrizations." in f".{target}"
+                # torch's own parametrizations (``register_parametrization``) have real parameters at
+                # ``<module>.parametrizations.<name>.original``; export's unwrapped tensor subclasses
+                # only look like them.
+                unwrapped = ".parametrizations." in f".{target}" and not _holds_state(block, target)
                 if unwrapped:
                     owner_path, _, rest = f".{target}".partition(".parametrizations.")
                     owner_path = owner_path.lstrip(".")
