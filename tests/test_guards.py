@@ -169,6 +169,10 @@ def test_changes_tell_a_parameter_edited_in_place_from_one_replaced():
     with torch.no_grad():
         layer.weight.mul_(2)
     assert not guard.holds() and guard.changes(layer) == ["the block: weight edited in place"]
+    layer.register_buffer("table", torch.ones(3))  # a buffer (a rotary table) edited in place, too
+    guard = guard_module(layer)
+    layer.table.mul_(0.5)
+    assert not guard.holds() and guard.changes(layer) == ["the block: table edited in place"]
     guard = guard_module(layer)
     layer.weight = nn.Parameter(layer.weight.detach().half())
     assert not guard.holds() and guard.changes(layer) == ["the block: parameter weight changed"]

@@ -102,8 +102,10 @@ def _counts_edits(parameter: torch.Tensor | None) -> bool:
 
 
 def _weight_versions(weights: Sequence[torch.Tensor]) -> array:
-    """The parameters' version counters: an in-place edit (``torch.no_grad()`` arithmetic, ``copy_``,
-    ``load_state_dict``) moves them. Edits through ``.data`` do not, and stay unseen."""
+    """The parameters' and buffers' version counters: an in-place edit (``torch.no_grad()`` arithmetic,
+    ``copy_``, ``load_state_dict``; a positional table rescaled) moves them. Edits through ``.data``
+    do not, and stay unseen. A block that writes its own buffers is refused at capture, so only edits
+    from outside move a block's."""
     return array("Q", map(_VERSION, weights))
 
 
@@ -125,7 +127,7 @@ class _Recorder:
         self.dicts: list[dict] = []
         self.sequences: list[tuple[Any, Any]] = []
         self.tensors: list[torch.Tensor] = []
-        self.weights: list[torch.Tensor] = []  # parameters whose in-place edits are tracked
+        self.weights: list[torch.Tensor] = []  # parameters and buffers whose in-place edits are tracked
         self._seen: set[int] = set()
 
     def module(self, module: nn.Module) -> None:
@@ -142,7 +144,7 @@ class _Recorder:
         for tensor in (*state["_parameters"].values(), *state["_buffers"].values()):
             if tensor is not None:
                 self.tensors.append(tensor)
-        self.weights.extend(filter(_counts_edits, state["_parameters"].values()))
+        self.weights.extend(filter(_counts_edits, (*state["_parameters"].values(), *state["_buffers"].values())))
         for key, value in state.items():
             if key not in _IGNORED and key not in _MODULE_DICTS and not key.startswith(_FOREIGN):
                 self.value(value, 1)
@@ -384,7 +386,8 @@ def describe(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> dict[str, A
             "type": f"{type(sub).__module__}.{type(sub).__qualname__}",
             "parameters": {n: _describe_value(p) for n, p in (*state["_parameters"].items(), *state["_buffers"].items())},
             # By parameter object: a parameter replaced is reported as that, not as an edit.
-            "edits": {(n, id(p)): p._version for n, p in state["_parameters"].items() if _counts_edits(p)},
+            "edits": {(n, id(p)): p._version for n, p in (*state["_parameters"].items(), *state["_buffers"].items())
+                      if _counts_edits(p)},
             "hooks": {"forward": tuple(state["_forward_hooks"]), "forward_pre": tuple(state["_forward_pre_hooks"])},
             "attributes": {k: _describe_value(v) for k, v in state.items()
                            if k not in _IGNORED and k not in _MODULE_DICTS and not k.startswith(_FOREIGN)},
