@@ -619,6 +619,26 @@ def test_group_offloading_enabled_before_transform_is_refused_with_what_to_do():
         out(model, entry)
 
 
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_accelerate_sequential_offload_is_refused_with_what_to_do(order):
+    """accelerate's sequential CPU offload (``enable_sequential_cpu_offload``) keeps weights on the meta
+    device and loads them in hooks around each layer, which a block's graph does not run: before
+    ``transform`` export failed on a fake tensor, after it every call captured again and nothing was
+    cached. Both refuse, pointing to group offloading after transform (CPU to CPU here: the hooks)."""
+    from accelerate import cpu_offload
+
+    entry = ZOO["wan"]
+    model = entry.build()
+    if order == "before":
+        cpu_offload(model, execution_device=torch.device("cpu"))
+    ax.transform(model, ax.Static(2))
+    if order == "after":
+        out(model, entry)
+        cpu_offload(model, execution_device=torch.device("cpu"))
+    with pytest.raises(ax.AdaCacheError, match=r"sequential CPU offload hooks blocks\.0.*enable_group_offload"):
+        out(model, entry)
+
+
 def _skip_block_one(model):
     """diffusers' layer skip on the second block (what skip-layer guidance applies at its guided call)."""
     from diffusers.hooks import LayerSkipConfig, apply_layer_skip

@@ -380,6 +380,7 @@ class ModelRuntime:
             # Hooks inside the block: a capture would bake their cached state in.
             refuse_stacked_cache(block, ((f"{block.path}.{n}".rstrip("."), sub) for n, sub in original.named_modules()),
                                  name=block.path)
+            refuse_sequential_offload(block.path, original)
             temporal = _is_temporal(block.list_name)
             key = (structural_key(original), signature, temporal)
             program = self.programs.get(key)
@@ -880,6 +881,33 @@ def refuse_stacked_cache(model: nn.Module, modules: Any = (), name: str | None =
             "adacache_fx.FasterCache, adacache_fx.MagCache, adacache_fx.TaylorSeer), or adacache_fx.restore(model) "
             "to use diffusers' cache alone"
         )
+
+
+def _offloads_weights(hook: Any) -> bool:
+    """Whether an accelerate hook (``module._hf_hook``) keeps its module's weights elsewhere and loads
+    them in its ``pre_forward`` (``AlignDevicesHook(offload=True)``, alone or in a ``SequentialHook``)."""
+    return bool(getattr(hook, "offload", False)) or any(map(_offloads_weights, getattr(hook, "hooks", ())))
+
+
+def refuse_sequential_offload(block_path: str, original: nn.Module) -> None:
+    """Raise when accelerate's sequential CPU offload (``pipe.enable_sequential_cpu_offload()``,
+    ``accelerate.cpu_offload``) hooks a module of a block: its weights sit on the meta device between
+    calls and are loaded by hooks around each layer's forward, which a captured graph reading the
+    block's parameters does not run (before ``transform`` export cannot trace it; after, every call
+    would capture again and nothing be cached).
+
+        >>> refuse_sequential_offload("blocks.0", nn.Linear(2, 2))  # no accelerate hook: nothing to say
+    """
+    for name, module in original.named_modules():
+        if _offloads_weights(module.__dict__.get("_hf_hook")):
+            where = f"{block_path}.{name}".rstrip(".")
+            raise AdaCacheError(
+                f"accelerate's sequential CPU offload hooks {where} (enable_sequential_cpu_offload() or "
+                "accelerate.cpu_offload): its weights are loaded layer by layer inside hooks that a cached "
+                "block's graph does not run. Use diffusers' group offloading instead, enabled after "
+                "adacache_fx.transform (model.enable_group_offload(onload_device, offload_type='leaf_level') "
+                "offloads as finely; 'block_level' keeps whole blocks cached), or enable_model_cpu_offload()"
+            )
 
 
 def _compiled_inside(block: nn.Module) -> bool:
