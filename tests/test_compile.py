@@ -219,6 +219,32 @@ def test_whole_model_follows_a_batch_change_with_inductor():
     assert plans == [(s.computed, s.reused) for s in ax.report(compiled).steps]
 
 
+def test_whole_model_made_again_after_a_block_edit_inside_a_generation_computes_that_step():
+    """A block's weight edited in place at a reuse step: the whole-model graph is made again from an
+    eager call that must store every branch (a block found changed in the middle of that call used to
+    drop what the blocks before it had just stored: "the first call stored no residual"). That step and
+    the next equal the untransformed model edited the same way; the one after reuses again."""
+    entry = ZOO["dit"]
+    reference, model = entry.build(), ax.transform(entry.build(), ax.Static(2))
+    compiled = ax.compile(model, scope="model", backend="aot_eager")
+
+    def edit(m):
+        linear = next(sub for name, sub in m.named_modules() if ".1." in name and isinstance(sub, torch.nn.Linear))
+        with torch.no_grad():
+            linear.weight.mul_(0.9)
+
+    with torch.no_grad():
+        for step, t in enumerate((999.0, 899.0, 799.0, 699.0)):
+            if step == 1:
+                edit(reference)
+                edit(model)
+            got = _sample(compiled(**entry.inputs(timestep=t)))
+            if step in (1, 2):
+                assert max_abs(got, _sample(reference(**entry.inputs(timestep=t)))) <= 1e-5, step
+    assert [s.reused > 0 for s in ax.report(model).steps] == [False, False, False, True]
+    assert any(path == "the whole model" and "edited in place" in what for path, what in ax.report(model).recaptures)
+
+
 def test_aot_inductor_package_runs_a_20_step_loop_like_eager(tmp_path):
     """torch._inductor.aoti_compile_and_package of the transformed model's one graph, loaded back."""
     entry = ZOO["dit"]

@@ -168,8 +168,7 @@ class CompiledModel(nn.Module):
         if args:
             raise TypeError("ax.compile(scope='model'): call the model with keyword arguments")
         if self._graphs and not self._holds():
-            runtime.note_recapture(runtime.session(), "the whole model", self._changes())
-            self._graphs.clear()
+            self._forget_graphs()
         key = _signature(kwargs)
         entry = self._graphs.get(key)
         if entry is None:
@@ -180,6 +179,23 @@ class CompiledModel(nn.Module):
             self.__dict__["_guard"] = guard_module(self.model, skip=tuple(runtime.blocks))
             return output
         return self._run(entry, kwargs)
+
+    def _forget_graphs(self) -> None:
+        """The model changed: drop the graphs and every cache, and unbind the changed blocks now, so the
+        eager call that makes the next graph captures them before any block runs (a block found
+        changed in the middle of that call would drop what the blocks before it just stored, which the
+        new graph starts from)."""
+        runtime = self.runtime
+        session = runtime.session()
+        changes = self._changes()
+        for block in runtime.blocks:
+            if block.guard is not None and not block.guard.holds():
+                block_changes = block.guard.changes(block.original)
+                block.unbind("; ".join(block_changes))
+                runtime.note_recapture(session, block.path, block_changes)
+        runtime.note_recapture(session, "the whole model", changes)
+        session.caches.clear()  # (note_recapture drops them once a call, and this call has not begun)
+        self._graphs.clear()
 
     def _run(self, entry: _Graph, kwargs: dict) -> Any:
         runtime = self.runtime
