@@ -168,6 +168,9 @@ class ModelRuntime:
         # Main block lists found step-invariant (see invariant.py): numbered after the latent path's blocks.
         self.invariant_lists: set[str] = set()
         self.recaptures: list[tuple[str, str]] = []  # (block, what changed), in order
+        # Block changes found so far, by any thread's call: the blocks' guards are shared, so only the
+        # first session to reach a changed block sees its guard fail (see _check_changes_found_elsewhere)
+        self.changes_found = 0
         # (where, what changed) where no block's guard looks, each dropping a session's caches, in order
         self.cache_drops: list[tuple[str, str]] = []
         self._adapters: tuple[tuple[int, ...], AdapterWeights] | None = None  # (block epochs, found then)
@@ -184,7 +187,7 @@ class ModelRuntime:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         for key in ("_lock", "programs", "capture_failures", "branches", "_branch_tuple", "block_order", "auxiliary_order", "block_flops",
-                    "uncached_blocks", "eager_blocks", "invariant_lists", "recaptures", "cache_drops", "_adapters", "_all_guards", "model_flops", "_validated_for", "_sessions", "_local",
+                    "uncached_blocks", "eager_blocks", "invariant_lists", "recaptures", "changes_found", "cache_drops", "_adapters", "_all_guards", "model_flops", "_validated_for", "_sessions", "_local",
                     "_threads", "executor", "signals", "_handoff_graphs", "_metric_groups", "_model", "outside",
                     "shared_captures"):
             state.pop(key, None)
@@ -584,6 +587,9 @@ class ModelRuntime:
         # holding, but their cached residuals belong to the old model).
         _drop_caches(session)
         self.recaptures.append((path, "; ".join(changes)))
+        with self._lock:
+            self.changes_found += 1
+            session.changes_seen = self.changes_found
         count = session.rebinds[path] = session.rebinds.get(path, 0) + 1
         if count <= self.recapture_limit:
             return True
@@ -630,6 +636,7 @@ class ModelRuntime:
         session.ambient = ambient_state()
         self._check_adapter_weights(session)
         self._check_outside(session)
+        self._check_changes_found_elsewhere(session)
         layout = self.caps.guidance_layout
         if layout is None:
             return None
@@ -689,6 +696,18 @@ class ModelRuntime:
         changes = guard.changes(model, root="the model") if model is not None else ["state outside the blocks changed"]
         session.outside_guard = None
         self._note_cache_drop(session, "outside the blocks", "; ".join(changes))
+
+    def _check_changes_found_elsewhere(self, session: Session) -> None:
+        """Before a call: drop the session's caches if another thread's call found a block changed since
+        this session's last call. That call re-recorded the block's (shared) guard, so this session's
+        calls would find it holding; the block's own residuals are never read again (a new binding owns
+        its cache), but those of the blocks after it were computed from what the old one passed on."""
+        found = self.changes_found
+        if session.changes_seen == found:
+            return
+        session.changes_seen = found
+        if session.caches.holds_any():
+            self._note_cache_drop(session, "another thread's call", "it found a block changed (see the re-captures)")
 
     def _record_outside(self, session: Session) -> None:
         """Recorded again when it no longer holds at a call's end: what a forward writes itself (a module
