@@ -163,6 +163,31 @@ def test_children_and_buffers_added_to_torch_leaf_layers_are_not_checked_and_cha
     assert not guard.holds()
 
 
+def test_a_dictionary_of_scalars_rewritten_to_the_same_values_holds():
+    """PEFT's ``scaling`` scaled and unscaled by a per-call LoRA scale: the version moves, the contents
+    do not. Other values, another type (a tensor scale, as compiled hot swap prepares it) or a key
+    added fail; a dictionary of other things (a module's own) fails on its version alone."""
+    layer = nn.Linear(2, 2)
+    layer.scaling = {"default": 1.0}
+    guard = guard_module(layer)
+    layer.scaling["default"] *= 0.5
+    layer.scaling["default"] /= 0.5
+    assert guard.holds() and guard.holds()
+    set_ = GuardSet([guard, guard_module(nn.Linear(2, 2))])
+    layer.scaling["default"] *= 1.0
+    assert set_.holds()
+    for change in (lambda d: d.update(default=0.5), lambda d: d.update(default=torch.tensor(1.0)),
+                   lambda d: d.update(other=1.0)):
+        layer.scaling = {"default": 1.0}
+        guard = guard_module(layer)
+        change(layer.scaling)
+        assert not guard.holds(), layer.scaling
+    guard = guard_module(layer)
+    layer.gain = 2.0  # the module's __dict__: its version decides
+    del layer.gain
+    assert not guard.holds()
+
+
 def test_changes_tell_a_parameter_edited_in_place_from_one_replaced():
     layer = nn.Linear(2, 2)
     guard = guard_module(layer)

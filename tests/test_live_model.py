@@ -461,6 +461,32 @@ def test_two_threads_share_one_model_without_sharing_steps_or_caches(name):
     assert report.sessions == 2 and len(report.steps) == 8
 
 
+@pytest.mark.parametrize("name,argument", [("wan", "attention_kwargs"), ("flux", "joint_attention_kwargs")])
+def test_a_lora_scale_passed_with_each_call_keeps_caching(name, argument):
+    """diffusers' per-call LoRA scale (``pipe(..., attention_kwargs={"scale": 0.5})``) scales every LoRA
+    layer's ``scaling`` at the model call's start and back at its end: every call rewrites them, to the
+    same values. That is no change: Static(2) reuses at odd steps (it captured every block again at
+    every call and reused nothing), bitwise equal to the same adapter weighted 0.5 with
+    ``set_adapters``, and NoCache equals the untransformed model called the same way."""
+    entry = ZOO[name]
+    per_call, weighted, nocache, reference = (entry.build() for _ in range(4))
+    for model in (per_call, weighted, nocache, reference):
+        add_adapter(model)
+    half_weight(weighted)
+    ax.transform(per_call, ax.Static(2))
+    ax.transform(weighted, ax.Static(2))
+    ax.transform(nocache, ax.NoCache())
+    with torch.no_grad():
+        for step, t in enumerate((999.0, 899.0, 799.0, 699.0, 599.0)):
+            scaled = {**entry.inputs(timestep=t), argument: {"scale": 0.5}}
+            got = entry.output(per_call(**scaled))
+            assert torch.equal(got, entry.output(weighted(**entry.inputs(timestep=t)))), step
+            assert (entry.output(nocache(**scaled)) - entry.output(reference(**scaled))).abs().max().item() <= ATOL
+    report = ax.report(per_call)
+    assert [s.reused > 0 for s in report.steps] == [False, True, False, True, False]
+    assert not report.recaptures and not report.cache_drops
+
+
 @pytest.mark.parametrize("fold", [False, True], ids=["per-branch", "folded"])
 def test_a_block_changed_by_one_thread_drops_the_other_threads_caches_too(fold):
     """Thread A changes block 0 and calls first: its call finds the change and records the block's

@@ -220,10 +220,34 @@ class _SequenceCheck:
         return all(_frozen(sequence) == frozen for sequence, frozen in self.others)
 
 
+def _contents(mapping: dict) -> tuple | None:
+    """A dictionary's contents when it holds scalars only (PEFT's per-adapter ``scaling``, ``r``,
+    ``lora_alpha``), types included; None for any other dictionary."""
+    items = tuple(mapping.items())
+    if all(isinstance(k, _SCALARS) and isinstance(v, _SCALARS) for k, v in items):
+        return tuple((k, type(v), v) for k, v in items)
+    return None
+
+
+def _rewritten_alike(guard: ModuleGuard | GuardSet, now: Any) -> bool:
+    """Whether every dictionary whose version moved holds scalars only and the same ones as recorded
+    (diffusers' per-call LoRA scale, ``attention_kwargs={"scale": s}``, scales every LoRA layer's
+    ``scaling`` at a call's start and back at its end: each call writes them, to the same values). The
+    recorded versions then take the new ones, so the next check is the fast one again."""
+    contents = guard.contents
+    for index, (tag, recorded) in enumerate(zip(now, guard.versions)):
+        if tag != recorded and (contents[index] is None or _contents(guard.dicts[index]) != contents[index]):
+            return False
+    guard.versions[:] = now
+    return True
+
+
 def _unchanged(guard: ModuleGuard | GuardSet) -> bool:
-    """The guard's dictionaries still have their recorded versions, its lists and sets their recorded
-    contents and its parameters their recorded version counters (tensors: checked apart)."""
-    if _versions(guard.dicts) != guard.versions:
+    """The guard's dictionaries still have their recorded versions (or, those of scalars only, their
+    recorded contents), its lists and sets their recorded contents and its parameters their recorded
+    version counters (tensors: checked apart)."""
+    now = _versions(guard.dicts)
+    if now != guard.versions and not _rewritten_alike(guard, now):
         return False
     if _weight_versions(guard.weights) != guard.weight_versions:
         return False
@@ -256,6 +280,8 @@ class ModuleGuard:
     weight_versions: array = dataclasses.field(default_factory=lambda: array("Q"))
     # What :func:`guard_module`'s ``also`` dictionaries are, in order (the last entries of ``dicts``).
     also: tuple[str, ...] = ()
+    # Per dictionary, its :func:`_contents` when recorded (None: not of scalars only).
+    contents: tuple[tuple | None, ...] = ()
 
     @property
     def sequence_check(self) -> _SequenceCheck:
@@ -336,6 +362,7 @@ class GuardSet:
         self.dicts = tuple(d for g in self.guards for d in g.dicts)
         # The recorded tags and counters, joined (not read now: a change since must show).
         self.versions = _joined([g.versions for g in self.guards], _versions(()))
+        self.contents = tuple(c for g in self.guards for c in g.contents)
         self.sequences = tuple(s for g in self.guards for s in g.sequences)
         self.sequence_check = _SequenceCheck(self.sequences)
         self.tensors = tuple(t for g in self.guards for t in g.tensors)
@@ -431,6 +458,7 @@ def guard_module(module: nn.Module, skip: tuple[nn.Module, ...] = (), also: dict
     return ModuleGuard(
         dicts=tuple(recorder.dicts),
         versions=_versions(recorder.dicts),
+        contents=tuple(map(_contents, recorder.dicts)),
         sequences=tuple(recorder.sequences),
         tensors=tuple(recorder.tensors),
         tensor_states=[_tensor_state(t) for t in recorder.tensors],
