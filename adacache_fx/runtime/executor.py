@@ -303,9 +303,10 @@ class Executor:
             return
         session.warned.add(f"shape:{binding.path}")
         logger.warning(
-            "adacache_fx: %s was called with new input shapes at step %d of a generation; it was "
-            "captured for them and its cache starts empty (it computes until its next compute step "
-            "has stored a residual of the new shape).", binding.path, session.tracker.step,
+            "adacache_fx: %s was called with new input shapes or dtypes, or under another autocast or "
+            "attention backend, at step %d of a generation; it was captured for them and its cache starts "
+            "empty (it computes until its next compute step has stored a residual for them).",
+            binding.path, session.tracker.step,
         )
 
     def region_states(self, session: Session, binding: Binding,
