@@ -245,6 +245,28 @@ def test_whole_model_made_again_after_a_block_edit_inside_a_generation_computes_
     assert any(path == "the whole model" and "edited in place" in what for path, what in ax.report(model).recaptures)
 
 
+def test_whole_model_keeps_its_graph_under_a_lora_scale_passed_with_each_call():
+    """diffusers scales every LoRA layer inside the model's forward (``attention_kwargs={"scale": s}``)
+    and back after it; the whole-model graph is checked outside the forward, against a guard recorded
+    there (the blocks' guards, recorded inside, failed at every call: each call made the graph again and
+    nothing was reused). Static(2) reuses at odd steps, equal to the eager model called alike."""
+    from peft import LoraConfig
+
+    entry = ZOO["wan"]
+    eager, model = entry.build(), entry.build()
+    for m in (eager, model):
+        torch.manual_seed(1)
+        m.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
+        ax.transform(m, ax.Static(2))
+    compiled = ax.compile(model, scope="model", backend="aot_eager")
+    with torch.no_grad():
+        for step in range(4):
+            inputs = {**entry.inputs(timestep=999.0 - step * 100.0), "attention_kwargs": {"scale": 0.5}}
+            assert max_abs(_sample(eager(**inputs)), _sample(compiled(**inputs))) <= 1e-5, step
+    report = ax.report(model)
+    assert [s.reused > 0 for s in report.steps] == [False, True, False, True] and not report.recaptures
+
+
 def test_aot_inductor_package_runs_a_20_step_loop_like_eager(tmp_path):
     """torch._inductor.aoti_compile_and_package of the transformed model's one graph, loaded back."""
     entry = ZOO["dit"]

@@ -151,16 +151,15 @@ class CompiledModel(nn.Module):
             return getattr(self._modules["model"], name)
 
     def _holds(self) -> bool:
-        """The model outside the blocks, and every block, as when the graphs were made."""
+        """The whole model, blocks included, as when the graphs were made, and every block still bound.
+        Checked outside the model's forward, so against a guard recorded there: the blocks' own guards
+        were recorded inside it, where a per-call LoRA scale (``attention_kwargs={"scale": s}``) has
+        scaled every adapter, so they would fail here at every call."""
         guard = self._guard
-        return guard is not None and guard.holds() and all(
-            block.guard is not None and block.guard.holds() for block in self.runtime.blocks)
+        return guard is not None and guard.holds() and all(block.guard is not None for block in self.runtime.blocks)
 
     def _changes(self) -> list[str]:
         changes = [] if self._guard is None or self._guard.holds() else self._guard.changes(self.model, root="the model")
-        for block in self.runtime.blocks:
-            if block.guard is not None and not block.guard.holds():
-                changes += [f"{block.path}: {c}" for c in block.guard.changes(block.original)]
         return changes[:4] or ["a block was captured again"]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -175,8 +174,8 @@ class CompiledModel(nn.Module):
             with runtime.per_branch():  # the graph takes every cached branch's residual
                 output = self.model(**kwargs)  # eager: captures the blocks at these shapes (and plans)
             self._graphs[key] = self._build(kwargs, runtime.session())
-            # After the export (it swaps parameters): the model outside the blocks, as it is now.
-            self.__dict__["_guard"] = guard_module(self.model, skip=tuple(runtime.blocks))
+            # After the export (it swaps parameters): the whole model, as it is now.
+            self.__dict__["_guard"] = guard_module(self.model)
             return output
         return self._run(entry, kwargs)
 
