@@ -615,7 +615,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = args.out or (None if args.quick else RESULTS / "peer_first_block_cpu.json")
 
-    import cache_dit
+    try:
+        import cache_dit
+    except ImportError:
+        raise SystemExit("peer_first_block.py compares against cache-dit's DBCache: "
+                         "pip install cache-dit==1.5.3 (the version the recorded results used)") from None
     import diffusers
 
     import adacache_fx
