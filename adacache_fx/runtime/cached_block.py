@@ -196,6 +196,14 @@ class CachedBlock(nn.Module):
         state.epoch += 1
         self.runtime.executor.forget_span_guards()
 
+    def unbind_changed(self, session: Any) -> bool:
+        """The live block no longer matches its guard: unbind it and record what changed (the runtime
+        drops every cache of ``session``'s generation). False when it changed too often this generation:
+        it then runs uncached (see ``ModelRuntime.note_recapture``)."""
+        changes = self.guard.changes(self.original)
+        self.unbind("; ".join(changes))
+        return self.runtime.note_recapture(session, self.path, changes)
+
     # -- call -----------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         runtime = self.runtime
@@ -213,9 +221,7 @@ class CachedBlock(nn.Module):
         # Drivers that trace the model (export, the whole-model compile) run the bound programs as
         # they are: tracing swaps parameters for its own tensors, which is not a change of the model.
         if guard is not None and session.live and not checked and not guard.holds():
-            changes = guard.changes(self.original)
-            self.unbind("; ".join(changes))
-            if not runtime.note_recapture(session, self.path, changes):
+            if not self.unbind_changed(session):
                 runtime.executor.note_inputs(session, pytree.tree_leaves((args, kwargs)))
                 return self.original(*args, **kwargs)
         elif guard is None and session.rebinds.get(self.path, 0) > runtime.recapture_limit:

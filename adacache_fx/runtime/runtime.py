@@ -167,10 +167,9 @@ class ModelRuntime:
         self.eager_blocks: dict[str, str] = {}
         # Main block lists found step-invariant (see invariant.py): numbered after the latent path's blocks.
         self.invariant_lists: set[str] = set()
-        self.recaptures: list[tuple[str, str]] = []  # (block, what changed), in order
-        # Block changes found so far, by any thread's call: the blocks' guards are shared, so only the
-        # first session to reach a changed block sees its guard fail (see _check_changes_found_elsewhere)
-        self.changes_found = 0
+        # (block, what changed), in order, by any thread's call; its length is how many block changes were
+        # found (see _check_changes_found_elsewhere)
+        self.recaptures: list[tuple[str, str]] = []
         # (where, what changed) where no block's guard looks, each dropping a session's caches, in order
         self.cache_drops: list[tuple[str, str]] = []
         self._adapters: tuple[tuple[int, ...], AdapterWeights] | None = None  # (block epochs, found then)
@@ -187,7 +186,7 @@ class ModelRuntime:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         for key in ("_lock", "programs", "capture_failures", "branches", "_branch_tuple", "block_order", "auxiliary_order", "block_flops",
-                    "uncached_blocks", "eager_blocks", "invariant_lists", "recaptures", "changes_found", "cache_drops", "_adapters", "_all_guards", "model_flops", "_validated_for", "_sessions", "_local",
+                    "uncached_blocks", "eager_blocks", "invariant_lists", "recaptures", "cache_drops", "_adapters", "_all_guards", "model_flops", "_validated_for", "_sessions", "_local",
                     "_threads", "executor", "signals", "_handoff_graphs", "_metric_groups", "_model", "outside",
                     "shared_captures"):
             state.pop(key, None)
@@ -256,7 +255,7 @@ class ModelRuntime:
                 block.record_guard()
             model = self._live_model()
             if outside and model is not None:
-                guard = guard_module(model, skip=tuple(self.blocks))
+                guard = self._guard_outside(model)
                 for session in outside:
                     session.outside_guard = guard
 
@@ -587,9 +586,7 @@ class ModelRuntime:
         # holding, but their cached residuals belong to the old model).
         _drop_caches(session)
         self.recaptures.append((path, "; ".join(changes)))
-        with self._lock:
-            self.changes_found += 1
-            session.changes_seen = self.changes_found
+        session.changes_seen = len(self.recaptures)
         count = session.rebinds[path] = session.rebinds.get(path, 0) + 1
         if count <= self.recapture_limit:
             return True
@@ -702,7 +699,7 @@ class ModelRuntime:
         this session's last call. That call re-recorded the block's (shared) guard, so this session's
         calls would find it holding; the block's own residuals are never read again (a new binding owns
         its cache), but those of the blocks after it were computed from what the old one passed on."""
-        found = self.changes_found
+        found = len(self.recaptures)
         if session.changes_seen == found:
             return
         session.changes_seen = found
@@ -715,7 +712,11 @@ class ModelRuntime:
         model = self._live_model()
         if model is None or (session.outside_guard is not None and session.outside_guard.holds()):
             return
-        session.outside_guard = guard_module(model, skip=tuple(self.blocks))
+        session.outside_guard = self._guard_outside(model)
+
+    def _guard_outside(self, model: nn.Module) -> Any:
+        """The guard of ``model`` but its blocks (each guarded on its own)."""
+        return guard_module(model, skip=tuple(self.blocks))
 
     # -- adapter weights rewritten in place (see .adapter_weights) -----------------------------------
     def _adapter_weights(self) -> AdapterWeights:

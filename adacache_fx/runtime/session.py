@@ -98,7 +98,7 @@ class Session:
         self.adapter_norms: tuple[Any, tuple[torch.Tensor, ...]] | None = None
         # The guard of the model's modules outside its blocks at the end of the last call (runtime.py)
         self.outside_guard: Any = None
-        # How many block changes the runtime had found when this session last looked (runtime.py)
+        # How many block changes the runtime had found (its re-captures) when this session last looked
         self.changes_seen = 0
 
     @property

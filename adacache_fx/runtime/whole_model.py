@@ -189,9 +189,7 @@ class CompiledModel(nn.Module):
         changes = self._changes()
         for block in runtime.blocks:
             if block.guard is not None and not block.guard.holds():
-                block_changes = block.guard.changes(block.original)
-                block.unbind("; ".join(block_changes))
-                runtime.note_recapture(session, block.path, block_changes)
+                block.unbind_changed(session)
         runtime.note_recapture(session, "the whole model", changes)
         session.caches.clear()  # (note_recapture drops them once a call, and this call has not begun)
         self._graphs.clear()
